@@ -1,0 +1,168 @@
+"""The engine: one loaded model, cached encodings and prompts, zero-shot scores and maps."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import defaults
+from .cache import EncodingCache
+from .encoding import ImageEncoding, run_image_encoder
+from .types import TypeStatusCallback
+from .volume import Volume
+
+logger = logging.getLogger(__name__)
+
+TypePromptPair = tuple[str, str]
+
+
+class Engine:
+    """Runs COLIPRI on volumes; the model loads on first use and stays loaded.
+
+    Args:
+        model: model spec (``microsoft/colipri``, a model folder, or ``demo``).
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        precision: ``auto``, ``bf16`` or ``fp32`` (image encoder only).
+        cache_dir: folder for the on-disk encoding cache, or None for memory only.
+        status_callback: receives one line per long step.
+
+    Example:
+        >>> engine = Engine("demo")  # doctest: +SKIP
+        >>> encoding = engine.encode(load_volume("chest.nii.gz"))  # doctest: +SKIP
+        >>> engine.pair_probabilities(encoding, [("No effusion.", "Effusion.")])  # doctest: +SKIP
+    """
+
+    def __init__(self, model: str = defaults.DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
+                 cache_dir: str | Path | None = None, status_callback: TypeStatusCallback | None = None):
+        self.spec = str(model)
+        self.device = device
+        self.precision = precision
+        self.status_callback = status_callback
+        self.cache = EncodingCache(defaults.IMAGE_CACHE_SIZE, Path(cache_dir) if cache_dir else None)
+        self.image_forward_count = 0
+        self._loaded = None
+        self._prompts = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.spec!r}, device={self.device!r}, precision={self.precision!r})"
+
+    def _notify(self, message: str) -> None:
+        logger.debug(message)
+        if self.status_callback is not None:
+            self.status_callback(message)
+
+    @property
+    def loaded(self):
+        """The ``LoadedModel`` (loaded on first access)."""
+        if self._loaded is None:
+            from .model_loading import load_model
+            from .text import PromptEncoder
+
+            self._loaded = load_model(self.spec, device=self.device, precision=self.precision,
+                                      status_callback=self.status_callback)
+            self._prompts = PromptEncoder(self._loaded.model, self._loaded.tokenizer)
+        return self._loaded
+
+    @property
+    def identity(self):
+        return self.loaded.identity
+
+    @property
+    def temperature(self) -> float:
+        return float(self.loaded.model.softmax_temperature)
+
+    def cache_key(self, volume: Volume) -> str:
+        """Everything that changes an encoding: voxels, geometry, weights, preprocessing, device, dtype."""
+        identity = self.identity
+        parts = (volume.content_hash(), identity.sha256, self.loaded.processor_signature, identity.device, identity.dtype)
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+    def encode(self, volume: Volume) -> ImageEncoding:
+        """Preprocess and encode a volume, or return the cached encoding."""
+        key = self.cache_key(volume)
+        metadata = {"volume": volume.name, "shape": list(volume.shape), "model": self.identity.model_id}
+        return self.cache.get_or_compute(key, lambda: self._encode_uncached(volume, key), metadata)
+
+    def _encode_uncached(self, volume: Volume, key: str) -> ImageEncoding:
+        from .preprocessing import preprocess
+
+        loaded = self.loaded
+        self._notify("Preprocessing")
+        processed = preprocess(volume, loaded.image_transform)
+        self._notify("Encoding")
+        pooled, dense, features, seconds = self._forward_with_cpu_fallback(processed.tensor)
+        self.image_forward_count += 1
+        return ImageEncoding(pooled, dense, features, processed.tensor, processed.patch_grid(loaded.patch_size),
+                             processed.cropped_mm, key, seconds)
+
+    def _forward_with_cpu_fallback(self, tensor):
+        import torch
+
+        try:
+            return run_image_encoder(self.loaded, tensor, precision=self.identity.dtype)
+        except torch.OutOfMemoryError:
+            message = (
+                f"Out of GPU memory on {self.identity.device}; retrying on the CPU (slower)."
+                " Close other GPU programs or choose the CPU device to avoid this."
+            )
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            self._move_to_cpu()
+            return run_image_encoder(self.loaded, tensor, precision=self.identity.dtype)
+
+    def _move_to_cpu(self) -> None:
+        import dataclasses
+
+        import torch
+
+        from .model_loading import select_precision
+
+        loaded = self.loaded
+        loaded.model.to("cpu")
+        loaded.dense_pooler.to("cpu")
+        torch.cuda.empty_cache()
+        cpu = torch.device("cpu")
+        loaded.identity = dataclasses.replace(loaded.identity, device="cpu", dtype=select_precision(self.precision, cpu))
+
+    def embed_prompts(self, prompts: Sequence[str]):
+        """(N, embed_dim) float32 normalised prompt embeddings (cached)."""
+        _ = self.loaded
+        return self._prompts.embed(prompts)
+
+    @property
+    def text_forward_count(self) -> int:
+        return 0 if self._prompts is None else self._prompts.forward_count
+
+    def _pair_embeddings(self, pairs: Sequence[TypePromptPair]):
+        if not pairs:
+            raise ValueError("No prompt pairs given.")
+        embeddings = self.embed_prompts([text for pair in pairs for text in pair])
+        return embeddings[0::2], embeddings[1::2]
+
+    def pair_probabilities(self, encoding: ImageEncoding, pairs: Sequence[TypePromptPair]) -> np.ndarray:
+        """(num_pairs,) P(positive) of each (negative, positive) pair for the whole volume."""
+        from .zero_shot import pair_probabilities
+
+        negatives, positives = self._pair_embeddings(pairs)
+        return pair_probabilities(encoding.pooled, negatives, positives, self.temperature)
+
+    def pair_logit_maps(self, encoding: ImageEncoding, pairs: Sequence[TypePromptPair]) -> np.ndarray:
+        """(num_pairs, gx, gy, gz) per-patch positive-minus-negative logits (one matrix product)."""
+        from .zero_shot import pair_logits
+
+        negatives, positives = self._pair_embeddings(pairs)
+        return pair_logits(encoding.dense, negatives, positives, self.temperature).numpy()
+
+    def text_similarities(self, encoding: ImageEncoding, texts: Sequence[str]) -> np.ndarray:
+        """(N,) cosine similarity of each text to the pooled image embedding (image->text retrieval)."""
+        return (self.embed_prompts(texts) @ encoding.pooled).numpy().astype(np.float64)
+
+    def dense_text_similarities(self, encoding: ImageEncoding, texts: Sequence[str]) -> np.ndarray:
+        """(N, gx, gy, gz) cosine similarity of each text to every patch embedding."""
+        embeddings = self.embed_prompts(texts)
+        flat = encoding.dense.reshape(encoding.dense.shape[0], -1)
+        return (embeddings @ flat).reshape(len(texts), *encoding.dense.shape[1:]).numpy()

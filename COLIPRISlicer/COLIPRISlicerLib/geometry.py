@@ -1,0 +1,196 @@
+"""All geometry: IJK <-> RAS <-> LPS, the model's patch grid, and resampling back.
+
+Frames: RAS millimetres (Slicer, TorchIO) everywhere in this package; ITK/DICOM/SimpleITK
+use LPS, converted only here. Matrices are named ``<from>_to_<to>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .types import TypeAffine
+
+#: diag(-1, -1, 1): flips the first two axes, LPS <-> RAS (its own inverse).
+FLIP_XY = np.diag([-1.0, -1.0, 1.0])
+
+
+def validate_affine(ijk_to_ras: TypeAffine) -> np.ndarray:
+    """Return a float64 copy of a valid 4 x 4 IJK->RAS matrix.
+
+    Raises:
+        ValueError: If the matrix is not 4 x 4, not finite, not affine, has a zero or
+            negative spacing, or non-orthogonal axes (shear).
+    """
+    matrix = np.array(ijk_to_ras, dtype=np.float64, copy=True)
+    if matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise ValueError(f"Expected a finite 4 x 4 IJK->RAS matrix, got shape {matrix.shape}.")
+    if not np.allclose(matrix[3], [0, 0, 0, 1]):
+        raise ValueError(f"Last row of the IJK->RAS matrix must be [0, 0, 0, 1], got {matrix[3]}.")
+    spacing = spacing_of(matrix)
+    if (spacing < 1e-4).any():
+        message = f"Degenerate voxel spacing {spacing.round(6).tolist()} mm; check the volume's geometry."
+        raise ValueError(message)
+    directions = matrix[:3, :3] / spacing
+    if not np.allclose(directions.T @ directions, np.eye(3), atol=1e-3):
+        message = (
+            "The volume's axes are not orthogonal (sheared or degenerate direction matrix)."
+            " Resample it to an orthogonal grid first (e.g. Slicer's Resample Scalar Volume)."
+        )
+        raise ValueError(message)
+    return matrix
+
+
+def spacing_of(ijk_to_ras: TypeAffine) -> np.ndarray:
+    """Voxel size (mm) along I, J, K: the column norms of the 3 x 3 part."""
+    return np.linalg.norm(np.asarray(ijk_to_ras)[:3, :3], axis=0)
+
+
+def ijk_to_ras_from_itk(origin_lps, spacing, direction_lps) -> np.ndarray:
+    """Build IJK->RAS from SimpleITK's origin, spacing and row-major direction (LPS)."""
+    direction = np.asarray(direction_lps, dtype=np.float64).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = FLIP_XY @ direction @ np.diag(spacing)
+    matrix[:3, 3] = FLIP_XY @ np.asarray(origin_lps, dtype=np.float64)
+    return matrix
+
+
+def itk_from_ijk_to_ras(ijk_to_ras: TypeAffine) -> tuple[tuple, tuple, tuple]:
+    """Inverse of :func:`ijk_to_ras_from_itk`: (origin_lps, spacing, row-major direction_lps)."""
+    matrix = np.asarray(ijk_to_ras, dtype=np.float64)
+    spacing = spacing_of(matrix)
+    direction_lps = FLIP_XY @ matrix[:3, :3] / spacing
+    origin_lps = FLIP_XY @ matrix[:3, 3]
+    return tuple(origin_lps), tuple(spacing), tuple(direction_lps.ravel())
+
+
+def apply_affine(matrix: TypeAffine, points: np.ndarray) -> np.ndarray:
+    """Map (..., 3) points through a 4 x 4 matrix."""
+    points = np.asarray(points, dtype=np.float64)
+    return points @ np.asarray(matrix)[:3, :3].T + np.asarray(matrix)[:3, 3]
+
+
+def ras_to_ijk(ijk_to_ras: TypeAffine, points_ras: np.ndarray) -> np.ndarray:
+    """Continuous voxel indices (..., 3) of RAS points (..., 3)."""
+    return apply_affine(np.linalg.inv(ijk_to_ras), points_ras)
+
+
+def ijk_to_ras(ijk_to_ras: TypeAffine, indices: np.ndarray) -> np.ndarray:
+    """RAS points (..., 3) of voxel indices (..., 3)."""
+    return apply_affine(ijk_to_ras, indices)
+
+
+def array_to_sitk(array_ijk: np.ndarray, ijk_to_ras: TypeAffine):
+    """Wrap an (I, J, K) array with its geometry as a SimpleITK image (LPS inside)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array_ijk, (2, 1, 0))))
+    origin, spacing, direction = itk_from_ijk_to_ras(ijk_to_ras)
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    return image
+
+
+def resample_to_volume(
+    values: np.ndarray,
+    source_to_ras: TypeAffine,
+    target_shape: tuple[int, int, int],
+    target_ijk_to_ras: TypeAffine,
+    *,
+    linear: bool = True,
+    outside: float = np.nan,
+) -> np.ndarray:
+    """Resample a map defined on any grid onto a target volume's own grid.
+
+    Args:
+        values: (a, b, c) map, e.g. a (gx, gy, gz) patch-grid heatmap or a model-grid map.
+        source_to_ras: maps an index of ``values`` to the RAS centre of that cell.
+        target_shape: (I, J, K) of the target volume.
+        target_ijk_to_ras: the target volume's IJK->RAS matrix.
+        linear: trilinear interpolation between cell centres (else nearest neighbour,
+            for label maps).
+        outside: value of target voxels outside the source's field of view (the source
+            cells' extent, i.e. up to half a cell beyond the outermost centres).
+
+    Returns:
+        (I, J, K) float32 array (or the input dtype for nearest neighbour).
+    """
+    import SimpleITK as sitk
+
+    source = array_to_sitk(values.astype(np.float32) if linear else values, source_to_ras)
+    origin, spacing, direction = itk_from_ijk_to_ras(target_ijk_to_ras)
+    interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
+    resampled = sitk.Resample(
+        source, [int(n) for n in target_shape], sitk.Transform(), interpolator,
+        origin, spacing, direction, float(outside) if linear else 0.0, source.GetPixelID(),
+    )
+    return np.transpose(sitk.GetArrayFromImage(resampled), (2, 1, 0))
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Where the model looked: the preprocessed image grid and its patch grid, in RAS.
+
+    Attributes:
+        model_shape: (X, Y, Z) of the model input, e.g. (192, 192, 192).
+        model_to_ras: IJK->RAS of the preprocessed image (TorchIO's output affine).
+        patch_size: voxels per patch along each axis, e.g. (8, 8, 8).
+        grid_to_ras: maps a patch index (i, j, k) to the RAS centre of that patch.
+    """
+
+    model_shape: tuple[int, int, int]
+    model_to_ras: np.ndarray
+    patch_size: tuple[int, int, int]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(m // p for m, p in zip(self.model_shape, self.patch_size))  # type: ignore[return-value]
+
+    @property
+    def grid_to_ras(self) -> np.ndarray:
+        patch = np.asarray(self.patch_size, dtype=np.float64)
+        patch_to_model = np.eye(4)
+        patch_to_model[:3, :3] = np.diag(patch)
+        patch_to_model[:3, 3] = (patch - 1) / 2
+        return np.asarray(self.model_to_ras) @ patch_to_model
+
+    @property
+    def patch_mm(self) -> np.ndarray:
+        """Edge length of one patch (mm) along each grid axis."""
+        return spacing_of(self.grid_to_ras)
+
+    def centres_ras(self) -> np.ndarray:
+        """(gx, gy, gz, 3) RAS centre of every patch."""
+        indices = np.stack(np.meshgrid(*[np.arange(n) for n in self.shape], indexing="ij"), axis=-1)
+        return apply_affine(self.grid_to_ras, indices)
+
+    def ras_to_patch(self, point_ras: np.ndarray) -> tuple[int, int, int] | None:
+        """Index of the patch containing a RAS point, or None outside the field of view."""
+        index = np.rint(ras_to_ijk(self.grid_to_ras, point_ras)).astype(int)
+        if (index < 0).any() or (index >= np.asarray(self.shape)).any():
+            return None
+        return tuple(int(i) for i in index)  # type: ignore[return-value]
+
+    def to_volume(self, grid_map: np.ndarray, target_shape, target_ijk_to_ras, **kwargs) -> np.ndarray:
+        """Resample a (gx, gy, gz) or (X, Y, Z) map onto a target grid (see resample_to_volume)."""
+        if tuple(grid_map.shape) == tuple(self.shape):
+            source_to_ras = self.grid_to_ras
+        elif tuple(grid_map.shape) == tuple(self.model_shape):
+            source_to_ras = self.model_to_ras
+        else:
+            message = f"Map shape {grid_map.shape} is neither the patch grid {self.shape} nor the model grid {self.model_shape}."
+            raise ValueError(message)
+        return resample_to_volume(grid_map, source_to_ras, target_shape, target_ijk_to_ras, **kwargs)
+
+    def as_dict(self) -> dict:
+        return {
+            "model_shape": list(self.model_shape),
+            "model_to_ras": np.asarray(self.model_to_ras).tolist(),
+            "patch_size": list(self.patch_size),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PatchGrid:
+        return cls(tuple(data["model_shape"]), np.asarray(data["model_to_ras"]), tuple(data["patch_size"]))

@@ -1,0 +1,342 @@
+"""Load a COLIPRI model and its processor from a model spec.
+
+Specs:
+    ``microsoft/colipri`` (default; ``owner/name@revision`` also accepted): weights from the
+        Hugging Face cache at a pinned revision; the text backbone is a plain
+        ``transformers.BertModel`` built from CXR-BERT's config (no remote code).
+    a folder: ``model.safetensors`` + optional ``config.yaml`` (colipri's full config schema
+        with top-level ``model:`` and ``processor:``; strings starting with ``./`` are paths
+        relative to the folder). Without ``config.yaml`` the real COLIPRI config is assumed
+        and CXR-BERT's ``config.json``/``vocab.txt`` are taken from the folder or the cache.
+    ``demo``: the bundled untrained demonstration model (see ``demo_model``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import defaults
+from .types import TypePath, TypeStatusCallback
+
+logger = logging.getLogger(__name__)
+
+BERT_CONFIG_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+    "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id", "position_embedding_type",
+)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What was loaded, recorded in every output."""
+
+    model_id: str
+    revision: str | None
+    sha256: str
+    source: str  # "hub", "folder" or "demo"
+    weights_path: str
+    device: str
+    dtype: str
+    label: str = ""  # e.g. "untrained demo model — not COLIPRI"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A colipri ``Model`` in eval mode plus what is needed to feed it."""
+
+    model: object  # colipri.model.multimodal.Model
+    image_transform: object  # tio.Compose
+    tokenizer: object  # transformers.BertTokenizer
+    identity: ModelIdentity
+    processor_signature: str
+    dense_pooler: object = field(repr=False, default=None)  # nn.Sequential of 1x1x1 convs
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(int(p) for p in self.model.patch_size)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class _ResolvedSpec:
+    model_id: str
+    revision: str | None
+    source: str
+    weights: Path
+    config: dict  # {"model": ..., "processor": ...} plain containers, paths resolved
+    label: str = ""
+
+
+def load_model(spec: str = defaults.DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
+               status_callback: TypeStatusCallback | None = None) -> LoadedModel:
+    """Load a model spec onto a device.
+
+    Args:
+        spec: ``microsoft/colipri``, a model folder, or ``demo``.
+        device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        precision: ``auto`` (bf16 autocast for the image encoder where the hardware
+            supports it), ``bf16`` or ``fp32``. The text encoder always runs in fp32.
+
+    Raises:
+        RuntimeError: weights not available offline, or a checkpoint that does not match.
+        FileNotFoundError: a model folder without ``model.safetensors``.
+    """
+    import torch
+
+    notify = status_callback or (lambda message: None)
+    start = time.perf_counter()
+    resolved = resolve_spec(spec, notify)
+    notify("Loading model")
+    torch_device = select_device(device)
+    dtype = select_precision(precision, torch_device)
+    model = _build_and_load(resolved)
+    model.to(torch_device)
+    identity = ModelIdentity(resolved.model_id, resolved.revision, file_sha256(resolved.weights), resolved.source,
+                             str(resolved.weights), str(torch_device), dtype, resolved.label)
+    loaded = _assemble(model, resolved, identity)
+    logger.info("Loaded %s in %.2f s (%s, %s).", resolved.model_id, time.perf_counter() - start, torch_device, dtype)
+    return loaded
+
+
+def _assemble(model, resolved: _ResolvedSpec, identity: ModelIdentity) -> LoadedModel:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    processor_config = OmegaConf.create(resolved.config["processor"])
+    image_transform = instantiate(processor_config["image_transform"])
+    tokenizer = instantiate(processor_config["tokenizer"])
+    signature = hashlib.sha256(json.dumps(resolved.config["processor"]["image_transform"], sort_keys=True,
+                                          default=str).encode()).hexdigest()[:16]
+    dense_pooler = model.image_encoder.pooler.to_dense().eval()
+    return LoadedModel(model, image_transform, tokenizer, identity, signature, dense_pooler)
+
+
+def resolve_spec(spec: TypePath, notify: TypeStatusCallback) -> _ResolvedSpec:
+    """Turn a spec into weights + fully resolved config (downloading when needed)."""
+    text = str(spec)
+    if text == defaults.DEMO_MODEL:
+        from .demo_model import ensure_demo_model
+
+        return _resolve_folder(ensure_demo_model(), source="demo")
+    if Path(text).expanduser().exists():
+        return _resolve_folder(Path(text).expanduser())
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        return _resolve_hub(text, notify)
+    message = (
+        f'Model "{text}" is neither an existing model folder nor a Hugging Face repository id.'
+        f' Use "{defaults.COLIPRI_REPO_ID}", "{defaults.DEMO_MODEL}" or a folder holding model.safetensors.'
+    )
+    raise FileNotFoundError(message)
+
+
+def _resolve_folder(folder: Path, source: str = "folder") -> _ResolvedSpec:
+    weights = folder / defaults.WEIGHTS_FILENAME
+    if not weights.is_file():
+        message = (
+            f'Model folder "{folder}" has no {defaults.WEIGHTS_FILENAME}. Download it from'
+            f" https://huggingface.co/{defaults.COLIPRI_REPO_ID} (Files tab) into that folder."
+        )
+        raise FileNotFoundError(message)
+    config_path = folder / defaults.CONFIG_FILENAME
+    if config_path.is_file():
+        config = _load_folder_config(config_path)
+    else:
+        config = colipri_config(_cxr_bert_file(folder, "config.json"), _cxr_bert_file(folder, "vocab.txt"))
+    meta = config.pop("colipri_slicer", {}) or {}
+    model_id = str(meta.get("model_id", folder.resolve()))
+    return _ResolvedSpec(model_id, meta.get("revision"), source, weights, config, str(meta.get("label", "")))
+
+
+def _load_folder_config(path: Path) -> dict:
+    import yaml
+
+    with open(path) as file:
+        config = yaml.safe_load(file) or {}
+    missing = [key for key in ("model", "processor") if key not in config]
+    if missing:
+        message = (
+            f'"{path}" lacks the top-level section(s) {missing}. It must follow colipri\'s config'
+            " schema with fully resolved `model:` and `processor:` sections."
+        )
+        raise ValueError(message)
+    return _resolve_relative_paths(config, path.parent)
+
+
+def _resolve_relative_paths(node, folder: Path):
+    if isinstance(node, dict):
+        return {key: _resolve_relative_paths(value, folder) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_resolve_relative_paths(value, folder) for value in node]
+    if isinstance(node, str) and node.startswith("./"):
+        return str((folder / node).resolve())
+    return node
+
+
+def _cxr_bert_file(folder: Path, name: str) -> Path:
+    local = folder / name
+    if local.is_file():
+        return local
+    return _hub_file(defaults.CXR_BERT_REPO_ID, name, defaults.CXR_BERT_REVISION)
+
+
+def _resolve_hub(text: str, notify: TypeStatusCallback) -> _ResolvedSpec:
+    repo_id, _, revision = text.partition("@")
+    revision = revision or (defaults.COLIPRI_REVISION if repo_id == defaults.COLIPRI_REPO_ID else "main")
+    notify(f"Downloading weights of {repo_id} (first use only)")
+    weights = _hub_file(repo_id, defaults.WEIGHTS_FILENAME, revision)
+    config = colipri_config(_hub_file(defaults.CXR_BERT_REPO_ID, "config.json", defaults.CXR_BERT_REVISION),
+                            _hub_file(defaults.CXR_BERT_REPO_ID, "vocab.txt", defaults.CXR_BERT_REVISION))
+    return _ResolvedSpec(repo_id, revision, "hub", weights, config)
+
+
+def _hub_file(repo_id: str, filename: str, revision: str) -> Path:
+    """Download (or find in the cache) one file; honours ``HF_HUB_OFFLINE``."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
+    except Exception as error:  # noqa: BLE001 - every hub failure gets the same advice
+        message = (
+            f'Could not get "{filename}" of {repo_id}@{revision} from the Hugging Face hub or its'
+            f" cache ({type(error).__name__}: {error}).\nOffline? Either pass a model folder"
+            f" (--model /path/to/folder holding {defaults.WEIGHTS_FILENAME}, plus config.json and"
+            f" vocab.txt of {defaults.CXR_BERT_REPO_ID}), or pre-download on a connected machine:\n"
+            f"  hf download {defaults.COLIPRI_REPO_ID} {defaults.WEIGHTS_FILENAME}\n"
+            f"  hf download {defaults.CXR_BERT_REPO_ID} config.json vocab.txt --revision {defaults.CXR_BERT_REVISION}\n"
+            "and copy the Hugging Face cache folder (~/.cache/huggingface/hub) to this machine."
+        )
+        raise RuntimeError(message) from error
+
+
+def colipri_config(bert_config_path: Path, vocab_path: Path) -> dict:
+    """colipri's packaged config with a plain BertModel text backbone and BertTokenizer."""
+    from colipri.checkpoint import load_model_config, load_processor_config
+    from omegaconf import OmegaConf
+
+    bert = json.loads(Path(bert_config_path).read_text())
+    model = OmegaConf.to_container(load_model_config(), resolve=True)
+    processor = OmegaConf.to_container(load_processor_config(), resolve=True)
+    model["text_encoder"]["backbone"] = {
+        "_target_": "transformers.BertModel",
+        "add_pooling_layer": False,
+        "config": {"_target_": "transformers.BertConfig", **{k: bert[k] for k in BERT_CONFIG_KEYS if k in bert}},
+    }
+    processor["tokenizer"] = {"_target_": "transformers.BertTokenizer", "vocab": str(vocab_path),
+                              "do_lower_case": True, "model_max_length": defaults.MAX_PROMPT_TOKENS}
+    return {"model": model, "processor": processor}
+
+
+def _build_and_load(resolved: _ResolvedSpec):
+    """Instantiate on the meta device and fill from safetensors, checking every key."""
+    import torch
+    from accelerate import init_empty_weights
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        with init_empty_weights():
+            model = instantiate(OmegaConf.create(resolved.config["model"]))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    try:
+        state = load_file(str(resolved.weights), device="cpu")
+    except Exception as error:  # safetensors raises several types for corrupt files
+        message = f'Cannot read weights "{resolved.weights}" ({error}). The file is corrupt or incomplete: download it again.'
+        raise RuntimeError(message) from error
+    result = model.load_state_dict(state, strict=False, assign=True)
+    _check_keys(model, result.missing_keys, result.unexpected_keys, resolved.weights)
+    return model.eval().to(torch.float32)
+
+
+def _check_keys(model, missing: list[str], unexpected: list[str], path: Path) -> None:
+    still_empty = [name for name, param in model.named_parameters() if param.is_meta]
+    if unexpected or still_empty:
+        message = (
+            f'Checkpoint "{path}" does not match the model architecture: {len(unexpected)} unexpected'
+            f" key(s) {unexpected[:5]}, {len(still_empty)} parameter(s) not in the checkpoint"
+            f" {still_empty[:5]}. Check that config.yaml describes these weights."
+        )
+        raise RuntimeError(message)
+    if missing:
+        logger.debug("Buffers not in the checkpoint (kept from the constructor): %s", missing)
+
+
+def select_device(device: str = "auto"):
+    """``auto`` -> CUDA, then MPS, then CPU; explicit names are checked."""
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        message = (
+            "CUDA was requested but torch sees no CUDA device (a CPU build of torch, or no"
+            ' driver). Choose device "cpu" or "auto", or install a CUDA build of PyTorch.'
+        )
+        raise RuntimeError(message)
+    return torch.device(device)
+
+
+def select_precision(precision: str, device) -> str:
+    """Return ``bf16`` or ``fp32`` for the image encoder."""
+    import torch
+
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f'Unknown precision "{precision}"; use "auto", "bf16" or "fp32".')
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return "bf16" if native else "fp32"
+    return "fp32"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, memoised on disk by (path, size, mtime)."""
+    stat = path.stat()
+    memo_path = defaults.user_cache_dir() / "sha256.json"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo = _read_json(memo_path)
+    if key not in memo:
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(1 << 22), b""):
+                digest.update(chunk)
+        memo[key] = digest.hexdigest()
+        _write_json(memo_path, memo)
+    return memo[key]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except OSError as error:
+        logger.debug("Could not write %s: %s", path, error)

@@ -1,0 +1,80 @@
+"""Preprocessing identical to colipri's processor, from array + matrix (no file re-read).
+
+The model's own processor transform (TorchIO ``Compose``: ToOrientation -> Resample ->
+Clamp -> RescaleIntensity -> CropOrPad for COLIPRI) is applied step by step to an
+in-memory ``tio.ScalarImage`` holding the volume's voxels (same dtype) and RAS affine, so
+the result is bit-identical to ``colipri.Processor.process_images(path)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .geometry import PatchGrid, spacing_of
+from .volume import Volume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreprocessedImage:
+    """Model input and where it lies in RAS.
+
+    Attributes:
+        tensor: (1, X, Y, Z) float32 model input.
+        model_to_ras: IJK->RAS of the model input grid.
+        cropped_mm: per-axis length (mm) of anatomy cut away by the crop, on the
+            resampled grid's axes; zeros when the whole volume fits.
+    """
+
+    tensor: object  # torch.Tensor, kept untyped so importing this module stays light
+    model_to_ras: np.ndarray
+    cropped_mm: tuple[float, float, float]
+
+    def patch_grid(self, patch_size: tuple[int, int, int]) -> PatchGrid:
+        shape = tuple(int(n) for n in self.tensor.shape[1:])
+        return PatchGrid(shape, self.model_to_ras, tuple(int(p) for p in patch_size))  # type: ignore[arg-type]
+
+
+def preprocess(volume: Volume, image_transform) -> PreprocessedImage:
+    """Run the model's processor transform on a volume.
+
+    Args:
+        volume: the input volume (its array is not modified).
+        image_transform: the processor's TorchIO transform (a ``tio.Compose``).
+
+    Returns:
+        The model input with its geometry; warns when part of the volume was cropped.
+    """
+    import torch
+    import torchio as tio
+
+    tensor = torch.from_numpy(np.array(volume.array, copy=True)[np.newaxis])
+    image = tio.ScalarImage(tensor=tensor, affine=volume.ijk_to_ras)
+    steps = list(image_transform.transforms) if isinstance(image_transform, tio.Compose) else [image_transform]
+    cropped = np.zeros(3)
+    for step in steps:
+        if isinstance(step, tio.CropOrPad):
+            target = np.asarray(step.target_shape if step.target_shape is not None else image.spatial_shape)
+            cropped = np.maximum(np.asarray(image.spatial_shape) - target, 0) * spacing_of(image.affine)
+        image = step(image)
+    data = image.data.to(torch.float32)
+    result = PreprocessedImage(data, np.asarray(image.affine, dtype=np.float64), tuple(float(c) for c in cropped))
+    _warn_if_cropped(result.cropped_mm, volume.name)
+    return result
+
+
+def _warn_if_cropped(cropped_mm: tuple[float, float, float], name: str) -> None:
+    if max(cropped_mm) <= 0:
+        return
+    axes = ", ".join(f"{axis} {mm:.0f} mm" for axis, mm in zip("RAS", cropped_mm) if mm > 0)
+    message = (
+        f'The field of view of "{name}" is larger than the model\'s; the centred crop removed'
+        f" {axes} (split between both ends). Findings outside the crop are not seen:"
+        " crop the volume to the chest first if this matters."
+    )
+    warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -1,0 +1,226 @@
+"""Input volumes: an (I, J, K) array in HU with its IJK->RAS matrix, from memory or disk.
+
+Axis order accepted: ``array[i, j, k]`` where ``ijk_to_ras @ [i, j, k, 1]`` is the RAS
+position (mm) of that voxel's centre. Slicer's ``arrayFromVolume`` gives (K, J, I): use
+:meth:`Volume.from_slicer_array`, which transposes. Files are read with SimpleITK (as
+TorchIO, and hence colipri, reads them) and converted from ITK's LPS to RAS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import geometry
+from .defaults import HU_MAX_EXPECTED, HU_MIN_EXPECTED
+from .types import TypeAffine, TypePath
+
+logger = logging.getLogger(__name__)
+
+TAG_INSTANCE_NUMBER = "0020|0013"
+TAG_SERIES_NUMBER = "0020|0011"
+TAG_SERIES_DESCRIPTION = "0008|103e"
+
+
+@dataclass(frozen=True)
+class SliceMetadata:
+    """DICOM facts per array slice ``k``, for "series N, image M" lookups."""
+
+    instance_numbers: tuple[int | None, ...]
+    series_number: int | None = None
+    series_description: str = ""
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """A scalar CT volume. The array is a private, read-only copy.
+
+    Attributes:
+        array: (I, J, K) voxel values in HU, dtype preserved (int16 stays int16, as in
+            TorchIO, so that preprocessing matches colipri exactly).
+        ijk_to_ras: 4 x 4 matrix from voxel indices to RAS millimetres.
+        name: A label for messages and output files.
+        slices: DICOM per-slice metadata when read from a series, else None.
+    """
+
+    array: np.ndarray
+    ijk_to_ras: TypeAffine
+    name: str = "volume"
+    slices: SliceMetadata | None = None
+    _hash: list[str] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_array(
+        cls,
+        array: np.ndarray,
+        ijk_to_ras: TypeAffine,
+        *,
+        name: str = "volume",
+        slices: SliceMetadata | None = None,
+    ) -> Volume:
+        """Validate and copy an (I, J, K) array; the caller's array is never modified.
+
+        Raises:
+            ValueError: For a non-3-D or multi-component array, non-finite values,
+                or a degenerate matrix.
+        """
+        validate_array(array)
+        matrix = geometry.validate_affine(ijk_to_ras)
+        copy = np.array(array, copy=True, order="F" if array.flags.f_contiguous else "C")
+        copy = _unsigned_to_signed(copy)
+        copy.setflags(write=False)
+        matrix.setflags(write=False)
+        _warn_if_not_ct(copy)
+        return cls(copy, matrix, name=name, slices=slices)
+
+    @classmethod
+    def from_slicer_array(cls, array_kji: np.ndarray, ijk_to_ras: TypeAffine, **kwargs) -> Volume:
+        """Build from ``slicer.util.arrayFromVolume`` output, which is (K, J, I)."""
+        if np.ndim(array_kji) != 3:
+            validate_array(array_kji)
+        return cls.from_array(np.transpose(array_kji, (2, 1, 0)), ijk_to_ras, **kwargs)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        return geometry.spacing_of(self.ijk_to_ras)
+
+    def content_hash(self) -> str:
+        """BLAKE2b of voxels, dtype, shape and matrix (computed once)."""
+        if not self._hash:
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(str((self.array.dtype.str, self.array.shape)).encode())
+            digest.update(np.ascontiguousarray(self.array).data)
+            digest.update(np.round(self.ijk_to_ras, 6).tobytes())
+            self._hash.append(digest.hexdigest())
+        return self._hash[0]
+
+
+def validate_array(array: np.ndarray) -> None:
+    """Check that an array can be a CT volume; raise a ValueError that says what to do."""
+    array = np.asarray(array)
+    if array.ndim == 4 and 1 in (array.shape[0], array.shape[-1]):
+        message = (
+            f"Expected a 3-D scalar volume, got shape {array.shape} with a singleton channel."
+            " Squeeze the channel axis first (e.g. array[..., 0])."
+        )
+        raise ValueError(message)
+    if array.ndim != 3:
+        message = (
+            f"Expected a 3-D scalar volume (I, J, K), got {array.ndim}-D shape {array.shape}."
+            " 2-D images, time series and multi-component (e.g. RGB) volumes are not CT"
+            " volumes: select a single 3-D scalar CT series."
+        )
+        raise ValueError(message)
+    if min(array.shape) < 2:
+        message = f"Volume of shape {array.shape} has fewer than 2 voxels along an axis; load the whole series."
+        raise ValueError(message)
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise ValueError(f"Expected real-valued voxels, got dtype {array.dtype}.")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        count = int(np.size(array) - np.isfinite(array).sum())
+        message = (
+            f"The volume has {count} non-finite voxels (NaN or infinity). Replace them,"
+            " e.g. with -1024 HU (air), before analysis."
+        )
+        raise ValueError(message)
+
+
+def _unsigned_to_signed(array: np.ndarray) -> np.ndarray:
+    """Mirror TorchIO's ``check_uint_to_int`` so preprocessing sees the same dtype."""
+    mapping = {np.uint8: np.int16, np.uint16: np.int32, np.uint32: np.int64}
+    for unsigned, signed in mapping.items():
+        if array.dtype == unsigned:
+            return array.astype(signed)
+    return array
+
+
+def _warn_if_not_ct(array: np.ndarray) -> None:
+    low, high = float(array.min()), float(array.max())
+    if low >= -200 or high > HU_MAX_EXPECTED or low < HU_MIN_EXPECTED * 3:
+        message = (
+            f"Intensities range from {low:g} to {high:g}, which does not look like CT in"
+            f" Hounsfield units (air is about -1000 HU). Results are only meaningful for CT;"
+            " check that the right volume is selected and that no rescaling was applied."
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def load_volume(path: TypePath) -> Volume:
+    """Read a NIfTI, NRRD or MHA file, or a folder with a DICOM series (the largest one).
+
+    Raises:
+        FileNotFoundError: If the path does not exist or a folder holds no DICOM series.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f'File or folder not found: "{path}"')
+    slices = None
+    if path.is_dir():
+        image, slices = _read_dicom_series(path)
+    else:
+        image = sitk.ReadImage(str(path))
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
+        message = (
+            f'"{path}" holds a {image.GetDimension()}-D image with'
+            f" {image.GetNumberOfComponentsPerPixel()} components; expected a 3-D scalar CT."
+        )
+        raise ValueError(message)
+    array = np.transpose(sitk.GetArrayViewFromImage(image), (2, 1, 0))
+    ijk_to_ras = geometry.ijk_to_ras_from_itk(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+    name = path.name.split(".")[0] if path.is_file() else path.name
+    return Volume.from_array(array, ijk_to_ras, name=name, slices=slices)
+
+
+def _read_dicom_series(folder: Path):
+    import SimpleITK as sitk
+
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
+    if not series_ids:
+        message = f'No DICOM series found in "{folder}". Select a folder that contains .dcm files.'
+        raise FileNotFoundError(message)
+    files_per_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+    series_id = max(files_per_series, key=lambda sid: len(files_per_series[sid]))
+    files = files_per_series[series_id]
+    if len(series_ids) > 1:
+        logger.info("Folder holds %d DICOM series; using the largest (%d files).", len(series_ids), len(files))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    image = reader.Execute()
+    return image, _slice_metadata(files)
+
+
+def _slice_metadata(files: tuple[str, ...]) -> SliceMetadata:
+    import SimpleITK as sitk
+
+    numbers: list[int | None] = []
+    header = sitk.ImageFileReader()
+    series_number, description = None, ""
+    for file in files:
+        header.SetFileName(file)
+        header.ReadImageInformation()
+        numbers.append(_int_tag(header, TAG_INSTANCE_NUMBER))
+        series_number = _int_tag(header, TAG_SERIES_NUMBER)
+        if header.HasMetaDataKey(TAG_SERIES_DESCRIPTION):
+            description = header.GetMetaData(TAG_SERIES_DESCRIPTION).strip()
+    return SliceMetadata(tuple(numbers), series_number, description, tuple(files))
+
+
+def _int_tag(reader, tag: str) -> int | None:
+    if not reader.HasMetaDataKey(tag):
+        return None
+    try:
+        return int(float(reader.GetMetaData(tag).strip()))
+    except ValueError:
+        return None
