@@ -137,7 +137,7 @@ class Engine:
     def text_forward_count(self) -> int:
         return 0 if self._prompts is None else self._prompts.forward_count
 
-    def _pair_embeddings(self, pairs: Sequence[TypePromptPair]):
+    def pair_embeddings(self, pairs: Sequence[TypePromptPair]):
         if not pairs:
             raise ValueError("No prompt pairs given.")
         embeddings = self.embed_prompts([text for pair in pairs for text in pair])
@@ -147,14 +147,14 @@ class Engine:
         """(num_pairs,) P(positive) of each (negative, positive) pair for the whole volume."""
         from .zero_shot import pair_probabilities
 
-        negatives, positives = self._pair_embeddings(pairs)
+        negatives, positives = self.pair_embeddings(pairs)
         return pair_probabilities(encoding.pooled, negatives, positives, self.temperature)
 
     def pair_logit_maps(self, encoding: ImageEncoding, pairs: Sequence[TypePromptPair]) -> np.ndarray:
         """(num_pairs, gx, gy, gz) per-patch positive-minus-negative logits (one matrix product)."""
         from .zero_shot import pair_logits
 
-        negatives, positives = self._pair_embeddings(pairs)
+        negatives, positives = self.pair_embeddings(pairs)
         return pair_logits(encoding.dense, negatives, positives, self.temperature).numpy()
 
     def text_similarities(self, encoding: ImageEncoding, texts: Sequence[str]) -> np.ndarray:

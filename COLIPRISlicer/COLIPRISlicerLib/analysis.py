@@ -1,0 +1,142 @@
+"""One analysis of one volume: encode once, then findings, heatmaps, report, segmentation
+and snippet localisation on the cached embeddings. The Slicer Logic and the CLI call this."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .catalogue import Catalogue, free_text_finding, load_catalogue
+from .encoding import ImageEncoding
+from .findings import FindingResult, heatmap_on_volume, score_findings
+from .types import TypeStatusCallback
+from .volume import Volume
+
+logger = logging.getLogger(__name__)
+
+
+class AnalysisCancelled(Exception):
+    """Raised when a cancel event was set; nothing was produced."""
+
+
+@dataclass
+class AnalysisResult:
+    """Results for one volume. Heatmaps on the input grid are computed on request and kept."""
+
+    volume: Volume
+    encoding: ImageEncoding
+    findings: list[FindingResult]
+    model: dict
+    timings: dict[str, float] = field(default_factory=dict)
+    _heatmaps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _landmarks: list = field(default_factory=list, repr=False)
+
+    def finding(self, name: str) -> FindingResult:
+        for result in self.findings:
+            if result.name.lower() == name.lower() or result.slug == name:
+                return result
+        raise KeyError(f'No finding "{name}" in this analysis; available: {[f.name for f in self.findings]}')
+
+    def heatmap(self, name: str) -> np.ndarray:
+        """(I, J, K) float32 heatmap of a finding on the input grid (NaN outside the field of view)."""
+        result = self.finding(name)
+        if result.slug not in self._heatmaps:
+            self._heatmaps[result.slug] = heatmap_on_volume(result, self.encoding.grid, self.volume)
+        return self._heatmaps[result.slug]
+
+    @property
+    def landmarks(self):
+        """Intensity-based anatomical landmarks of the input volume (computed once)."""
+        if not self._landmarks:
+            from .landmarks import detect_landmarks
+
+            self._landmarks.append(detect_landmarks(self.volume.array, self.volume.ijk_to_ras))
+        return self._landmarks[0]
+
+
+class Analyzer:
+    """Runs analyses with one engine and one findings catalogue.
+
+    Args:
+        engine: an ``Engine``.
+        catalogue: findings to score (default: the bundled 18 CT-RATE findings).
+    """
+
+    def __init__(self, engine, catalogue: Catalogue | None = None):
+        self.engine = engine
+        self.catalogue = catalogue if catalogue is not None else load_catalogue()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(engine={self.engine!r}, findings={len(self.catalogue)})"
+
+    def analyze(self, volume: Volume, *, cancel: threading.Event | None = None,
+                status_callback: TypeStatusCallback | None = None) -> AnalysisResult:
+        """Encode (or reuse the cached encoding) and score every catalogue finding.
+
+        Raises:
+            AnalysisCancelled: if ``cancel`` is set before the results are complete.
+        """
+        notify = status_callback or (lambda message: None)
+        timings: dict[str, float] = {}
+        _check(cancel)
+        start = time.perf_counter()
+        identity = self.engine.identity
+        timings["model_load_s"] = time.perf_counter() - start
+        _check(cancel)
+        start = time.perf_counter()
+        notify("Encoding")
+        encoding = self.engine.encode(volume)
+        timings["encode_s"] = time.perf_counter() - start
+        _check(cancel)
+        start = time.perf_counter()
+        notify("Scoring")
+        findings = score_findings(self.engine, encoding, list(self.catalogue), volume)
+        timings["scoring_s"] = time.perf_counter() - start
+        _check(cancel)
+        return AnalysisResult(volume, encoding, findings, identity.as_dict(), timings)
+
+    def add_finding(self, result: AnalysisResult, text: str, **kwargs) -> FindingResult:
+        """Score a free-text finding on the cached encoding and append it (replacing a namesake)."""
+        finding = free_text_finding(text, **kwargs)
+        scored = score_findings(self.engine, result.encoding, [finding], result.volume)[0]
+        result.findings = [f for f in result.findings if f.slug != scored.slug] + [scored]
+        result._heatmaps.pop(scored.slug, None)
+        return scored
+
+    def region_likelihoods(self, result: AnalysisResult, mask_ijk: np.ndarray, **kwargs) -> dict[str, float]:
+        """Catalogue likelihoods restricted to a mask on the input grid."""
+        from .findings import region_likelihoods
+
+        return region_likelihoods(self.engine, result.encoding, list(self.catalogue), result.volume, mask_ijk, **kwargs)
+
+    def report(self, result: AnalysisResult):
+        """Draft report composed from the findings (see ``report_builder``)."""
+        from .report_builder import build_report
+
+        return build_report(self.engine, result)
+
+    def segment(self, result: AnalysisResult, head=None):
+        """Segmentation with a trained head folder, or zero-shot from the finding heatmaps."""
+        from .segmentation_head import load_head, predict, zero_shot_segmentation
+
+        if head is None:
+            maps = {f.name: f.logit_map for f in result.findings if f.present}
+            colours = {f.name: f.colour for f in result.findings}
+            return zero_shot_segmentation(maps, result.encoding.grid, result.volume, colours=colours)
+        return predict(load_head(head, self.engine), result.encoding, result.volume)
+
+    def localize(self, result: AnalysisResult, text: str, *, method: str = "auto", head=None):
+        """Where a report snippet refers to (see ``localization.localize``)."""
+        from .localization import localize
+
+        return localize(self.engine, result.encoding, result.volume, text, method=method, head=head,
+                        landmarks=result.landmarks)
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise AnalysisCancelled("Analysis cancelled; no results were produced.")

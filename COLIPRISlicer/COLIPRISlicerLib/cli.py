@@ -1,0 +1,145 @@
+"""``colipri-slicer``: the command-line face of the engine (one subcommand per stage).
+
+Heavy imports happen inside commands so ``--help`` answers instantly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .defaults import DEFAULT_MODEL, DEMO_MODEL
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="COLIPRI chest-CT zero-shot analysis: findings, heatmaps, report, snippet localisation, segmentation.")
+cache_app = typer.Typer(help="List or clear the on-disk embedding cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+ModelOption = Annotated[str, typer.Option("--model", "-m", help=f'"{DEFAULT_MODEL}", "{DEMO_MODEL}", or a model folder.')]
+DeviceOption = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")]
+PrecisionOption = Annotated[str, typer.Option(help="auto (bf16 where supported), bf16 or fp32.")]
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, exit code 1."""
+
+
+def _status(message: str) -> None:
+    typer.echo(f"[colipri-slicer] {message}", err=True)
+
+
+def _run(action) -> None:
+    """Run a command body; known user-facing errors become one line and exit code 1."""
+    try:
+        action()
+    except (UserError, ValueError, FileNotFoundError, RuntimeError, KeyError) as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def analyze(
+    scan: Annotated[Path, typer.Argument(exists=True, readable=True, help="NIfTI/NRRD/MHA file or DICOM folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    findings: Annotated[Optional[Path], typer.Option("--findings", exists=True, help="Catalogue YAML replacing the default.")] = None,
+    finding: Annotated[Optional[list[str]], typer.Option("--finding", help="Extra free-text finding (repeatable).")] = None,
+    heatmaps: Annotated[bool, typer.Option(help="Write heatmaps/<finding>.nii.gz.")] = True,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="On-disk embedding cache folder.")] = None,
+) -> None:
+    """Zero-shot findings (likelihoods, heatmaps) for one scan -> OUT/findings.json."""
+    _run(lambda: _analyze(scan, out, model, device, precision, findings, finding or [], heatmaps, cache_dir))
+
+
+def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir) -> None:
+    from .analysis import Analyzer
+    from .catalogue import load_catalogue
+    from .engine import Engine
+    from .outputs import write_analysis
+    from .volume import load_volume
+
+    _status(f"Reading {scan}")
+    volume = load_volume(scan)
+    engine = Engine(model, device=device, precision=precision, cache_dir=cache_dir, status_callback=_status)
+    analyzer = Analyzer(engine, load_catalogue(findings) if findings else None)
+    result = analyzer.analyze(volume, status_callback=_status)
+    for text in extra:
+        analyzer.add_finding(result, text)
+    path = write_analysis(result, out, heatmaps="all" if heatmaps else None)
+    _print_findings(result)
+    _status(f"Wrote {path}")
+
+
+def _print_findings(result) -> None:
+    label = result.model.get("label")
+    if label:
+        typer.echo(f"Model: {result.model['model_id']} - {label}")
+    for finding in sorted(result.findings, key=lambda f: -f.likelihood):
+        flag = "PRESENT" if finding.present else ""
+        typer.echo(f"  {finding.name:<36} {finding.likelihood:6.3f}  (threshold {finding.threshold:.2f}) {flag}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-output"),
+    device: DeviceOption = "cpu",
+) -> None:
+    """Offline demo: synthesise a chest CT, analyse it with the untrained demo model."""
+    _run(lambda: _demo(out, device))
+
+
+def _demo(out: Path, device: str) -> None:
+    from .outputs import write_volume
+    from .sample_volume import synthetic_chest_ct
+
+    out.mkdir(parents=True, exist_ok=True)
+    volume = synthetic_chest_ct()
+    scan = out / "synthetic_chest.nii.gz"
+    write_volume(volume.array, volume.ijk_to_ras, scan)
+    _status(f"Wrote sample volume {scan}; analysing with the {DEMO_MODEL!r} model (random weights, not COLIPRI)")
+    _analyze(scan, out, DEMO_MODEL, device, "fp32", None, [], True, None)
+
+
+@cache_app.command("list")
+def cache_list(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> None:
+    """Show cached encodings."""
+    from .cache import EncodingCache
+
+    folder = cache_dir or _default_embedding_cache()
+    entries = EncodingCache(0, folder).entries()
+    typer.echo(f"{len(entries)} cached encoding(s) in {folder}")
+    for entry in entries:
+        typer.echo(f"  {entry.key}  {entry.size_bytes / 1e6:7.1f} MB  {entry.metadata.get('volume', '?')}  {entry.metadata.get('model', '')}")
+
+
+@cache_app.command("clear")
+def cache_clear(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> None:
+    """Delete cached encodings."""
+    from .cache import EncodingCache
+
+    folder = cache_dir or _default_embedding_cache()
+    removed = EncodingCache(0, folder).clear()
+    typer.echo(f"Removed {removed} cached encoding(s) from {folder}")
+
+
+def _default_embedding_cache() -> Path:
+    from .defaults import user_cache_dir
+
+    return user_cache_dir() / "embeddings"
+
+
+def main() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

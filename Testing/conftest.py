@@ -1,0 +1,60 @@
+"""Shared fixtures: paths to ../shared/data, tiny random COLIPRI models, synthetic volumes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "COLIPRISlicer"))
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+TCIA_SERIES = SHARED_DATA / "ct" / "tcia_lung_pet_ct_dx_A0001" / "series_5mm"
+TCIA_BOXES = SHARED_DATA / "ct" / "tcia_lung_pet_ct_dx_A0001" / "tumour_boxes"
+RAS_NIFTI = SHARED_DATA / "ct" / "totalsegmentator" / "example_ct.nii.gz"
+MR_NIFTI = SHARED_DATA / "ct" / "totalsegmentator" / "example_mr_sm.nii.gz"
+CXR_BERT_VOCAB = SHARED_DATA / "cxrbert" / "vocab.txt"
+LABELS_18 = SHARED_DATA / "labels" / "ct_rate_18_abnormalities.txt"
+
+
+def require(path: Path) -> Path:
+    """Skip the calling test with a reason when shared test data is absent."""
+    if not path.exists():
+        pytest.skip(f"test data not found: {path} (clone ../shared beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory) -> Path:
+    """A randomly initialised small COLIPRI model (64^3 input at 6 mm, 8^3 patches) with
+    the real CXR-BERT vocabulary, written in the model-folder format."""
+    from COLIPRISlicerLib.model_folder import SmallModelSpec, write_small_model
+
+    vocab = require(CXR_BERT_VOCAB)
+    folder = tmp_path_factory.mktemp("tiny_model")
+    return write_small_model(folder, vocab, SmallModelSpec(seed=1234), extra={"model_id": "tests/tiny-random"})
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_folder):
+    """One CPU engine over the tiny model for the whole session (memory cache only)."""
+    from COLIPRISlicerLib.engine import Engine
+
+    return Engine(str(tiny_model_folder), device="cpu", precision="fp32")
+
+
+def synthetic_chest(shape=(60, 50, 40), spacing=(3.0, 3.5, 5.0), seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """A crude chest-like int16 volume (air, body, two lungs) with an anisotropic RAS matrix."""
+    rng = np.random.default_rng(seed)
+    i, j, k = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    array = np.full(shape, -1000.0)
+    array[(i / 0.9) ** 2 + (j / 0.7) ** 2 < 1] = 40.0
+    for centre in (-0.4, 0.4):
+        array[((i - centre) / 0.3) ** 2 + (j / 0.45) ** 2 + (k / 0.9) ** 2 < 1] = -850.0
+    array += rng.normal(0, 20, shape)
+    ijk_to_ras = np.diag([*spacing, 1.0])
+    ijk_to_ras[:3, 3] = [-shape[0] * spacing[0] / 2, -shape[1] * spacing[1] / 2, -100.0]
+    return array.astype(np.int16), ijk_to_ras
