@@ -58,3 +58,41 @@ def synthetic_chest(shape=(60, 50, 40), spacing=(3.0, 3.5, 5.0), seed: int = 42)
     ijk_to_ras = np.diag([*spacing, 1.0])
     ijk_to_ras[:3, 3] = [-shape[0] * spacing[0] / 2, -shape[1] * spacing[1] / 2, -100.0]
     return array.astype(np.int16), ijk_to_ras
+
+
+def official_pipeline(model_folder: Path):
+    """colipri's own ``ZeroShotImageClassificationPipeline`` over a model folder (the reference)."""
+    import colipri
+    import yaml
+    from omegaconf import OmegaConf
+
+    config = yaml.safe_load((model_folder / "config.yaml").read_text())
+    config["processor"]["tokenizer"]["vocab"] = str(model_folder / "vocab.txt")
+    model = colipri.get_model(model_folder / "model.safetensors", config=OmegaConf.create(config["model"]))
+    processor = colipri.get_processor(config=OmegaConf.create(config["processor"]))
+    return colipri.ZeroShotImageClassificationPipeline(model, processor)
+
+
+def write_oblique_permuted_copy(source: Path, destination: Path, angle_deg: float = 20.0) -> Path:
+    """Re-store a scan with its array axes permuted and flipped and its direction rotated
+    (oblique), as another scanner or tool might write it."""
+    import SimpleITK as sitk
+
+    from COLIPRISlicerLib.volume import load_volume
+
+    volume = load_volume(source)
+    permuted = np.flip(np.transpose(volume.array, (1, 0, 2)), axis=2)
+    theta = np.deg2rad(angle_deg)
+    rotation = np.eye(4)
+    rotation[:2, :2] = [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]
+    reorder = np.zeros((4, 4))
+    reorder[3, 3] = 1
+    reorder[0, 1] = reorder[1, 0] = 1
+    reorder[2, 2] = -1
+    reorder[2, 3] = volume.shape[2] - 1
+    ijk_to_ras = rotation @ volume.ijk_to_ras @ reorder
+    from COLIPRISlicerLib.outputs import write_volume
+
+    write_volume(np.ascontiguousarray(permuted), ijk_to_ras, destination)
+    assert sitk.ReadImage(str(destination)).GetSize() == permuted.shape
+    return destination

@@ -56,25 +56,39 @@ def preprocess(volume: Volume, image_transform) -> PreprocessedImage:
     tensor = torch.from_numpy(np.array(volume.array, copy=True)[np.newaxis])
     image = tio.ScalarImage(tensor=tensor, affine=volume.ijk_to_ras)
     steps = list(image_transform.transforms) if isinstance(image_transform, tio.Compose) else [image_transform]
-    cropped = np.zeros(3)
+    cropped, tissue_cut = np.zeros(3), False
     for step in steps:
         if isinstance(step, tio.CropOrPad):
             target = np.asarray(step.target_shape if step.target_shape is not None else image.spatial_shape)
-            cropped = np.maximum(np.asarray(image.spatial_shape) - target, 0) * spacing_of(image.affine)
+            excess = np.maximum(np.asarray(image.spatial_shape) - target, 0)
+            cropped = excess * spacing_of(image.affine)
+            tissue_cut = _tissue_in_crop(image.data[0].numpy(), excess)
         image = step(image)
     data = image.data.to(torch.float32)
     result = PreprocessedImage(data, np.asarray(image.affine, dtype=np.float64), tuple(float(c) for c in cropped))
-    _warn_if_cropped(result.cropped_mm, volume.name)
+    if tissue_cut:
+        _warn_cropped(result.cropped_mm, volume.name)
     return result
 
 
-def _warn_if_cropped(cropped_mm: tuple[float, float, float], name: str) -> None:
-    if max(cropped_mm) <= 0:
-        return
+def _tissue_in_crop(data: np.ndarray, excess: np.ndarray, min_voxels: int = 50) -> bool:
+    """Whether the slabs a centred crop removes hold tissue (above a quarter of the range)."""
+    level = data.min() + 0.25 * (data.max() - data.min())
+    for axis, count in enumerate(excess):
+        if count <= 0:
+            continue
+        moved = np.moveaxis(data, axis, 0)
+        slabs = (moved[: count // 2], moved[moved.shape[0] - (count - count // 2):])
+        if sum(int((slab > level).sum()) for slab in slabs) >= min_voxels:
+            return True
+    return False
+
+
+def _warn_cropped(cropped_mm: tuple[float, float, float], name: str) -> None:
     axes = ", ".join(f"{axis} {mm:.0f} mm" for axis, mm in zip("RAS", cropped_mm) if mm > 0)
     message = (
         f'The field of view of "{name}" is larger than the model\'s; the centred crop removed'
-        f" {axes} (split between both ends). Findings outside the crop are not seen:"
-        " crop the volume to the chest first if this matters."
+        f" {axes} (split between both ends), including tissue. Findings outside the crop are"
+        " not seen: crop the volume to the region of interest first if this matters."
     )
     warnings.warn(message, RuntimeWarning, stacklevel=3)

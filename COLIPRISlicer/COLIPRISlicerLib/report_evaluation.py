@@ -86,7 +86,7 @@ _CUES = (
     (r"no evidence of|no signs? of|no|not|without|negative for|free of|absence of|neither|nor|resolution of",
      _NEGATION, "pre"),
     (r"possibl[ey]|probabl[ey]|likely|suspected|suspicious (for|of)|suggestive of|consistent with|compatible with|"
-     r"(cannot|can not|could not) (be )?(exclude|rule out)d?|questionable|may represent", _AFFIRMATION, "pre"),
+     r"(cannot|can not|could not) (exclude|rule out)|questionable|may represent", _AFFIRMATION, "pre"),
     (r"((is|are|was|were) )?not (entirely |completely |fully )?(excluded|ruled out)|"
      r"(cannot|can not|could not) be (entirely |completely |fully )?(excluded|ruled out)", _AFFIRMATION, "post"),
     (r"(has |have )?resolved|((is|are) )?absent|((is|are|was|were) )?not (seen|identified|present|detected|"
@@ -131,7 +131,7 @@ def extract_findings(text: str, finding_names: Sequence[str] = CT_RATE_FINDINGS)
         {'Pleural effusion': False, 'Consolidation': False, 'Lung nodule': True}
     """
     patterns = {name: _compile(name) for name in finding_names}
-    normalised = " ".join(report_body(text).lower().replace("-", " ").split(" "))
+    normalised = re.sub(r"[ \t]+", " ", report_body(text).lower().replace("-", " "))
     present: set[str] = set()
     for sentence in _SENTENCE_BREAK.split(normalised):
         for clause in _CLAUSE_BREAK.split(sentence):
@@ -234,3 +234,136 @@ def lexical_metrics(generated_texts: Sequence[str], reference_texts: Sequence[st
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [scorer.score(ref, gen)["rougeL"].fmeasure for gen, ref in zip(generated_texts, reference_texts)]
     return {**scores, "rouge_l": float(np.mean(rouge))}
+
+
+class ReportEvaluation(NamedTuple):
+    """Result of :func:`evaluate_reports`: nested metrics and a printable table."""
+
+    metrics: dict
+    table: str
+
+
+def evaluate_reports(generated: TypePath | Sequence[TypePath], labels_csv: TypePath,
+                     references_csv: TypePath | None = None, *,
+                     finding_names: Sequence[str] = CT_RATE_FINDINGS) -> ReportEvaluation:
+    """Score generated reports against finding labels and, optionally, reference reports.
+
+    Input formats (scan ids are compared without ``.nii.gz``/``.nii``/``.nrrd``/``.mha``/
+    ``.md``/``.txt`` suffixes):
+
+    * ``generated``: a folder of ``<scan_id>.md`` / ``<scan_id>.txt`` drafts, a list of
+      such files, or a CSV with columns ``scan_id,report``.
+    * ``labels_csv``: an id column ``scan_id`` or ``VolumeName`` (the CT-RATE layout) and
+      one 0/1 column per finding, named exactly as in ``finding_names``. Rows without a
+      generated report are skipped.
+    * ``references_csv``: an id column and either ``report`` or the CT-RATE columns
+      ``Findings_EN`` (+ ``Impressions_EN``, appended when present).
+
+    Returns:
+        ``metrics = {"num_reports", "clinical_efficacy" (see :func:`clinical_efficacy`),
+        "lexical" (see :func:`lexical_metrics`, only with references)}`` and its table.
+
+    Raises:
+        FileNotFoundError: If an input path does not exist.
+        ValueError: If a column is missing, a label is not 0/1, or a report has no labels.
+    """
+    reports = read_generated_reports(generated)
+    labels = {scan: {name: _as_bool(row[name], name, scan) for name in finding_names}
+              for scan, row in _read_table(labels_csv, finding_names).items()}
+    ids = sorted(reports)
+    _require_ids(ids, labels, labels_csv)
+    extracted = [extract_findings(reports[scan], finding_names) for scan in ids]
+    metrics: dict = {"num_reports": len(ids),
+                     "clinical_efficacy": clinical_efficacy(extracted, [labels[scan] for scan in ids])}
+    if references_csv is not None:
+        references = read_reference_reports(references_csv)
+        _require_ids(ids, references, references_csv)
+        metrics["lexical"] = lexical_metrics([report_body(reports[s]) for s in ids], [references[s] for s in ids])
+    logger.info("Evaluated %d generated report(s).", len(ids))
+    return ReportEvaluation(metrics, format_table(metrics))
+
+
+def read_generated_reports(source: TypePath | Sequence[TypePath]) -> dict[str, str]:
+    """``{scan_id: text}`` from a folder of .md/.txt files, a list of files, or a ``scan_id,report`` CSV."""
+    if isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv":
+        return {scan: row["report"] for scan, row in _read_table(source, ["report"]).items()}
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        files = sorted(p for p in Path(source).iterdir() if p.suffix.lower() in (".md", ".txt"))
+        if not files:
+            raise ValueError(f'No .md or .txt report in "{source}"; write one <scan_id>.md per scan.')
+    else:
+        files = [Path(source)] if isinstance(source, (str, Path)) else [Path(p) for p in source]
+    reports: dict[str, str] = {}
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f'Generated report not found: "{path}".')
+        scan = _scan_id(path.name)
+        if scan in reports:
+            raise ValueError(f'Two generated reports for scan "{scan}"; keep one of {scan}.md and {scan}.txt.')
+        reports[scan] = path.read_text(encoding="utf-8")
+    return reports
+
+
+def read_reference_reports(path: TypePath) -> dict[str, str]:
+    """``{scan_id: text}`` from a CSV with ``report`` or CT-RATE ``Findings_EN``/``Impressions_EN`` columns."""
+    rows = _read_table(path, [])
+    columns = next(iter(rows.values())).keys() if rows else ()
+    if "report" in columns:
+        return {scan: row["report"] for scan, row in rows.items()}
+    if "Findings_EN" in columns:
+        return {scan: " ".join(filter(None, (row["Findings_EN"], row.get("Impressions_EN")))) for scan, row in rows.items()}
+    raise ValueError(f'"{path}" needs a "report" column or the CT-RATE "Findings_EN" column; found {list(columns)}.')
+
+
+def _read_table(path: TypePath, required: Sequence[str]) -> dict[str, dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'CSV file not found: "{path}".')
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        id_column = next((c for c in ("scan_id", "VolumeName") if c in columns), None)
+        missing = [c for c in required if c not in columns]
+        if id_column is None or missing:
+            raise ValueError(f'"{path}" needs a scan_id (or VolumeName) column and the columns {list(required)}; '
+                             f"missing {missing or ['scan_id']}.")
+        return {_scan_id(row[id_column]): row for row in reader}
+
+
+def _scan_id(name: str) -> str:
+    name = name.strip()
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".md", ".txt"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _as_bool(value: str, column: str, scan: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "1.0", "true"):
+        return True
+    if text in ("0", "0.0", "false"):
+        return False
+    raise ValueError(f'Label "{column}" of scan "{scan}" must be 0 or 1, got {value!r}.')
+
+
+def _require_ids(ids: Sequence[str], table: Mapping[str, object], path: TypePath) -> None:
+    missing = [scan for scan in ids if scan not in table]
+    if missing:
+        raise ValueError(f'{len(missing)} generated report(s) have no row in "{path}", e.g. {missing[:5]}; name '
+                         "reports <scan_id>.md with the ids of its scan_id/VolumeName column.")
+
+
+def format_table(metrics: Mapping) -> str:
+    """Fixed-width table of :func:`evaluate_reports` metrics."""
+    efficacy = metrics["clinical_efficacy"]
+    width = max(len(name) for name in [*efficacy["per_finding"], "macro"])
+    lines = [f"{'Finding':<{width}}  support  precision  recall     f1"]
+    rows = [*efficacy["per_finding"].items(), ("micro", efficacy["micro"]), ("macro", efficacy["macro"])]
+    for name, row in rows:
+        support = f"{row['support']:>7d}" if "support" in row else " " * 7
+        lines.append(f"{name:<{width}}  {support}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:5.3f}")
+    for key, value in metrics.get("lexical", {}).items():
+        lines.append(f"{key.upper().replace('_', '-'):<{width}}  {value:.4f}")
+    lines.append(f"Reports: {metrics['num_reports']}")
+    return "\n".join(lines)

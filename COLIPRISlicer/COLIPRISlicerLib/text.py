@@ -45,6 +45,7 @@ class PromptEncoder:
         """(N, embed_dim) float32 CPU tensor of L2-normalised prompt embeddings."""
         import torch
 
+        validate_prompts(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
             token_ids, attention_mask = self.tokenize(missing)

@@ -1,0 +1,252 @@
+"""Segmentation on frozen COLIPRI features: a light trained decoder, or zero-shot heatmaps.
+
+The released COLIPRI weights have no segmentation head. ``SegmentationDecoder`` is a small
+UNETR-style decoder (MONAI blocks) trained on top of the frozen backbone: backbone features
+(C, gx, gy, gz) are upsampled ``log2(patch)`` times by 2 (three times for 8^3 patches) to the
+model grid (X, Y, Z), fusing at every level a skip computed from the preprocessed image, so
+edges the 16 mm patches cannot resolve come from the image itself. ``predict`` brings the
+per-label probabilities back onto the input volume's grid.
+
+Without a trained head, ``zero_shot_segmentation`` labels voxels by the finding whose
+per-patch heatmap logit is highest above a threshold, at patch resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock, UnetResBlock
+from torch import nn
+
+from .geometry import PatchGrid, spacing_of
+from .segmentation_head_io import MORPHOLOGICALLY_ALTERED_STRUCTURE, HeadMetadata, LabelInfo, SegmentationResult, default_colour
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Architecture hyper-parameters of a ``SegmentationDecoder``.
+
+    Attributes:
+        in_channels: backbone feature channels C (864 for COLIPRI).
+        num_classes: output channels, background included.
+        patch_size: voxels per patch edge (a power of two, e.g. 8); sets the number of
+            2x upsampling levels.
+        base_channels: channels at full model resolution; doubled at every coarser level.
+        max_channels: cap on the channels of any level.
+        norm: MONAI normalisation name ("instance", "batch", ...).
+    """
+
+    in_channels: int
+    num_classes: int
+    patch_size: int
+    base_channels: int = 16
+    max_channels: int = 128
+    norm: str = "instance"
+
+    def __post_init__(self):
+        if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"Patch size must be a power of two >= 2, got {self.patch_size}.")
+        if self.num_classes < 2 or self.in_channels < 1 or self.base_channels < 1:
+            message = f"Need >= 2 classes (background included), >= 1 input and base channel; got {self}."
+            raise ValueError(message)
+
+    @property
+    def levels(self) -> int:
+        """Number of 2x upsampling steps from the patch grid to the model grid."""
+        return int(math.log2(self.patch_size))
+
+    def channels(self, level: int) -> int:
+        """Channels at ``level`` (0 = model grid, ``levels`` = patch grid)."""
+        return min(self.base_channels * 2**level, self.max_channels)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HeadConfig:
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+
+class SegmentationDecoder(nn.Module):
+    """Frozen-feature decoder: (B, C, gx, gy, gz) + (B, 1, X, Y, Z) -> (B, classes, X, Y, Z).
+
+    Image skips: a residual block at full resolution, then strided residual blocks down to
+    1/2^(levels-1). Features: a residual block to the coarsest channel count, then one
+    ``UnetrUpBlock`` (transposed conv x2, concatenate skip, residual block) per level.
+    """
+
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        levels, norm = config.levels, config.norm
+        stem = UnetrBasicBlock(3, 1, config.channels(0), 3, 1, norm, res_block=True)
+        downs = [UnetResBlock(3, config.channels(lv - 1), config.channels(lv), 3, 2, norm) for lv in range(1, levels)]
+        self.image_blocks = nn.ModuleList([stem, *downs])
+        self.bottleneck = UnetrBasicBlock(3, config.in_channels, config.channels(levels), 3, 1, norm, res_block=True)
+        self.up_blocks = nn.ModuleList(
+            UnetrUpBlock(3, config.channels(lv), config.channels(lv - 1), 3, 2, norm, res_block=True)
+            for lv in range(levels, 0, -1)
+        )
+        self.output = UnetOutBlock(3, config.channels(0), config.num_classes)
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        skips = []
+        x = image
+        for block in self.image_blocks:
+            x = block(x)
+            skips.append(x)
+        x = self.bottleneck(features)
+        for block, skip in zip(self.up_blocks, reversed(skips)):
+            x = block(x, skip)
+        return self.output(x)
+
+
+@dataclass(eq=False)
+class SegmentationHead:
+    """A decoder with its metadata (labels, encoder identity, validation Dice)."""
+
+    network: SegmentationDecoder
+    metadata: HeadMetadata
+
+    @property
+    def labels(self) -> list[LabelInfo]:
+        return self.metadata.labels
+
+    def __repr__(self) -> str:
+        names = [label.name for label in self.labels]
+        return f"{type(self).__name__}(labels={names}, encoder={self.metadata.encoder.get('model_id')!r})"
+
+
+def check_inputs(config: HeadConfig, features: torch.Tensor, image: torch.Tensor) -> None:
+    """Raise a ValueError unless features (C, gx, gy, gz) and image (1, X, Y, Z) fit the head."""
+    expected_image = tuple(n * config.patch_size for n in features.shape[1:])
+    if features.ndim != 4 or features.shape[0] != config.in_channels:
+        message = f"Expected features (C={config.in_channels}, gx, gy, gz), got {tuple(features.shape)}: the head was trained on another encoder."
+        raise ValueError(message)
+    if tuple(image.shape) != (1, *expected_image):
+        message = f"Expected the model input of shape (1, {', '.join(map(str, expected_image))}), got {tuple(image.shape)}."
+        raise ValueError(message)
+
+
+def model_grid_probabilities(head: SegmentationHead, features: torch.Tensor, image: torch.Tensor) -> np.ndarray:
+    """(classes, X, Y, Z) float32 softmax probabilities on the model grid.
+
+    Args:
+        head: the trained head.
+        features: (C, gx, gy, gz) backbone features.
+        image: (1, X, Y, Z) preprocessed model input.
+    """
+    check_inputs(head.network.config, features, image)
+    device = next(head.network.parameters()).device
+    head.network.eval()
+    with torch.no_grad():
+        logits = head.network(features[None].float().to(device), image[None].float().to(device))
+    return logits.softmax(dim=1)[0].cpu().numpy()
+
+
+def predict(head: SegmentationHead, encoding, volume) -> SegmentationResult:
+    """Segment a volume with a trained head.
+
+    Args:
+        head: from ``load_head`` (its encoder identity was checked there).
+        encoding: ``engine.encode(volume)``: features (C, gx, gy, gz), image (1, X, Y, Z).
+        volume: the input ``Volume``; the labelmap is on its grid.
+
+    Returns:
+        A result with an (I, J, K) int16 labelmap: per-label probabilities are resampled
+        linearly onto the input grid, then the most likely label wins; voxels outside the
+        model's field of view are background.
+    """
+    probabilities = model_grid_probabilities(head, encoding.features, encoding.image)
+    values = [0, *(label.value for label in head.labels)]
+    resampled = (encoding.grid.to_volume(channel, volume.shape, volume.ijk_to_ras, linear=True) for channel in probabilities)
+    labelmap = _label_of_best(zip(values, resampled), volume.shape)
+    spacing = _format_mm(spacing_of(encoding.grid.model_to_ras))
+    metadata = {"encoder": head.metadata.encoder, "validation_dice": head.metadata.validation_dice}
+    return SegmentationResult(labelmap, np.array(volume.ijk_to_ras), list(head.labels), "head",
+                              f"segmentation head, {spacing} mm model grid", metadata)
+
+
+def _label_of_best(scores, shape: tuple[int, int, int]) -> np.ndarray:
+    """(I, J, K) int16: per voxel, the value whose score is highest and above 0.
+
+    Args:
+        scores: iterable of (label value, (I, J, K) score), consumed one at a time so memory
+            stays at a few input-sized arrays however many labels there are. NaN (outside
+            the field of view) never wins.
+        shape: (I, J, K) of the input volume.
+    """
+    best = np.zeros(shape, dtype=np.float32)
+    labelmap = np.zeros(shape, dtype=np.int16)
+    for value, score in scores:
+        better = score > best
+        best[better] = score[better]
+        labelmap[better] = value
+    return labelmap
+
+
+def zero_shot_segmentation(
+    logit_maps: dict[str, np.ndarray],
+    grid: PatchGrid,
+    volume,
+    *,
+    threshold: float = 0.0,
+    colours: dict[str, tuple[float, float, float]] | None = None,
+    terminologies: dict[str, dict | None] | None = None,
+    linear: bool = True,
+) -> SegmentationResult:
+    """Label each voxel by the finding whose heatmap logit exceeds ``threshold`` most.
+
+    Args:
+        logit_maps: finding name -> (gx, gy, gz) positive-minus-negative logits
+            (``engine.pair_logit_maps``); label values 1, 2, ... follow this order.
+        grid: the patch grid of the encoding the maps came from.
+        volume: the input ``Volume``; the labelmap is on its grid.
+        threshold: logit a finding must exceed (0 = P(positive) above 0.5).
+        colours: finding name -> (r, g, b) in 0..1; the palette fills in missing ones.
+        terminologies: finding name -> catalogue concept ``{scheme, code, meaning}`` or None.
+        linear: trilinear interpolation between patch centres (else nearest patch).
+
+    Returns:
+        A result with source "zero-shot" at the patch resolution (16 mm for COLIPRI).
+
+    Raises:
+        ValueError: If no maps are given or a map is not on the patch grid.
+    """
+    if not logit_maps:
+        raise ValueError("No logit maps given; pass at least one finding's (gx, gy, gz) map.")
+    for name, logits in logit_maps.items():
+        if tuple(np.shape(logits)) != tuple(grid.shape):
+            raise ValueError(f'Logit map of "{name}" has shape {np.shape(logits)}, expected the patch grid {grid.shape}.')
+    inside = np.isfinite(grid.to_volume(np.ones(grid.shape, np.float32), volume.shape, volume.ijk_to_ras, linear=True))
+    margins = ((value, _margin_on_volume(np.asarray(logits, np.float32) - threshold, grid, volume, inside, linear))
+               for value, logits in enumerate(logit_maps.values(), start=1))
+    labelmap = _label_of_best(margins, volume.shape)
+    labels = [_finding_label(index, name, colours or {}, terminologies or {}) for index, name in enumerate(logit_maps)]
+    description = f"zero-shot, {_format_mm(grid.patch_mm)} mm resolution"
+    metadata = {"threshold": float(threshold), "interpolation": "linear" if linear else "nearest"}
+    return SegmentationResult(labelmap, np.array(volume.ijk_to_ras), labels, "zero-shot", description, metadata)
+
+
+def _margin_on_volume(margin: np.ndarray, grid: PatchGrid, volume, inside: np.ndarray, linear: bool) -> np.ndarray:
+    resampled = grid.to_volume(margin, volume.shape, volume.ijk_to_ras, linear=linear).astype(np.float32)
+    resampled[~inside] = np.nan
+    return resampled
+
+
+def _finding_label(index: int, name: str, colours: dict, terminologies: dict) -> LabelInfo:
+    colour = tuple(float(c) for c in colours.get(name, default_colour(index)))
+    terminology = {"category": MORPHOLOGICALLY_ALTERED_STRUCTURE, "type": terminologies.get(name)}
+    return LabelInfo(index + 1, name, colour, terminology)  # type: ignore[arg-type]
+
+
+def _format_mm(spacing_mm: np.ndarray) -> str:
+    """``"16"`` for an isotropic spacing, ``"16 x 16 x 20"`` otherwise."""
+    rounded = [round(float(mm), 1) for mm in spacing_mm]
+    return f"{rounded[0]:g}" if len(set(rounded)) == 1 else " x ".join(f"{mm:g}" for mm in rounded)

@@ -1,0 +1,136 @@
+"""The engine against colipri's own pipeline, on real scans and a tiny random model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import RAS_NIFTI, TCIA_SERIES, official_pipeline, require, write_oblique_permuted_copy
+
+from COLIPRISlicerLib.engine import Engine
+from COLIPRISlicerLib.volume import Volume, load_volume
+
+PAIRS = [
+    ("No lung nodules present", "Lung nodules present"),
+    ("Pleural effusion is not present.", "Pleural effusion is present."),
+    ("The heart is normal in size.", "The heart is enlarged."),
+]
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """The TCIA DICOM series, the RAS NIfTI, and an oblique + permuted + flipped copy."""
+    oblique = tmp_path_factory.mktemp("oblique") / "oblique_permuted.nii.gz"
+    write_oblique_permuted_copy(require(RAS_NIFTI), oblique)
+    return {"dicom": require(TCIA_SERIES), "ras_nifti": RAS_NIFTI, "oblique": oblique}
+
+
+@pytest.mark.parametrize("scan", ["dicom", "ras_nifti", "oblique"])
+def test_likelihoods_equal_official_pipeline(scan, scans, tiny_model_folder, tiny_engine):
+    pipeline = official_pipeline(tiny_model_folder)
+    expected = [pipeline(str(scans[scan]), list(pair))[1]["score"] for pair in PAIRS]
+    encoding = tiny_engine.encode(load_volume(scans[scan]))
+    ours = tiny_engine.pair_probabilities(encoding, PAIRS)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_pooled_embedding_equals_official_encoder(scans, tiny_model_folder, tiny_engine):
+    import torch
+
+    pipeline = official_pipeline(tiny_model_folder)
+    images = pipeline._processor.to_images_batch(pipeline._processor.process_images(str(scans["ras_nifti"])))
+    with torch.no_grad():
+        expected = pipeline._model.encode_image(images, project=True, pool=True, normalize=True)[0]
+    encoding = tiny_engine.encode(load_volume(scans["ras_nifti"]))
+    torch.testing.assert_close(encoding.pooled, expected, atol=1e-5, rtol=0)
+
+
+def test_same_anatomy_stored_lps_ras_or_permuted_gives_same_embedding(tiny_engine):
+    volume = load_volume(require(RAS_NIFTI))
+    flip_ij = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip_ij[:2, 3] = np.asarray(volume.shape[:2]) - 1
+    as_lps = Volume.from_array(volume.array[::-1, ::-1, :], volume.ijk_to_ras @ flip_ij)
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    as_permuted = Volume.from_array(np.transpose(volume.array, (1, 0, 2)), volume.ijk_to_ras @ swap)
+    reference = tiny_engine.encode(volume).pooled
+    for other in (as_lps, as_permuted):
+        np.testing.assert_allclose(tiny_engine.encode(other).pooled.numpy(), reference.numpy(), atol=1e-4)
+        assert tiny_engine.encode(other).key != tiny_engine.encode(volume).key
+
+
+def test_second_analysis_runs_no_image_forward_pass(tiny_engine):
+    volume = load_volume(require(RAS_NIFTI))
+    tiny_engine.encode(volume)
+    count = tiny_engine.image_forward_count
+    again = load_volume(RAS_NIFTI)
+    tiny_engine.encode(again)
+    tiny_engine.pair_probabilities(tiny_engine.encode(again), PAIRS)
+    assert tiny_engine.image_forward_count == count
+
+
+def test_disk_cache_serves_a_new_engine_without_forward_pass(tiny_model_folder, tmp_path):
+    volume = load_volume(require(RAS_NIFTI))
+    first = Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path)
+    expected = first.pair_probabilities(first.encode(volume), PAIRS)
+    second = Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path)
+    encoding = second.encode(load_volume(RAS_NIFTI))
+    assert second.image_forward_count == 0
+    np.testing.assert_array_equal(second.pair_probabilities(encoding, PAIRS), expected)
+    assert len(second.cache.entries()) == 1
+    assert second.cache.clear() == 1 and second.cache.entries() == []
+
+
+def test_dynamic_padding_equals_pad_to_512(tiny_engine):
+    import torch
+
+    prompts = [p for pair in PAIRS for p in pair] + ["No pleural effusion or pneumothorax."]
+    loaded = tiny_engine.loaded
+    padded = loaded.tokenizer(prompts, max_length=512, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = loaded.model.encode_text(padded["input_ids"], padded["attention_mask"])
+    ids, _ = tiny_engine._prompts.tokenize(prompts)
+    assert ids.shape[1] < 20
+    torch.testing.assert_close(tiny_engine.embed_prompts(prompts), expected, atol=1e-5, rtol=0)
+
+
+def test_cxr_bert_token_ids(tiny_engine):
+    ids, mask = tiny_engine._prompts.tokenize(["No pleural effusion or pneumothorax."])
+    assert ids[0].tolist() == [2, 1858, 3752, 3370, 1783, 4809, 18, 3]
+    assert mask[0].tolist() == [1] * 8
+
+
+def test_prompt_cache_avoids_second_text_forward(tiny_engine):
+    tiny_engine.embed_prompts(["Cache probe sentence one.", "Cache probe sentence two."])
+    count = tiny_engine.text_forward_count
+    tiny_engine.embed_prompts(["Cache probe sentence two.", "Cache probe sentence one."])
+    assert tiny_engine.text_forward_count == count
+
+
+@pytest.mark.parametrize(("prompts", "error", "match"), [
+    ([""], ValueError, "Empty prompt"),
+    (["   "], ValueError, "Empty prompt"),
+    ([], ValueError, "No prompts"),
+    ("a string", TypeError, "list of prompts"),
+    (["nodule " * 600], ValueError, "exceeds the text encoder's limit of 512"),
+])
+def test_invalid_prompts_are_rejected(tiny_engine, prompts, error, match):
+    with pytest.raises(error, match=match):
+        tiny_engine.embed_prompts(prompts)
+
+
+def test_dense_map_matches_official_patch_similarities(tiny_engine, tiny_model_folder):
+    import torch
+
+    pipeline = official_pipeline(tiny_model_folder)
+    processed = pipeline._processor.process_images(str(require(RAS_NIFTI)))
+    images = pipeline._processor.to_images_batch(processed)
+    model = pipeline._model
+    with torch.no_grad():
+        backbone = model.image_encoder.encode(images)
+        dense = torch.nn.functional.normalize(
+            model.image_encoder.pooler.to_dense()(model.image_encoder.projector(backbone)), dim=1)
+        text = model.encode_text(*pipeline._processor.process_text(list(PAIRS[0])))
+        expected = model.compute_similarities(dense, text)[0]
+    encoding = tiny_engine.encode(load_volume(RAS_NIFTI))
+    ours = tiny_engine.pair_logit_maps(encoding, [PAIRS[0]])[0]
+    reference = ((expected[1] - expected[0]) / model.softmax_temperature).numpy()
+    np.testing.assert_allclose(ours, reference, atol=1e-4)

@@ -1,0 +1,100 @@
+"""Geometry: frames, the model's patch grid, and the round trip back to the input grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import require, RAS_NIFTI
+
+from COLIPRISlicerLib import geometry
+from COLIPRISlicerLib.preprocessing import preprocess
+from COLIPRISlicerLib.volume import Volume, load_volume
+
+
+def oblique_matrix(spacing=(0.8, 0.9, 2.5), angle_deg=17.0, origin=(-120.0, 80.0, -300.0)) -> np.ndarray:
+    theta = np.deg2rad(angle_deg)
+    rotation = np.array([[np.cos(theta), 0, np.sin(theta)], [0, 1, 0], [-np.sin(theta), 0, np.cos(theta)]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation @ np.diag(spacing) @ np.eye(3)[[1, 0, 2]] * np.array([1, -1, 1])
+    matrix[:3, 3] = origin
+    return matrix
+
+
+def test_ijk_ras_round_trip_on_oblique_anisotropic_grid():
+    matrix = oblique_matrix()
+    points = np.random.default_rng(0).uniform(0, 100, (50, 3))
+    back = geometry.ras_to_ijk(matrix, geometry.ijk_to_ras(matrix, points))
+    np.testing.assert_allclose(back, points, atol=1e-9)
+
+
+def test_itk_lps_conversion_round_trip():
+    matrix = oblique_matrix()
+    origin, spacing, direction = geometry.itk_from_ijk_to_ras(matrix)
+    np.testing.assert_allclose(geometry.ijk_to_ras_from_itk(origin, spacing, direction), matrix, atol=1e-12)
+    assert origin[0] == pytest.approx(120.0) and origin[1] == pytest.approx(-80.0)
+
+
+def test_sitk_image_has_the_ras_point_at_the_right_voxel():
+    matrix = oblique_matrix()
+    image = geometry.array_to_sitk(np.zeros((10, 12, 14), np.float32), matrix)
+    ras = geometry.ijk_to_ras(matrix, [3, 4, 5])
+    lps = (-ras[0], -ras[1], ras[2])
+    np.testing.assert_allclose(image.TransformPhysicalPointToContinuousIndex(lps), [3, 4, 5], atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def colipri_transform():
+    from colipri import get_processor
+
+    return get_processor(image_only=True)._image_transform
+
+
+def test_blob_maps_to_its_patch_and_back(colipri_transform):
+    """A bright blob at a known RAS point lands in the patch whose centre is within half a
+    patch (8 mm) on each axis; a map that is 1 on that patch peaks there on the input grid."""
+    shape = (160, 150, 90)
+    matrix = oblique_matrix()
+    array = np.full(shape, -1000, np.int16)
+    blob_ijk = np.array([70, 81, 40])
+    i, j, k = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    array[(i - blob_ijk[0]) ** 2 + (j - blob_ijk[1]) ** 2 + ((k - blob_ijk[2]) * 3) ** 2 <= 16] = 1000
+    blob_ras = geometry.ijk_to_ras(matrix, blob_ijk)
+    volume = Volume.from_array(array, matrix)
+    processed = preprocess(volume, colipri_transform)
+    grid = processed.patch_grid((8, 8, 8))
+    assert grid.shape == (24, 24, 24)
+    np.testing.assert_allclose(grid.patch_mm, [16, 16, 16])
+    hottest = np.unravel_index(int(processed.tensor[0].argmax()), grid.model_shape)
+    patch = tuple(int(h) // 8 for h in hottest)
+    centre = geometry.apply_affine(grid.grid_to_ras, np.asarray(patch, float))
+    assert np.abs(geometry.ras_to_ijk(grid.grid_to_ras, blob_ras) - patch).max() <= 0.5 + 1e-6
+    assert np.linalg.norm(centre - blob_ras) <= 8 * np.sqrt(3)
+    assert grid.ras_to_patch(blob_ras) == patch
+    one_hot = np.zeros(grid.shape, np.float32)
+    one_hot[patch] = 1
+    back = grid.to_volume(one_hot, volume.shape, volume.ijk_to_ras)
+    peak = np.unravel_index(int(np.nanargmax(back)), back.shape)
+    assert np.linalg.norm(geometry.ijk_to_ras(matrix, peak) - centre) <= 2.0
+    assert np.linalg.norm(geometry.ijk_to_ras(matrix, peak) - blob_ras) <= 8 * np.sqrt(3)
+
+
+def test_resampled_map_is_nan_outside_field_of_view_and_has_input_geometry(colipri_transform):
+    volume = load_volume(require(RAS_NIFTI))
+    grid = preprocess(volume, colipri_transform).patch_grid((8, 8, 8))
+    ones = np.ones(grid.shape, np.float32)
+    back = grid.to_volume(ones, volume.shape, volume.ijk_to_ras)
+    assert back.shape == volume.shape and back.dtype == np.float32
+    # the whole 366 x 303 x 336 mm scan fits in the 384 mm field of view: no NaN inside
+    assert np.isfinite(back).all() and np.allclose(back, 1)
+    shifted = volume.ijk_to_ras.copy()
+    shifted[:3, 3] += 1000
+    outside = grid.to_volume(ones, volume.shape, shifted)
+    assert np.isnan(outside).all()
+
+
+def test_patch_grid_serialises(colipri_transform):
+    volume = load_volume(require(RAS_NIFTI))
+    grid = preprocess(volume, colipri_transform).patch_grid((8, 8, 8))
+    again = geometry.PatchGrid.from_dict(grid.as_dict())
+    np.testing.assert_array_equal(again.grid_to_ras, grid.grid_to_ras)
+    assert again.shape == grid.shape

@@ -1,0 +1,101 @@
+"""Reading volumes and rejecting bad ones, without touching the caller's data."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from conftest import MR_NIFTI, RAS_NIFTI, TCIA_SERIES, require, synthetic_chest
+
+from COLIPRISlicerLib.volume import Volume, load_volume
+
+
+def test_dicom_series_keeps_instance_numbers_and_matches_torchio():
+    import torchio as tio
+
+    volume = load_volume(require(TCIA_SERIES))
+    reference = tio.ScalarImage(TCIA_SERIES)
+    assert volume.shape == (512, 512, 64)
+    assert volume.array.dtype == reference.data.numpy().dtype
+    np.testing.assert_array_equal(volume.array, reference.data.numpy()[0])
+    np.testing.assert_allclose(volume.ijk_to_ras, reference.affine, atol=1e-6)
+    assert volume.slices.series_number == 2
+    assert sorted(volume.slices.instance_numbers) == list(range(1, 65))
+    file_of_18 = volume.slices.files[volume.slices.instance_numbers.index(18)]
+    assert file_of_18.endswith("1-18.dcm")
+
+
+def test_ras_nifti_matches_torchio_geometry():
+    import torchio as tio
+
+    volume = load_volume(require(RAS_NIFTI))
+    reference = tio.ScalarImage(RAS_NIFTI)
+    np.testing.assert_allclose(volume.ijk_to_ras, reference.affine, atol=1e-6)
+    assert np.sign(np.diag(volume.ijk_to_ras)[:3]).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_slicer_array_is_transposed_from_kji():
+    array, ijk_to_ras = synthetic_chest()
+    volume = Volume.from_slicer_array(np.transpose(array, (2, 1, 0)), ijk_to_ras)
+    np.testing.assert_array_equal(volume.array, array)
+
+
+def test_caller_array_is_copied_and_never_modified():
+    array, ijk_to_ras = synthetic_chest()
+    before = array.copy()
+    volume = Volume.from_array(array, ijk_to_ras)
+    assert not volume.array.flags.writeable
+    array[0, 0, 0] = 1234
+    assert volume.array[0, 0, 0] == before[0, 0, 0]
+
+
+@pytest.mark.parametrize(("array", "match"), [
+    (np.zeros((64, 64)), "3-D scalar volume"),
+    (np.zeros((4, 8, 8, 8)), "3-D scalar volume"),
+    (np.zeros((8, 8, 8, 1)), "singleton channel"),
+    (np.zeros((8, 8, 1)), "fewer than 2 voxels"),
+])
+def test_wrong_dimensionality_is_rejected(array, match):
+    with pytest.raises(ValueError, match=match):
+        Volume.from_array(array, np.eye(4))
+
+
+def test_non_finite_values_are_rejected_and_input_unchanged():
+    array, ijk_to_ras = synthetic_chest()
+    array = array.astype(np.float32)
+    array[3, 4, 5] = np.nan
+    before = array.copy()
+    with pytest.raises(ValueError, match="1 non-finite voxels"):
+        Volume.from_array(array, ijk_to_ras)
+    np.testing.assert_array_equal(array, before)
+
+
+@pytest.mark.parametrize(("matrix", "match"), [
+    (np.diag([1.0, 0.0, 1.0, 1.0]), "Degenerate voxel spacing"),
+    (np.array([[1, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]), "not orthogonal"),
+    (np.eye(3), "4 x 4"),
+    (np.full((4, 4), np.nan), "4 x 4"),
+])
+def test_degenerate_geometry_is_rejected(matrix, match):
+    array, _ = synthetic_chest()
+    with pytest.raises(ValueError, match=match):
+        Volume.from_array(array, matrix)
+
+
+def test_non_ct_intensities_warn():
+    with pytest.warns(RuntimeWarning, match="does not look like CT"):
+        load_volume(require(MR_NIFTI))
+
+
+def test_ct_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        load_volume(require(RAS_NIFTI))
+
+
+def test_missing_paths_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_volume(tmp_path / "nothing.nii.gz")
+    with pytest.raises(FileNotFoundError, match="No DICOM series"):
+        load_volume(tmp_path)
