@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
-from COLIPRISlicerLib import report
+from COLIPRISlicerLib.defaults import resources_dir
 from COLIPRISlicerLib.report import (
+    BANK_FILENAME,
     CT_RATE_FINDINGS,
     SECTIONS,
     FindingEvidence,
@@ -62,7 +63,7 @@ def context(**kwargs) -> ReportContext:
 
 
 def write_bank(tmp_path, edit) -> str:
-    raw = yaml.safe_load(report.resources_dir().joinpath("Catalogues", report.BANK_FILENAME).read_text("utf-8"))
+    raw = yaml.safe_load((resources_dir() / "Catalogues" / BANK_FILENAME).read_text(encoding="utf-8"))
     edit(raw)
     path = tmp_path / "bank.yaml"
     path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
@@ -99,7 +100,8 @@ def test_bank_with_unknown_section_is_rejected(tmp_path):
 
 
 def test_bank_with_unknown_placeholder_is_rejected(tmp_path):
-    path = write_bank(tmp_path, lambda raw: raw["findings"]["Consolidation"]["positive"].append("{severity} consolidation."))
+    path = write_bank(tmp_path,
+                      lambda raw: raw["findings"]["Consolidation"]["positive"].append("{severity} consolidation."))
     with pytest.raises(ValueError, match=r"bad placeholder \{severity\}"):
         load_sentence_bank(path)
 
@@ -263,7 +265,8 @@ def test_report_is_deterministic_and_carries_header_and_footer(composer, bank):
 
 def test_footer_lists_differing_thresholds(composer):
     thresholds = {"Consolidation": 0.41, "Cardiomegaly": 0.63}
-    draft = composer.generate([FindingEvidence("Consolidation", 0.5, 0.41)], context=ReportContext("m", "r", thresholds))
+    draft = composer.generate([FindingEvidence("Consolidation", 0.5, 0.41)],
+                              context=ReportContext("m", "r", thresholds))
     assert "Decision thresholds (likelihood): Consolidation 0.41; Cardiomegaly 0.63." in draft.footer
 
 
@@ -283,13 +286,14 @@ def test_phrase_scorer_picks_the_best_scoring_phrasing(composer):
 
 
 def test_phrase_scorer_with_wrong_shape_is_rejected(composer):
-    with pytest.raises(ValueError, match=r"phrase_scorer must return 2 finite scores for 2 sentences, got shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"must return 2 finite scores for 2 sentences, got shape \(3,\)"):
         composer.generate([FindingEvidence("Consolidation", 0.7, 0.5)],
                           context=context(phrase_scorer=lambda c: np.zeros(3)))
 
 
 def test_side_is_ignored_for_non_lateralisable_findings(composer):
-    draft = composer.generate([FindingEvidence("Cardiomegaly", 0.65, 0.5, side="left", zone="lower")], context=context())
+    evidence = [FindingEvidence("Cardiomegaly", 0.65, 0.5, side="left", zone="lower")]
+    draft = composer.generate(evidence, context=context())
     assert draft.sections["Heart and pericardium"] == ["Likely cardiomegaly."]
 
 

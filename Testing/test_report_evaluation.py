@@ -56,10 +56,11 @@ def present(text: str) -> list[str]:
         ("Emphysema, no pleural effusion.", ["Emphysema"]),
         ("No pericardial effusion, cardiomegaly cannot be excluded.", ["Cardiomegaly"]),
         ("Nodule in the left upper lobe, no change since the prior scan.", ["Lung nodule"]),
+        ("There is no pleural effusion and there is consolidation.", ["Consolidation"]),
     ],
     ids=["no-evidence-of", "without", "negative-for", "resolved", "free-of", "absence-of", "not-seen",
          "cannot-be-excluded", "not-excluded", "possible", "no-X-or-Y", "no-list", "sentence-scope", "but-scope",
-         "negation-after-mention", "post-uncertainty-beats-earlier-no", "pseudo-negation"],
+         "negation-after-mention", "post-uncertainty-beats-earlier-no", "pseudo-negation", "and-there-is-scope"],
 )
 def test_negation_and_uncertainty(text, expected):
     assert present(text) == expected
@@ -81,6 +82,10 @@ def test_negation_and_uncertainty(text, expected):
         ("Enlarged mediastinal lymph nodes.", ["Lymphadenopathy"]),
         ("Ground-glass opacities.", ["Lung opacity"]),
         ("Pacemaker in situ.", ["Medical material"]),
+        ("Bilateral pleural and pericardial effusion.", ["Pericardial effusion", "Pleural effusion"]),
+        ("Calcified plaques in the aorta and coronary arteries.",
+         ["Arterial wall calcification", "Coronary artery wall calcification"]),
+        ("Thyroid nodule.", []),
     ],
 )
 def test_synonyms(text, expected):
@@ -88,7 +93,7 @@ def test_synonyms(text, expected):
 
 
 def test_footer_and_headings_are_ignored():
-    text = "### Lungs and airways\n\nNo consolidation.\n\n---\n\nDecision thresholds: Consolidation 0.50; Emphysema 0.40."
+    text = "### Lungs and airways\n\nNo consolidation.\n\n---\n\nThresholds: Consolidation 0.50; Emphysema 0.40."
     assert present(text) == []
 
 
@@ -221,7 +226,7 @@ def write_labels(path, rows: dict[str, set[str]], id_column: str = "VolumeName")
 def report_folder(tmp_path):
     folder = tmp_path / "drafts"
     folder.mkdir()
-    (folder / "valid_1_a_1.md").write_text("Left lower zone consolidation. No pleural effusion.\n\n---\n\nEmphysema 0.5")
+    (folder / "valid_1_a_1.md").write_text("Left lower zone consolidation. No pleural effusion.\n---\nEmphysema 0.5")
     (folder / "valid_2_a_1.txt").write_text("Possible pleural effusion. Cardiomegaly.")
     (folder / "valid_3_a_1.md").write_text("No abnormality among the screened findings.")
     labels = tmp_path / "labels.csv"

@@ -50,13 +50,14 @@ def analyze(
     findings: Annotated[Optional[Path], typer.Option("--findings", exists=True, help="Catalogue YAML replacing the default.")] = None,
     finding: Annotated[Optional[list[str]], typer.Option("--finding", help="Extra free-text finding (repeatable).")] = None,
     heatmaps: Annotated[bool, typer.Option(help="Write heatmaps/<finding>.nii.gz.")] = True,
+    report: Annotated[bool, typer.Option(help="Write the draft report.md.")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="On-disk embedding cache folder.")] = None,
 ) -> None:
-    """Zero-shot findings (likelihoods, heatmaps) for one scan -> OUT/findings.json."""
-    _run(lambda: _analyze(scan, out, model, device, precision, findings, finding or [], heatmaps, cache_dir))
+    """Zero-shot findings (likelihoods, heatmaps) and a draft report for one scan -> OUT/."""
+    _run(lambda: _analyze(scan, out, model, device, precision, findings, finding or [], heatmaps, cache_dir, report))
 
 
-def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir) -> None:
+def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir, report=True) -> None:
     from .analysis import Analyzer
     from .catalogue import load_catalogue
     from .engine import Engine
@@ -70,9 +71,15 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
     result = analyzer.analyze(volume, status_callback=_status)
     for text in extra:
         analyzer.add_finding(result, text)
-    path = write_analysis(result, out, heatmaps="all" if heatmaps else None)
+    writers = [_report_writer(analyzer, result)] if report else []
+    path = write_analysis(result, out, heatmaps="all" if heatmaps else None, extra_writers=writers)
     _print_findings(result)
     _status(f"Wrote {path}")
+
+
+def _report_writer(analyzer, result):
+    draft = analyzer.report(result)
+    return lambda folder: (folder / "report.md").write_text(draft.to_markdown(), encoding="utf-8")
 
 
 def _print_findings(result) -> None:
@@ -102,7 +109,67 @@ def _demo(out: Path, device: str) -> None:
     scan = out / "synthetic_chest.nii.gz"
     write_volume(volume.array, volume.ijk_to_ras, scan)
     _status(f"Wrote sample volume {scan}; analysing with the {DEMO_MODEL!r} model (random weights, not COLIPRI)")
-    _analyze(scan, out, DEMO_MODEL, device, "fp32", None, [], True, None)
+    _analyze(scan, out, DEMO_MODEL, device, "fp32", None, [], True, None, True)
+
+
+@app.command()
+def calibrate(
+    labels: Annotated[Path, typer.Argument(exists=True, help="CSV: scan column (scan/VolumeName) + 0/1 per finding.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Calibrated catalogue YAML to write.")],
+    model: ModelOption = DEFAULT_MODEL,
+    method: Annotated[str, typer.Option(help="youden or f1.")] = "youden",
+    scans_dir: Annotated[Optional[Path], typer.Option(help="Folder the scan paths are relative to.")] = None,
+    findings: Annotated[Optional[Path], typer.Option("--findings", exists=True)] = None,
+    device: DeviceOption = "auto",
+    cache_dir: Annotated[Optional[Path], typer.Option()] = None,
+) -> None:
+    """Per-finding AUROC on labelled scans; writes a catalogue with chosen thresholds."""
+    _run(lambda: _calibrate(labels, out, model, method, scans_dir, findings, device, cache_dir))
+
+
+def _calibrate(labels, out, model, method, scans_dir, findings, device, cache_dir) -> None:
+    from tqdm import tqdm
+
+    from .analysis import Analyzer
+    from .calibration import calibrate_scores, format_table, read_label_csv
+    from .catalogue import load_catalogue
+    from .engine import Engine
+    from .volume import load_volume
+
+    catalogue = load_catalogue(findings) if findings else load_catalogue()
+    rows = read_label_csv(labels, [f.name for f in catalogue], scans_dir)
+    if method not in ("youden", "f1"):
+        raise UserError(f'Unknown method "{method}"; use youden or f1.')
+    analyzer = Analyzer(Engine(model, device=device, cache_dir=cache_dir, status_callback=None), catalogue)
+    names = list(rows[0][1])
+    scores: dict[str, list[float]] = {name: [] for name in names}
+    for scan, _ in tqdm(rows, desc="scans", file=sys.stderr):
+        result = analyzer.analyze(load_volume(scan))
+        for name in names:
+            scores[name].append(result.finding(name).likelihood)
+    truth = {name: [row[1][name] for row in rows] for name in names}
+    calibrations = calibrate_scores(scores, truth, method, {f.name: f.threshold for f in catalogue})
+    typer.echo(format_table(calibrations))
+    calibrated = catalogue.with_thresholds({c.name: c.threshold for c in calibrations})
+    header = f"# Calibrated by colipri-slicer calibrate ({method}) on {len(rows)} scans from {labels.name}\n"
+    calibrated.to_yaml(out, header=header)
+    _status(f"Wrote {out}")
+
+
+@app.command("eval-report")
+def eval_report(
+    generated: Annotated[Path, typer.Argument(exists=True, help="Folder of <scan_id>.md/.txt or CSV scan_id,report.")],
+    labels: Annotated[Path, typer.Option(exists=True, help="CSV: scan_id/VolumeName + 0/1 per finding.")],
+    references: Annotated[Optional[Path], typer.Option(exists=True, help="CSV scan_id,report of reference texts.")] = None,
+) -> None:
+    """Clinical efficacy (P/R/F1 of re-extracted findings) and BLEU / ROUGE-L of draft reports."""
+
+    def action() -> None:
+        from .report_evaluation import evaluate_reports
+
+        typer.echo(evaluate_reports(generated, labels, references).table)
+
+    _run(action)
 
 
 @cache_app.command("list")

@@ -128,8 +128,8 @@ def load_sentence_bank(path: TypePath | None = None, *, required_findings: Seque
 
 def _parse_bank(raw: Any, required_findings: Sequence[str]) -> SentenceBank:
     raw = _mapping(raw, "the file", _TOP_KEYS)
-    findings = {name: _parse_finding(f'finding "{name}"', entry) for name, entry in _mapping(raw["findings"],
-                                                                                              "findings").items()}
+    entries = _mapping(raw["findings"], "findings")
+    findings = {name: _parse_finding(f'finding "{name}"', entry) for name, entry in entries.items()}
     missing = [name for name in required_findings if name not in findings]
     if missing:
         raise ValueError(f"missing finding(s) {missing}; add each under findings: with section, lateralisable, "
@@ -183,7 +183,8 @@ def _check_templates(templates: Any, allowed: set[str], where: str) -> tuple[str
         raise ValueError(f"{where} phrasings must be a non-empty list of sentences, got {templates!r}.")
     for template in templates:
         try:
-            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+            fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                      if name is not None]
         except ValueError as err:
             raise ValueError(f'{where} phrasing "{template}" is not a valid template ({err}).') from err
         for name, spec, conversion in fields:
@@ -235,8 +236,8 @@ class FindingEvidence:
         for label, value in (("likelihood", self.likelihood), ("threshold", self.threshold)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f'{label} of "{self.name}" must be a probability in [0, 1], got {value}.')
-        checks = (("side", self.side, ("right", "left", "bilateral")), ("zone", self.zone, ("upper", "middle", "lower")),
-                  ("section", self.section, SECTIONS))
+        checks = (("side", self.side, ("right", "left", "bilateral")),
+                  ("zone", self.zone, ("upper", "middle", "lower")), ("section", self.section, SECTIONS))
         for label, value, choices in checks:
             if value is not None and value not in choices:
                 raise ValueError(f'{label} of "{self.name}" must be None or one of {list(choices)}, got {value!r}.')

@@ -5,7 +5,7 @@ F1 of the 18 findings read out of the generated text against the scan's labels. 
 read-out is rule-based so that it runs offline and is exactly reproducible:
 
 * text is split into sentences (``. ! ? ; :`` and line breaks) and, inside a sentence,
-  into clauses at contrast words (``but``, ``however``, ``although``, ...);
+  into clauses at contrast words (``but``, ``however``, ``although``, ``and there is``...);
 * a finding is mentioned where one of its patterns (:data:`FINDING_PATTERNS`) matches;
 * a mention is negated by the nearest preceding negation cue of its clause ("no", "no
   evidence of", "without", "negative for", "free of", "absence of", ...), so "no X or
@@ -54,7 +54,8 @@ FINDING_PATTERNS: dict[str, tuple[str, ...]] = {
                              r"ha?emopericardium"),
     "Coronary artery wall calcification": (
         r"coronary (artery |arterial )?(wall )?calcifications?", r"coronary (artery )?calcium", r"calcified coronary",
-        r"coronary (artery )?atherosclero\w*", r"calcifications? (of|in) the coronary"),
+        r"coronary (artery )?atherosclero\w*", r"calcifications? (of|in) the coronary",
+        r"(calcifi\w*|plaques?) (\w+ ){0,5}coronary arter\w*"),
     "Hiatal hernia": (r"hiatal hernias?", r"hiatus hernias?", r"hernia\w* (through|of|at) the (o?esophageal )?hiatus",
                       r"para ?o?esophageal hernias?", r"sliding hernias?"),
     "Lymphadenopathy": (r"lymphadenopath(y|ies)", r"adenopath(y|ies)", r"enlarged (\w+ ){0,3}lymph nodes?",
@@ -67,14 +68,15 @@ FINDING_PATTERNS: dict[str, tuple[str, ...]] = {
     "Lung opacity": (r"opacit(y|ies)", r"ground glass", r"opacification", r"infiltrat(e|es|ion|ions)"),
     "Pulmonary fibrotic sequela": (r"fibro(sis|tic)", r"fibrous (bands?|strands?|changes?)", r"fibroatelecta\w*",
                                    r"scar(s|ring)?", r"sequela\w*", r"parenchymal bands?"),
-    "Pleural effusion": (r"pleural (effusions?|fluid)", r"hydrothora(x|ces)", r"(right|left|bilateral) (sided )?effusions?",
+    "Pleural effusion": (r"pleural (effusions?|fluid)", r"pleural (and|or) pericardial effusions?",
+                         r"hydrothora(x|ces)", r"(right|left|bilateral) (sided )?effusions?",
                          r"effusions? in the (right |left )?pleura\w*"),
     "Mosaic attenuation pattern": (r"mosaic\w*",),
     "Peribronchial thickening": (r"peribronchial (wall )?(thickening|cuffing)", r"bronchial (wall )?thicken\w*",
                                  r"thicken\w* (of )?(the )?(peri)?bronchial walls?"),
     "Consolidation": (r"consolidat\w*",),
-    "Bronchiectasis": (r"bronchiecta\w*", r"bronchiolecta\w*", r"bronchial dilat\w*", r"dilat\w* (of )?(the )?bronch\w*",
-                       r"dilated bronch\w*"),
+    "Bronchiectasis": (r"bronchiecta\w*", r"bronchiolecta\w*", r"bronchial dilat\w*",
+                       r"dilat\w* (of )?(the )?bronch\w*", r"dilated bronch\w*"),
     "Interlobular septal thickening": (r"(interlobular )?septal thickening", r"interlobular septal",
                                        r"thicken\w* (of )?(the )?(interlobular )?sept(a|al|um)", r"septal lines",
                                        r"crazy paving"),
@@ -96,7 +98,8 @@ _CUES = (
 )
 _CUE_REGEXES = tuple((re.compile(rf"\b(?:{pattern})\b"), meaning, where) for pattern, meaning, where in _CUES)
 _SENTENCE_BREAK = re.compile(r"[.!?;:](?=\s|$)|\n")
-_CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|whereas|while|yet|except|apart from|aside from)\b")
+_CLAUSE_BREAK = re.compile(r"\b(?:but|however|although|though|whereas|while|yet|except|apart from|aside from|"
+                           r"and there (?:is|are|was|were))\b")
 
 
 def report_body(text: str) -> str:
@@ -311,7 +314,8 @@ def read_reference_reports(path: TypePath) -> dict[str, str]:
     if "report" in columns:
         return {scan: row["report"] for scan, row in rows.items()}
     if "Findings_EN" in columns:
-        return {scan: " ".join(filter(None, (row["Findings_EN"], row.get("Impressions_EN")))) for scan, row in rows.items()}
+        return {scan: " ".join(filter(None, (row["Findings_EN"], row.get("Impressions_EN"))))
+                for scan, row in rows.items()}
     raise ValueError(f'"{path}" needs a "report" column or the CT-RATE "Findings_EN" column; found {list(columns)}.')
 
 

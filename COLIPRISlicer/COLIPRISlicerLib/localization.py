@@ -1,0 +1,356 @@
+"""Snippet -> slice: where a report sentence points in the volume, how we know, how sure.
+
+Methods (``localize(method=...)``):
+
+- ``reference``: an explicit "series N, image M" reference (:mod:`.references`) mapped
+  through the series' DICOM InstanceNumbers to the exact slice; confidence 1.
+- ``zero-shot``: a depth profile from the cached dense embeddings. Levels are the slabs of
+  the patch grid along its axis closest to S. Per level: the mean of the ``top_k`` highest
+  snippet-patch cosine similarities over patches inside the body; softmax over levels with
+  the checkpoint's temperature. The best patch of the chosen level gives the in-plane point.
+- ``anatomy``: :func:`.landmarks.anatomy_prior` of the snippet's anatomical terms on the
+  levels' S.
+- ``head``: a trained :class:`.localization_head.LocalizationHead`.
+- ``combined``: the product of the available profiles (zero-shot; anatomy prior when a term
+  matched; head when given), renormalised. ``auto`` is ``reference`` when an explicit
+  reference resolves, else ``combined``.
+
+Confidence of a profile ``p`` over ``L`` levels: the mass ``m`` within
+``CONFIDENCE_WINDOW_MM`` (24 mm, RadFinder's tolerance) of its peak, rescaled so a uniform
+profile scores 0 and a profile with all mass in the window scores 1:
+``clip((m - m_uniform) / (1 - m_uniform), 0, 1)``, ``m_uniform`` = share of levels in the window.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import geometry
+from .encoding import ImageEncoding
+from .findings import mask_to_patch_fraction, patches_inside_volume
+from .volume import Volume
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("auto", "reference", "zero-shot", "anatomy", "head", "combined")
+#: In-plane patches averaged per level (the k most similar ones inside the body).
+ZERO_SHOT_TOP_K = 5
+#: A patch counts as inside the body when at least this share of it is body.
+MIN_BODY_FRACTION = 0.5
+#: Half-width of the window whose probability mass defines the confidence.
+CONFIDENCE_WINDOW_MM = 24.0
+
+
+@dataclass(frozen=True)
+class LocalizationResult:
+    """Where a snippet points.
+
+    Attributes:
+        point_ras: (3,) RAS point (mm).
+        slice_index: index of the slice along the volume's array axis closest to S.
+        s_mm: S coordinate (mm) of ``point_ras``.
+        method: ``reference``, ``zero-shot``, ``anatomy``, ``head`` or ``combined``.
+        confidence: in [0, 1] (1 for an explicit reference; else see the module docstring).
+        explanation: one or two sentences saying how the answer was found.
+        profile_s_mm: (L,) S (mm) of each level the profile is defined on.
+        profile: (L,) probabilities summing to 1.
+        warnings: problems the user should know about.
+    """
+
+    point_ras: np.ndarray
+    slice_index: int
+    s_mm: float
+    method: str
+    confidence: float
+    explanation: str
+    profile_s_mm: np.ndarray
+    profile: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "point_ras": [round(float(v), 3) for v in self.point_ras], "slice_index": int(self.slice_index),
+            "s_mm": round(float(self.s_mm), 3), "method": self.method, "confidence": round(float(self.confidence), 4),
+            "explanation": self.explanation, "profile_s_mm": np.round(self.profile_s_mm, 3).tolist(),
+            "profile": np.round(self.profile, 6).tolist(), "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class DepthProfile:
+    """A distribution over the depth levels of a patch grid.
+
+    Attributes:
+        s_mm: (L,) S (mm) of each level's centre, in grid order.
+        probabilities: (L,) summing to 1.
+        best_patch: (L, 3) grid index of each level's most similar in-body patch (-1 if none).
+    """
+
+    s_mm: np.ndarray
+    probabilities: np.ndarray
+    best_patch: np.ndarray
+
+
+def axis_closest_to_s(ijk_to_ras: np.ndarray) -> int:
+    """Index (0, 1 or 2) of the array axis whose direction is closest to RAS S."""
+    steps = geometry.apply_affine(ijk_to_ras, np.eye(3)) - geometry.apply_affine(ijk_to_ras, np.zeros(3))
+    return int(np.argmax(np.abs(steps[:, 2]) / np.linalg.norm(steps, axis=1)))
+
+
+def level_s_mm(grid: geometry.PatchGrid) -> np.ndarray:
+    """(L,) S (mm) of the centre of each level of the patch grid along its S-most axis."""
+    axis = axis_closest_to_s(grid.grid_to_ras)
+    indices = np.tile((np.asarray(grid.shape, dtype=float) - 1) / 2, (grid.shape[axis], 1))
+    indices[:, axis] = np.arange(grid.shape[axis])
+    return geometry.apply_affine(grid.grid_to_ras, indices)[:, 2]
+
+
+def by_level(grid_map: np.ndarray, axis: int) -> np.ndarray:
+    """(gx, gy, gz) map -> (L, gx*gy*gz/L) rows per level along ``axis``."""
+    moved = np.moveaxis(np.asarray(grid_map), axis, 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def body_patches(volume: Volume, grid: geometry.PatchGrid) -> np.ndarray:
+    """(gx, gy, gz) bool: patches inside the scanned volume and mostly inside the body."""
+    from .landmarks import body_mask
+
+    fraction = mask_to_patch_fraction(body_mask(volume.array, volume.ijk_to_ras), volume, grid)
+    return (fraction >= MIN_BODY_FRACTION) & patches_inside_volume(grid, volume)
+
+
+def depth_profile(similarities: np.ndarray, grid: geometry.PatchGrid, *, temperature: float,
+                  inside: np.ndarray | None = None, top_k: int = ZERO_SHOT_TOP_K) -> DepthProfile:
+    """Softmax over levels of the top-k mean similarity of each level's in-body patches.
+
+    Args:
+        similarities: (gx, gy, gz) cosine similarity of the snippet to every patch.
+        grid: the encoding's patch grid.
+        temperature: softmax temperature (similarity units).
+        inside: (gx, gy, gz) bool patches allowed; levels without one get probability 0.
+            None or all-False: every patch is allowed.
+        top_k: most similar patches averaged per level.
+    """
+    if tuple(similarities.shape) != tuple(grid.shape):
+        raise ValueError(f"Similarity map shape {similarities.shape} != patch grid {grid.shape}.")
+    allowed = np.ones(grid.shape, bool) if inside is None or not np.any(inside) else np.asarray(inside, bool)
+    axis = axis_closest_to_s(grid.grid_to_ras)
+    rows = np.where(by_level(allowed, axis), by_level(similarities, axis), -np.inf)  # (L, n)
+    ordered = -np.sort(-rows, axis=1)[:, :top_k]
+    finite = np.isfinite(ordered)
+    counts = finite.sum(axis=1)
+    scores = np.where(counts > 0, np.where(finite, ordered, 0.0).sum(axis=1) / np.maximum(counts, 1), -np.inf)
+    logits = scores / float(temperature)
+    weights = np.exp(logits - logits.max())
+    indices = np.moveaxis(np.moveaxis(np.indices(grid.shape), 0, -1), axis, 0).reshape(len(rows), -1, 3)
+    best = indices[np.arange(len(rows)), np.argmax(rows, axis=1)]
+    best[counts == 0] = -1
+    return DepthProfile(level_s_mm(grid), weights / weights.sum(), best)
+
+
+def zero_shot_profile(engine, encoding: ImageEncoding, text: str, *, inside: np.ndarray | None = None,
+                      top_k: int = ZERO_SHOT_TOP_K, temperature: float | None = None) -> DepthProfile:
+    """Depth profile of a snippet from the cached dense embeddings (no image forward pass).
+
+    Args:
+        engine: an ``Engine`` (its text encoder and checkpoint temperature are used).
+        encoding: the volume's cached ``ImageEncoding``.
+        text: the snippet (explicit references are best removed, see :func:`strip_references`).
+        inside: (gx, gy, gz) bool allowed patches, e.g. :func:`body_patches`.
+        temperature: softmax temperature; default the checkpoint's ``softmax_temperature``.
+    """
+    similarities = engine.dense_text_similarities(encoding, [text])[0]
+    temperature = engine.temperature if temperature is None else temperature
+    return depth_profile(similarities, encoding.grid, temperature=temperature, inside=inside, top_k=top_k)
+
+
+def profile_confidence(s_mm: np.ndarray, probabilities: np.ndarray, window_mm: float = CONFIDENCE_WINDOW_MM) -> float:
+    """Peak sharpness in [0, 1]: mass within ``window_mm`` of the peak, 0 for a uniform profile."""
+    near = np.abs(np.asarray(s_mm) - s_mm[int(np.argmax(probabilities))]) <= window_mm + 1e-6
+    uniform = near.mean()
+    if uniform >= 1.0:
+        return 0.0
+    return float(np.clip((probabilities[near].sum() - uniform) / (1.0 - uniform), 0.0, 1.0))
+
+
+def strip_references(text: str) -> str:
+    """The snippet without its explicit image references and the brackets left around them."""
+    from .references import find_references
+
+    for reference in reversed(find_references(text)):
+        text = text[:reference.start] + text[reference.end:]
+    text = re.sub(r"[(\[]\s*[,;:]?\s*[)\]]", "", text)
+    return re.sub(r"\s+([,.;:])", r"\1", re.sub(r"\s{2,}", " ", text)).strip(" ,;")
+
+
+def slice_s_mm(volume: Volume) -> np.ndarray:
+    """(n,) S (mm) of the centre of each slice along the volume's array axis closest to S."""
+    axis = axis_closest_to_s(volume.ijk_to_ras)
+    return np.array([plane_centre_ras(volume, axis, k)[2] for k in range(volume.shape[axis])])
+
+
+def plane_centre_ras(volume: Volume, axis: int, index: float) -> np.ndarray:
+    """(3,) RAS centre of the array plane ``index`` along ``axis``."""
+    ijk = (np.asarray(volume.shape, dtype=float) - 1) / 2
+    ijk[axis] = index
+    return geometry.ijk_to_ras(volume.ijk_to_ras, ijk)
+
+
+def s_range_mm(volume: Volume) -> tuple[float, float]:
+    """Lowest and highest S (mm) of the volume's voxel centres."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in volume.shape], indexing="ij")).reshape(3, -1).T
+    s = geometry.ijk_to_ras(volume.ijk_to_ras, corners.astype(float))[:, 2]
+    return float(s.min()), float(s.max())
+
+
+def slice_index_of(volume: Volume, point_ras: np.ndarray) -> tuple[int, list[str]]:
+    """Index of the slice (along the axis closest to S) holding a RAS point, clipped into the volume."""
+    axis = axis_closest_to_s(volume.ijk_to_ras)
+    position = float(geometry.ras_to_ijk(volume.ijk_to_ras, point_ras)[axis])
+    index = int(np.clip(np.rint(position), 0, volume.shape[axis] - 1))
+    if abs(position - index) > 0.5 + 1e-6:
+        return index, [f"The point lies outside the scanned slices; showing the nearest slice, {index}."]
+    return index, []
+
+
+def localize(engine, encoding: ImageEncoding, volume: Volume, text: str, *, method: str = "auto", head=None,
+             landmarks=None) -> LocalizationResult:
+    """Where in the volume a report snippet refers to.
+
+    Args:
+        engine: an ``Engine`` (text encoder; no image forward pass happens here).
+        encoding: the volume's cached ``ImageEncoding``.
+        volume: the volume (geometry, DICOM instance numbers, body mask).
+        text: the snippet, e.g. "3 mm nodule in the right lower lobe (series 2, image 45)".
+        method: one of ``METHODS`` (see the module docstring).
+        head: a ``LocalizationHead`` or a head folder (for ``head``; optional for ``combined``/``auto``).
+        landmarks: the volume's ``Landmarks`` (computed here when needed and not given).
+
+    Raises:
+        ValueError: unknown method; ``reference`` without a resolvable reference; ``anatomy``
+            without a recognised anatomical term; ``head`` without a head.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown localisation method {method!r}; choose one of {', '.join(METHODS)}.")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("Empty snippet: paste a report sentence, e.g. 'Nodule in the right lower lobe (series 2, image 45)'.")
+    if method == "head" and head is None:
+        raise ValueError("Method 'head' needs a trained localisation head; train one with 'colipri-slicer train-localizer'.")
+    if head is not None and not hasattr(head, "profile"):
+        from .localization_head import load_head
+
+        head = load_head(head, engine)
+    notes: list[str] = []
+    if method in ("auto", "reference"):
+        resolved, axis, notes = _resolve_explicit_reference(text, volume)
+        if resolved is not None:
+            return _reference_result(engine, encoding, volume, text, resolved, axis, notes)
+        if method == "reference":
+            detail = f" ({' '.join(notes)})" if notes else ""
+            raise ValueError(f"No explicit image reference such as 'series 2, image 45' resolves in {text!r}{detail}.")
+    return _profile_result(engine, encoding, volume, text, method, head, landmarks, notes)
+
+
+def _resolve_explicit_reference(text: str, volume: Volume):
+    """(first reference that resolves or None, its array axis, warnings)."""
+    from .references import find_references, resolve_reference
+
+    slices = volume.slices
+    axis = 2 if slices is not None else axis_closest_to_s(volume.ijk_to_ras)
+    messages: list[str] = []
+    for reference in find_references(text):
+        try:
+            resolved = resolve_reference(reference, instance_numbers=slices.instance_numbers if slices else None,
+                                         series_number=slices.series_number if slices else None,
+                                         num_slices=volume.shape[axis], acquisition_order_is_increasing_k=True)
+        except ValueError as error:
+            messages.append(str(error))
+            continue
+        return resolved, axis, messages + list(resolved.warnings)
+    return None, axis, messages
+
+
+def _reference_result(engine, encoding, volume, text, resolved, axis, notes) -> LocalizationResult:
+    """Exact slice; in-plane the snippet's most similar in-body patch of that level, else the slice centre."""
+    point = plane_centre_ras(volume, axis, resolved.slice_index)
+    where = "the slice centre"
+    snippet = strip_references(text)
+    if snippet:
+        profile = zero_shot_profile(engine, encoding, snippet, inside=body_patches(volume, encoding.grid))
+        level = int(np.argmin(np.abs(profile.s_mm - point[2])))
+        if abs(profile.s_mm[level] - point[2]) <= encoding.grid.patch_mm.max() / 2 and profile.best_patch[level][0] >= 0:
+            centre = geometry.apply_affine(encoding.grid.grid_to_ras, profile.best_patch[level].astype(float))
+            ijk = np.clip(geometry.ras_to_ijk(volume.ijk_to_ras, centre), 0, np.asarray(volume.shape) - 1)
+            ijk[axis] = resolved.slice_index
+            point, where = geometry.ijk_to_ras(volume.ijk_to_ras, ijk), f'the patch most similar to "{snippet}"'
+    slice_index, more = slice_index_of(volume, point)
+    if axis != axis_closest_to_s(volume.ijk_to_ras):
+        more.append("The referenced image is not an axial slice of this volume; its centre's axial slice is shown.")
+    explanation = (f'Explicit reference "{resolved.reference.text}": {resolved.method_detail}'
+                   f" (S = {point[2]:.1f} mm); in-plane position: {where}.")
+    return LocalizationResult(point, slice_index, float(point[2]), "reference", 1.0, explanation,
+                              np.array([point[2]]), np.array([1.0]), notes + more)
+
+
+def _profile_result(engine, encoding, volume, text, method, head, landmarks, notes) -> LocalizationResult:
+    """Multiply the available depth profiles; best patch of the peak level in-plane."""
+    from .landmarks import anatomy_prior, detect_landmarks
+
+    snippet = strip_references(text) or text
+    zero_shot = zero_shot_profile(engine, encoding, snippet, inside=body_patches(volume, encoding.grid))
+    profiles, terms = {}, []
+    if method in ("auto", "combined", "zero-shot"):
+        profiles["zero-shot"] = zero_shot.probabilities
+    if method in ("auto", "combined", "anatomy"):
+        landmarks = landmarks if landmarks is not None else detect_landmarks(volume.array, volume.ijk_to_ras)
+        prior = anatomy_prior(snippet, landmarks, zero_shot.s_mm)
+        if prior is None and method == "anatomy":
+            raise ValueError(f"No anatomical term (e.g. carina, apex, diaphragm) recognised in {snippet!r}; use zero-shot.")
+        if prior is not None:
+            profiles["anatomy"], terms = np.asarray(prior[0], dtype=float), list(prior[1])
+    if head is not None and method in ("auto", "combined", "head"):
+        profiles["head"] = head.profile(encoding, engine.embed_prompts([snippet])[0])
+    combined = np.prod(np.stack(list(profiles.values())), axis=0)
+    if combined.sum() <= 0:
+        notes.append(f"The {' and '.join(profiles)} profiles do not overlap; using the zero-shot profile alone.")
+        profiles, combined = {"zero-shot": zero_shot.probabilities}, zero_shot.probabilities
+    combined = combined / combined.sum()
+    level = int(np.argmax(combined))
+    point, where = _in_plane_point(encoding.grid, zero_shot, level, landmarks, terms)
+    if "anatomy" in profiles:
+        point[2] = _refine_s(snippet, landmarks, volume, zero_shot.s_mm[level], float(encoding.grid.patch_mm.max()))
+    slice_index, more = slice_index_of(volume, point)
+    name = next(iter(profiles)) if len(profiles) == 1 else "combined"
+    matched = f" (anatomical terms: {', '.join(terms)})" if terms else ""
+    explanation = (f"{name.capitalize()} depth profile{matched} from the {', '.join(profiles)} profile(s) over"
+                   f" {len(combined)} levels: peak at S = {zero_shot.s_mm[level]:.1f} mm, point S = {point[2]:.1f} mm;"
+                   f" in-plane position: {where}.")
+    return LocalizationResult(point, slice_index, float(point[2]), name, profile_confidence(zero_shot.s_mm, combined),
+                              explanation, zero_shot.s_mm, combined, notes + more)
+
+
+def _in_plane_point(grid, zero_shot: DepthProfile, level: int, landmarks, terms: list[str]) -> tuple[np.ndarray, str]:
+    """(3,) RAS point at a level: the carina's in-plane position when named, else the best patch."""
+    if landmarks is not None and landmarks.carina_ras is not None and any("carina" in t.lower() for t in terms):
+        return np.array([*landmarks.carina_ras[:2], zero_shot.s_mm[level]]), "the detected carina"
+    index = zero_shot.best_patch[level].astype(float)
+    if index[0] < 0:
+        axis = axis_closest_to_s(grid.grid_to_ras)
+        index = (np.asarray(grid.shape, dtype=float) - 1) / 2
+        index[axis] = level
+        return geometry.apply_affine(grid.grid_to_ras, index), "the centre of the level (no body patch there)"
+    return geometry.apply_affine(grid.grid_to_ras, index), "the most similar patch inside the body"
+
+
+def _refine_s(snippet: str, landmarks, volume: Volume, level_s: float, level_mm: float) -> float:
+    """S of the slice inside the chosen level where the anatomy prior peaks (finer than a patch)."""
+    from .landmarks import anatomy_prior
+
+    s_values = slice_s_mm(volume)
+    candidates = s_values[np.abs(s_values - level_s) <= level_mm / 2]
+    prior = anatomy_prior(snippet, landmarks, candidates) if candidates.size else None
+    return float(candidates[int(np.argmax(prior[0]))]) if prior is not None else float(level_s)

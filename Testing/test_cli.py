@@ -1,0 +1,97 @@
+"""The colipri-slicer command line: outputs, geometry of written maps, errors, start-up time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import LABELS_18, REPO, TCIA_SERIES, require
+from typer.testing import CliRunner
+
+from COLIPRISlicerLib.cli import app
+from COLIPRISlicerLib.volume import load_volume
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def analyzed(tiny_model_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analyze")
+    scan = require(TCIA_SERIES)
+    result = runner.invoke(app, ["analyze", str(scan), "--model", str(tiny_model_folder), "--out", str(out),
+                                 "--device", "cpu", "--finding", "rib fracture"])
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_findings_json_lists_the_18_findings_with_model_identity(analyzed):
+    out, _ = analyzed
+    document = json.loads((out / "findings.json").read_text())
+    names = [f["name"] for f in document["findings"]]
+    assert names[:18] == [n for n in LABELS_18.read_text().splitlines() if n]
+    assert names[18] == "rib fracture"
+    assert set(document["model"]) >= {"model_id", "revision", "sha256", "device", "dtype"}
+    assert {"encode_s", "scoring_s"} <= set(document["timings"])
+    first = document["findings"][0]
+    assert len(first["prompt_pairs"]) == 3 and 0 <= first["likelihood"] <= 1
+    assert first["present"] == (first["likelihood"] >= first["threshold"])
+    assert len(first["peak_ras"]) == 3
+
+
+def test_heatmaps_have_exactly_the_input_geometry(analyzed):
+    import SimpleITK as sitk
+
+    out, _ = analyzed
+    document = json.loads((out / "findings.json").read_text())
+    volume = load_volume(TCIA_SERIES)
+    reference = sitk.ReadImage(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(TCIA_SERIES))[0])
+    for entry in document["findings"]:
+        image = sitk.ReadImage(str(out / entry["heatmap"]))
+        assert image.GetSize() == volume.shape
+        assert image.GetPixelID() == sitk.sitkFloat32
+        np.testing.assert_allclose(image.GetSpacing()[:2], reference.GetSpacing()[:2], atol=1e-6)
+        np.testing.assert_allclose(image.GetOrigin(), volume_origin_lps(volume), atol=1e-4)
+        np.testing.assert_allclose(image.GetDirection(), np.eye(3).ravel(), atol=1e-6)
+    assert not list(out.glob(".colipri-partial-*"))
+
+
+def volume_origin_lps(volume):
+    return (-volume.ijk_to_ras[0, 3], -volume.ijk_to_ras[1, 3], volume.ijk_to_ras[2, 3])
+
+
+def test_missing_model_folder_exits_1_with_one_line(tmp_path):
+    result = runner.invoke(app, ["analyze", str(require(TCIA_SERIES)), "--model", str(tmp_path), "--out",
+                                 str(tmp_path / "out"), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "has no model.safetensors" in result.output
+    assert not (tmp_path / "out" / "findings.json").exists()
+
+
+def test_cache_list_and_clear(tiny_model_folder, tmp_path):
+    cache = tmp_path / "cache"
+    out = tmp_path / "out"
+    scan = require(TCIA_SERIES)
+    args = ["analyze", str(scan), "--model", str(tiny_model_folder), "--out", str(out), "--device", "cpu",
+            "--cache-dir", str(cache), "--no-heatmaps"]
+    assert runner.invoke(app, args).exit_code == 0
+    listing = runner.invoke(app, ["cache", "list", "--cache-dir", str(cache)])
+    assert "1 cached encoding(s)" in listing.output and "series_5mm" in listing.output
+    cleared = runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache)])
+    assert "Removed 1 cached encoding(s)" in cleared.output
+
+
+def test_help_is_fast_and_does_not_import_torch():
+    code = ("import sys, time; t = time.perf_counter(); from COLIPRISlicerLib.cli import app;"
+            " assert 'torch' not in sys.modules, 'torch imported'; print(time.perf_counter() - t)")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "COLIPRISlicer")}
+    completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "COLIPRISlicerLib.cli", "--help"], env=env, capture_output=True, timeout=60,
+                   check=True)
+    assert time.perf_counter() - start < 1.5  # includes interpreter start-up

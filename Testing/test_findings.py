@@ -1,0 +1,107 @@
+"""Findings: ensemble likelihoods equal the official pipeline, heatmaps, peaks, regions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import LABELS_18, RAS_NIFTI, TCIA_SERIES, official_pipeline, require
+
+from COLIPRISlicerLib import geometry
+from COLIPRISlicerLib.analysis import AnalysisCancelled, Analyzer
+from COLIPRISlicerLib.catalogue import load_catalogue
+from COLIPRISlicerLib.findings import patches_inside_volume
+from COLIPRISlicerLib.volume import load_volume
+
+
+@pytest.fixture(scope="module")
+def analysis(tiny_engine):
+    analyzer = Analyzer(tiny_engine)
+    return analyzer, analyzer.analyze(load_volume(require(RAS_NIFTI)))
+
+
+def test_catalogue_has_the_18_ct_rate_findings_in_order():
+    names = [f.name for f in load_catalogue()]
+    assert names == [n for n in require(LABELS_18).read_text().splitlines() if n]
+    assert all(len(f.prompts) >= 3 for f in load_catalogue())
+
+
+def test_ensemble_likelihood_is_the_mean_of_official_pair_probabilities(analysis, tiny_model_folder):
+    _, result = analysis
+    pipeline = official_pipeline(tiny_model_folder)
+    for name in ("Pleural effusion", "Cardiomegaly"):
+        finding = result.finding(name)
+        official = [pipeline(str(RAS_NIFTI), list(pair))[1]["score"] for pair in finding.prompt_pairs]
+        assert finding.likelihood == pytest.approx(np.mean(official), abs=1e-4)
+        np.testing.assert_allclose(finding.pair_probabilities, official, atol=1e-4)
+
+
+def test_present_follows_threshold(analysis):
+    _, result = analysis
+    for finding in result.findings:
+        assert finding.present == (finding.likelihood >= finding.threshold)
+
+
+def test_heatmap_has_input_geometry_and_peak_is_inside_the_volume(analysis):
+    _, result = analysis
+    finding = result.finding("Emphysema")
+    heatmap = result.heatmap("Emphysema")
+    assert heatmap.shape == result.volume.shape and heatmap.dtype == np.float32
+    ijk = geometry.ras_to_ijk(result.volume.ijk_to_ras, finding.peak_ras)
+    assert ((ijk >= -0.5) & (ijk <= np.asarray(result.volume.shape) - 0.5)).all()
+    inside = patches_inside_volume(result.encoding.grid, result.volume)
+    assert finding.logit_map[result.encoding.grid.ras_to_patch(finding.peak_ras)] == pytest.approx(
+        finding.logit_map[inside].max())
+    peak_voxel = tuple(np.rint(ijk).astype(int))
+    patch = np.asarray(result.encoding.grid.ras_to_patch(finding.peak_ras))
+    lo, hi = np.maximum(patch - 1, 0), patch + 2
+    neighbourhood = finding.logit_map[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    # trilinear interpolation near a patch centre stays within its neighbours' values
+    assert neighbourhood.min() - 1e-5 <= heatmap[peak_voxel] <= neighbourhood.max() + 1e-5
+
+
+def test_dicom_heatmap_is_nan_outside_the_cropped_field_of_view(tiny_engine):
+    analyzer = Analyzer(tiny_engine)
+    with pytest.warns(RuntimeWarning, match="including tissue"):
+        result = analyzer.analyze(load_volume(require(TCIA_SERIES)))
+    heatmap = result.heatmap("Lung nodule")
+    # 512 x 0.842 mm = 431 mm does not fit the 384 mm field of view: the R/L edges are cut
+    assert np.isnan(heatmap[0]).all() and np.isnan(heatmap[-1]).all()
+    assert np.isfinite(heatmap[256, 256]).all()
+
+
+def test_free_text_finding_needs_no_image_forward_pass(analysis, tiny_engine):
+    analyzer, result = analysis
+    count = tiny_engine.image_forward_count
+    scored = analyzer.add_finding(result, "rib fracture")
+    assert tiny_engine.image_forward_count == count
+    assert scored.prompt_pairs == [("Rib fracture is not present.", "Rib fracture is present.")]
+    assert result.finding("rib fracture") is scored
+    assert result.heatmap("rib fracture").shape == result.volume.shape
+
+
+def test_region_likelihood_pools_dense_embeddings_inside_the_mask(analysis, tiny_engine):
+    import torch
+
+    analyzer, result = analysis
+    mask = np.zeros(result.volume.shape, bool)
+    mask[:61] = True  # one half of the volume along I (the R-L axis here)
+    scores = analyzer.region_likelihoods(result, mask)
+    assert set(scores) == {f.name for f in analyzer.catalogue}
+    fraction = __import__("COLIPRISlicerLib.findings", fromlist=["x"]).mask_to_patch_fraction(
+        mask, result.volume, result.encoding.grid)
+    pooled = torch.nn.functional.normalize(result.encoding.dense[:, torch.from_numpy(fraction >= 0.5)].mean(1), dim=0)
+    finding = analyzer.catalogue.get("Emphysema")
+    neg, pos = tiny_engine.pair_embeddings(finding.prompts)
+    expected = ((torch.stack([neg @ pooled, pos @ pooled], -1) / tiny_engine.temperature).softmax(-1)[:, 1]).mean()
+    assert scores["Emphysema"] == pytest.approx(float(expected), abs=1e-6)
+    with pytest.raises(ValueError, match="covers no model patch"):
+        analyzer.region_likelihoods(result, np.zeros(result.volume.shape, bool))
+
+
+def test_cancel_before_start_produces_nothing(tiny_engine):
+    import threading
+
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(AnalysisCancelled, match="no results"):
+        Analyzer(tiny_engine).analyze(load_volume(require(RAS_NIFTI)), cancel=cancel)
