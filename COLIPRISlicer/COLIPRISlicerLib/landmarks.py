@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -164,7 +165,6 @@ class _Trachea:
     top_s: float
     carina_s: float
     carina_ras: tuple[float, float, float]
-    reaches_top: bool
     note: str | None
 
 
@@ -259,7 +259,7 @@ def _make_grid(array_hu: np.ndarray, ijk_to_ras: TypeAffine) -> _Grid:
     perm, flips = _closest_ras_axes(matrix)
     view = np.asarray(array_hu).transpose(perm)[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
     spacing = geometry.spacing_of(matrix)[list(perm)]
-    factors = tuple(int(max(1, round(TARGET_SPACING_MM / s))) for s in spacing)
+    factors = tuple(int(np.clip(round(TARGET_SPACING_MM / s), 1, n)) for s, n in zip(spacing, view.shape))
     values = _block_mean(view, factors)
     grid = _Grid(view, values, np.empty(0), matrix, perm, flips, factors)
     return _Grid(view, values, _coarse_ras(grid), matrix, perm, flips, factors)
@@ -389,7 +389,7 @@ def _find_trachea(lungs: np.ndarray, grid: _Grid, midline_r: float) -> _Trachea 
         carina = (float(point[2]), (float(point[0]), float(point[1]), float(point[2])))
         note = "Carina approximate: the tracheal lumen could not be followed until it divides."
     top_s = float(grid.ras[..., 2][mask].max())
-    return _Trachea(mask, top_s, carina[0], carina[1], bool(high_k == tube.shape[2] - 1), note)
+    return _Trachea(mask, top_s, carina[0], carina[1], note)
 
 
 def _coarse_trachea(lungs: np.ndarray, grid: _Grid, midline_r: float) -> tuple[np.ndarray, int, int] | None:
@@ -434,71 +434,83 @@ def _follow_lumen(
 ) -> tuple[np.ndarray, tuple[float, tuple[float, float, float]] | None]:
     """Follow the tracheal lumen down, slice by slice at full resolution, until it divides.
 
-    A box of ``CARINA_BOX_HALF_WIDTH_MM`` around the previous lumen is thresholded at each
-    level; the air sections overlapping the previous lumen continue it. Two such sections
-    mark the carina, placed midway between the last single and the first divided level.
+    At each level, air sections in a box around the previous lumen that overlap it continue
+    it. Two such sections mark the carina, placed midway between the last single and the
+    first divided level.
 
     Returns:
         The coarse voxels the followed lumen passes through, and the carina (S, RAS point),
         or None for the carina if the lumen was lost or merged with other air.
     """
     factors = np.array(grid.factors)
-    in_plane_mm = geometry.spacing_of(grid.ijk_to_ras)[list(grid.perm[:2])]
-    half = np.ceil(CARINA_BOX_HALF_WIDTH_MM / in_plane_mm).astype(int)
     start_k = min(high_k, low_k + 2)
     centre = np.argwhere(tube[..., start_k]).mean(axis=0) * factors[:2] + (factors[:2] - 1) / 2
     visited = np.zeros(tube.shape, dtype=bool)
-    lumen_pixels, previous = None, None
+    lumen, previous = None, None
     for level in range(start_k * factors[2] + (factors[2] - 1) // 2, -1, -1):
-        lows = np.clip(np.round(centre).astype(int) - half, 0, None)
-        box = np.asarray(grid.view[lows[0] : lows[0] + 2 * half[0] + 1, lows[1] : lows[1] + 2 * half[1] + 1, level])
-        labels, count = ndimage.label(box < AIR_THRESHOLD_HU)
-        areas = np.bincount(labels.ravel(), minlength=count + 1) * float(np.prod(in_plane_mm))
-        if lumen_pixels is None:
-            continuing = _central_section(labels, areas, centre - lows)
-        else:
-            continuing = _continuing_sections(labels, areas, lumen_pixels - lows, float(np.prod(in_plane_mm)))
-            if continuing is None:
-                return visited, None
+        sections = _Sections.around(grid, centre, level)
+        continuing = sections.central() if lumen is None else sections.continuing(lumen)
         if len(continuing) >= 2 and previous is not None:
-            below = np.mean([_section_point(grid, np.argwhere(labels == i) + lows, level) for i in continuing[:2]], axis=0)
+            below = np.mean([sections.point(grid, label) for label in continuing[:2]], axis=0)
             point = (previous + below) / 2
             return visited, (float(point[2]), (float(point[0]), float(point[1]), float(point[2])))
         if len(continuing) != 1:
             return visited, None
-        lumen_pixels = np.argwhere(labels == continuing[0]) + lows
-        coarse = np.minimum(lumen_pixels // factors[:2], np.array(tube.shape[:2]) - 1)
+        lumen = sections.pixels(continuing[0])
+        coarse = np.minimum(lumen // factors[:2], np.array(tube.shape[:2]) - 1)
         visited[coarse[:, 0], coarse[:, 1], min(level // factors[2], tube.shape[2] - 1)] = True
-        centre = lumen_pixels.mean(axis=0)
-        previous = _section_point(grid, lumen_pixels, level)
+        centre, previous = lumen.mean(axis=0), sections.point(grid, continuing[0])
     return visited, None
 
 
-def _central_section(labels: np.ndarray, areas: np.ndarray, centre: np.ndarray) -> list[int]:
-    """The airway-sized air section whose centroid is nearest the box centre (or none)."""
-    candidates = [i for i in range(1, areas.size) if areas[i] >= BRONCHUS_MIN_AREA_MM2]
-    if not candidates:
-        return []
-    centroids = np.array(ndimage.center_of_mass(labels > 0, labels, candidates)).reshape(-1, 2)
-    return [candidates[int(np.argmin(np.linalg.norm(centroids - centre, axis=1)))]]
+@dataclass(frozen=True)
+class _Sections:
+    """Air sections in a full-resolution box of one axial level of the view."""
 
+    labels: np.ndarray
+    areas_mm2: np.ndarray
+    lows: np.ndarray
+    level: int
 
-def _continuing_sections(
-    labels: np.ndarray, areas: np.ndarray, previous_pixels: np.ndarray, pixel_mm2: float
-) -> list[int] | None:
-    """Sections overlapping the previous lumen; None when it merges with much more air."""
-    inside = ((previous_pixels >= 0) & (previous_pixels < labels.shape)).all(axis=1)
-    overlap = np.unique(labels[previous_pixels[inside, 0], previous_pixels[inside, 1]])
-    sections = [int(i) for i in overlap if i > 0 and areas[i] >= BRONCHUS_MIN_AREA_MM2]
-    if any(areas[i] > 3 * len(previous_pixels) * pixel_mm2 for i in sections):
-        return None
-    return sections
+    @classmethod
+    def around(cls, grid: _Grid, centre: np.ndarray, level: int) -> _Sections:
+        """Label air in a box of half-width ``CARINA_BOX_HALF_WIDTH_MM`` around ``centre``."""
+        in_plane_mm = geometry.spacing_of(grid.ijk_to_ras)[list(grid.perm[:2])]
+        half = np.ceil(CARINA_BOX_HALF_WIDTH_MM / in_plane_mm).astype(int)
+        lows = np.clip(np.round(centre).astype(int) - half, 0, None)
+        highs = lows + 2 * half + 1
+        box = np.asarray(grid.view[lows[0] : highs[0], lows[1] : highs[1], level])
+        labels, count = ndimage.label(box < AIR_THRESHOLD_HU)
+        areas_mm2 = np.bincount(labels.ravel(), minlength=count + 1) * float(np.prod(in_plane_mm))
+        return cls(labels, areas_mm2, lows, level)
 
+    def central(self) -> list[int]:
+        """The airway-sized section whose centroid is nearest the box centre (or none)."""
+        candidates = [i for i in range(1, self.areas_mm2.size) if self.areas_mm2[i] >= BRONCHUS_MIN_AREA_MM2]
+        if not candidates:
+            return []
+        centroids = np.array(ndimage.center_of_mass(self.labels > 0, self.labels, candidates)).reshape(-1, 2)
+        centre = (np.array(self.labels.shape) - 1) / 2
+        return [candidates[int(np.argmin(np.linalg.norm(centroids - centre, axis=1)))]]
 
-def _section_point(grid: _Grid, pixels: np.ndarray, level: int) -> np.ndarray:
-    """RAS centroid of full-resolution view pixels (n, 2) at one level."""
-    centroid = pixels.mean(axis=0)
-    return grid.view_to_ras(np.array([centroid[0], centroid[1], level]))
+    def continuing(self, previous: np.ndarray) -> list[int]:
+        """Airway-sized sections overlapping the previous lumen's (n, 2) view pixels; none
+        when one of them is over 3 times that lumen (the lumen merged with other air)."""
+        local = previous - self.lows
+        local = local[((local >= 0) & (local < self.labels.shape)).all(axis=1)]
+        overlap = np.unique(self.labels[local[:, 0], local[:, 1]])
+        labels = [int(i) for i in overlap if i > 0 and self.areas_mm2[i] >= BRONCHUS_MIN_AREA_MM2]
+        previous_mm2 = len(previous) * self.areas_mm2.sum() / self.labels.size
+        return [] if any(self.areas_mm2[i] > 3 * previous_mm2 for i in labels) else labels
+
+    def pixels(self, label: int) -> np.ndarray:
+        """(n, 2) view pixel indices of one section."""
+        return np.argwhere(self.labels == label) + self.lows
+
+    def point(self, grid: _Grid, label: int) -> np.ndarray:
+        """RAS centroid (mm) of one section."""
+        centroid = self.pixels(label).mean(axis=0)
+        return grid.view_to_ras(np.array([centroid[0], centroid[1], self.level]))
 
 
 def _split_sides(lungs: np.ndarray, grid: _Grid, midline_r: float) -> dict[str, np.ndarray]:
@@ -588,3 +600,168 @@ def _assemble(
         scan_s_range=(float(corner_s.min()), float(corner_s.max())),
         notes=notes,
     )
+
+
+
+#: A Gaussian bump over S: (centre S in mm, sigma in mm).
+TypeBump = tuple[float, float]
+_SIDE_PATTERNS = {
+    "right": re.compile(r"\bright\b|\br[uml]l\b|\bmiddle lobe\b", re.IGNORECASE),
+    "left": re.compile(r"\bleft\b|\bl[ul]l\b|\blingula", re.IGNORECASE),
+    "bilateral": re.compile(r"\bbilateral(?:ly)?\b|\bboth\b|\bbi-?bas(?:al|ilar)\b", re.IGNORECASE),
+}
+
+
+@dataclass(frozen=True)
+class _Term:
+    """An anatomy word and the function placing it relative to the landmarks."""
+
+    name: str
+    pattern: re.Pattern[str]
+    place: Callable[[Landmarks, tuple[str, ...]], list[TypeBump]]
+
+
+def _side_bumps(values: dict[str, float | None], sides: tuple[str, ...], offset: float, sigma: float) -> list[TypeBump]:
+    return [(value + offset, sigma) for side, value in values.items() if side in sides and value is not None]
+
+
+def _zone_bump(landmarks: Landmarks, zone: int) -> list[TypeBump]:
+    """Centre of lung zone ``zone`` (0 upper, 1 middle, 2 lower); sigma half a zone."""
+    if landmarks.lung_top_s is None or landmarks.lung_bottom_s is None:
+        return []
+    height = (landmarks.lung_top_s - landmarks.lung_bottom_s) / 3
+    return [(landmarks.lung_top_s - (zone + 0.5) * height, height / 2)]
+
+
+def _apex(landmarks: Landmarks, sides: tuple[str, ...]) -> list[TypeBump]:
+    """10 mm below each apex, sigma 15 mm."""
+    return _side_bumps(landmarks.side_values("apex"), sides, -10.0, 15.0)
+
+
+def _lung_base(landmarks: Landmarks, sides: tuple[str, ...]) -> list[TypeBump]:
+    """Midway between dome and lowest recess, sigma half that gap (at least 10 mm);
+    10 mm above the recess (sigma 15 mm) when the dome is unknown."""
+    bumps = []
+    domes, bases = landmarks.side_values("dome"), landmarks.side_values("base")
+    for side in sides:
+        base, dome = bases[side], domes[side]
+        if base is not None and dome is not None:
+            bumps.append(((dome + base) / 2, max(10.0, (dome - base) / 2)))
+        elif base is not None:
+            bumps.append((base + 10.0, 15.0))
+    return bumps
+
+
+def _diaphragm(landmarks: Landmarks, sides: tuple[str, ...]) -> list[TypeBump]:
+    """At each dome, sigma 15 mm."""
+    return _side_bumps(landmarks.side_values("dome"), sides, 0.0, 15.0)
+
+
+def _liver(landmarks: Landmarks, sides: tuple[str, ...]) -> list[TypeBump]:
+    """70 mm below the right dome (the left one if unknown), sigma 40 mm."""
+    side = ("right",) if landmarks.dome_right_s is not None else ("left",)
+    return _side_bumps(landmarks.side_values("dome"), side, -70.0, 40.0)
+
+
+def _heart(landmarks: Landmarks, sides: tuple[str, ...]) -> list[TypeBump]:
+    """Over the span from 30 mm below the carina to the mean dome, sigma a quarter of it."""
+    domes = [value for value in landmarks.side_values("dome").values() if value is not None]
+    if landmarks.carina_s is not None and domes:
+        top, bottom = landmarks.carina_s - 30.0, float(np.mean(domes))
+        return [((top + bottom) / 2, max(15.0, (top - bottom) / 4))]
+    if domes:
+        return [(float(np.mean(domes)) + 50.0, 30.0)]
+    return [(landmarks.carina_s - 70.0, 30.0)] if landmarks.carina_s is not None else []
+
+
+def _adrenal(landmarks: Landmarks, sides: tuple[str, ...]) -> list[TypeBump]:
+    """15 mm below the mean lowest lung recess (about T12), sigma 25 mm; else 80 mm below the domes."""
+    bases = [value for value in landmarks.side_values("base").values() if value is not None]
+    if bases:
+        return [(float(np.mean(bases)) - 15.0, 25.0)]
+    domes = [value for value in landmarks.side_values("dome").values() if value is not None]
+    return [(float(np.mean(domes)) - 80.0, 25.0)] if domes else []
+
+
+def _near_carina(offset: float, sigma: float) -> Callable[[Landmarks, tuple[str, ...]], list[TypeBump]]:
+    """Placement at ``offset`` mm from the carina with the given sigma."""
+
+    def place(landmarks: Landmarks, sides: tuple[str, ...]) -> list[TypeBump]:
+        return [(landmarks.carina_s + offset, sigma)] if landmarks.carina_s is not None else []
+
+    return place
+
+
+def _term(name: str, pattern: str, place: Callable[[Landmarks, tuple[str, ...]], list[TypeBump]]) -> _Term:
+    return _Term(name, re.compile(pattern, re.IGNORECASE), place)
+
+
+#: Anatomy words, in matching order, and where they sit (see each placement's docstring).
+ANATOMY_TERMS: tuple[_Term, ...] = (
+    _term("lung apex", r"(?<!cardiac )(?<!heart )(?<!ventricular )\b(?:apex|apices|apical)\b", _apex),
+    _term("upper lobe", r"\bupper (?:lobes?|zones?|lungs?)\b|\b[rl]ul\b", lambda lm, sides: _zone_bump(lm, 0)),
+    _term("middle lobe", r"\bmiddle lobe\b|\brml\b|\blingula(?:r)?\b|\bmid(?:dle)?[- ]zones?\b", lambda lm, sides: _zone_bump(lm, 1)),
+    _term("lower lobe", r"\blower (?:lobes?|zones?|lungs?)\b|\b[rl]ll\b", lambda lm, sides: _zone_bump(lm, 2)),
+    _term("lung base", r"\blung bases?\b|\bbases\b|\b(?:bi-?)?bas(?:al|ilar)\b|\bcostophrenic\b", _lung_base),
+    _term("subcarinal", r"\bsubcarinal\b", _near_carina(-20.0, 12.0)),
+    _term("carina", r"\bcarina(?:l)?\b", _near_carina(0.0, 10.0)),
+    _term("hilum", r"\b(?:peri)?hil(?:um|a|ar)\b", _near_carina(-20.0, 20.0)),
+    _term("aortic arch", r"\baortic arch\b|\baortopulmonary\b|\bap window\b", _near_carina(30.0, 15.0)),
+    _term("heart", r"\bheart\b|\bcardiac\b|\bcardiomegaly\b|\bpericardi(?:al|um)\b", _heart),
+    _term("diaphragm", r"\b(?:hemi-?)?diaphragm(?:s|atic)?\b", _diaphragm),
+    _term("liver", r"\bliver\b|\bhepatic\b", _liver),
+    _term("adrenal", r"\badrenals?\b", _adrenal),
+)
+
+
+def anatomy_prior(
+    text: str, landmarks: Landmarks, s_values_mm: np.ndarray
+) -> tuple[np.ndarray, list[str]] | None:
+    """Turn anatomy words in a snippet into a probability profile over axial levels.
+
+    Each recognised term (see ``ANATOMY_TERMS``) becomes Gaussian bumps around its
+    landmark-derived level, one per relevant side ("right", "left", "bilateral" words, or
+    both sides when none is given). Each term's bumps are normalised over ``s_values_mm``
+    and the terms are averaged, so every term weighs the same.
+
+    Args:
+        text: A report snippet, e.g. "Spiculated mass in the right upper lobe.".
+        landmarks: Landmarks of the same volume, from :func:`detect_landmarks`.
+        s_values_mm: (n,) S coordinates (RAS, mm) of the levels to score.
+
+    Returns:
+        ``(profile, terms)``: an (n,) float64 profile summing to 1 and the matched words
+        (side words first, then anatomy terms placed, in text order); None when the
+        snippet names no anatomy that these landmarks can place.
+
+    Raises:
+        ValueError: If ``s_values_mm`` is not a non-empty, finite 1-D array.
+    """
+    levels = np.asarray(s_values_mm, dtype=np.float64)
+    if levels.ndim != 1 or levels.size == 0 or not np.isfinite(levels).all():
+        message = f"s_values_mm must be a non-empty, finite 1-D array of S positions (mm); got shape {levels.shape}."
+        raise ValueError(message)
+    side_words = [name for name, pattern in _SIDE_PATTERNS.items() if pattern.search(text)]
+    sides = tuple(side for side in _SIDES if side in side_words or "bilateral" in side_words)
+    sides = sides or _SIDES
+    found = sorted((match.start(), term) for term in ANATOMY_TERMS if (match := term.pattern.search(text)))
+    profiles, names = [], []
+    for _, term in found:
+        bumps = term.place(landmarks, sides)
+        if bumps:
+            profiles.append(_mixture(bumps, levels))
+            names.append(term.name)
+    if not profiles:
+        logger.debug("No placeable anatomy term in %r.", text)
+        return None
+    profile = np.mean(profiles, axis=0)
+    return profile / profile.sum(), side_words + names
+
+
+def _mixture(bumps: list[TypeBump], levels: np.ndarray) -> np.ndarray:
+    """Equal-weight Gaussian mixture over ``levels``, normalised to sum 1 (log-space safe)."""
+    centres = np.array([centre for centre, _ in bumps])[:, None]
+    sigmas = np.array([sigma for _, sigma in bumps])[:, None]
+    log_density = np.logaddexp.reduce(-0.5 * ((levels[None, :] - centres) / sigmas) ** 2 - np.log(sigmas), axis=0)
+    density = np.exp(log_density - log_density.max())
+    return density / density.sum()

@@ -298,14 +298,14 @@ def _reference_result(engine, encoding, volume, text, resolved, axis, notes) -> 
 
 def _profile_result(engine, encoding, volume, text, method, head, landmarks, notes) -> LocalizationResult:
     """Multiply the available depth profiles; best patch of the peak level in-plane."""
-    from .landmarks import anatomy_prior, detect_landmarks
-
     snippet = strip_references(text) or text
     zero_shot = zero_shot_profile(engine, encoding, snippet, inside=body_patches(volume, encoding.grid))
     profiles, terms = {}, []
     if method in ("auto", "combined", "zero-shot"):
         profiles["zero-shot"] = zero_shot.probabilities
     if method in ("auto", "combined", "anatomy"):
+        from .landmarks import anatomy_prior, detect_landmarks
+
         landmarks = landmarks if landmarks is not None else detect_landmarks(volume.array, volume.ijk_to_ras)
         prior = anatomy_prior(snippet, landmarks, zero_shot.s_mm)
         if prior is None and method == "anatomy":

@@ -158,7 +158,7 @@ def fit_head(samples: Sequence[LocalizationSample], *, epochs: int = 200, seed: 
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         losses.append(total / len(usable))
     head.eval()
     summary = {"num_samples": len(usable), "skipped_outside_field_of_view": len(samples) - len(usable),

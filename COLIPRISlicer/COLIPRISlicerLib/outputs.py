@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .findings import heatmap_on_volume
 from .geometry import array_to_sitk
 from .types import TypePath
 
@@ -77,7 +78,8 @@ def _write_heatmaps(result, names: list[str], staging: Path, document: dict) -> 
     for name in names:
         finding = result.finding(name)
         relative = f"{HEATMAPS_DIRNAME}/{finding.slug}.nii.gz"
-        write_volume(result.heatmap(name), result.volume.ijk_to_ras, staging / relative)
+        heatmap = heatmap_on_volume(finding, result.encoding.grid, result.volume)  # not kept: memory stays flat
+        write_volume(heatmap, result.volume.ijk_to_ras, staging / relative)
         by_name[finding.name]["heatmap"] = relative
 
 

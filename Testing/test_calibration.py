@@ -1,0 +1,66 @@
+"""Calibration: AUROC, Youden / F1 thresholds on hand-checkable cases, and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import RAS_NIFTI, TCIA_SERIES, require
+from typer.testing import CliRunner
+
+from COLIPRISlicerLib.calibration import auroc, calibrate_scores, choose_threshold, read_label_csv
+from COLIPRISlicerLib.catalogue import load_catalogue
+from COLIPRISlicerLib.cli import app
+
+
+def test_auroc_hand_computed():
+    # 3 positives x 3 negatives = 9 pairs, 8 ranked correctly -> 8/9
+    labels = [1, 1, 1, 0, 0, 0]
+    scores = [0.9, 0.8, 0.4, 0.5, 0.3, 0.2]
+    assert auroc(np.array(labels), np.array(scores)) == pytest.approx(8 / 9)
+    assert np.isnan(auroc(np.array([1, 1]), np.array([0.2, 0.3])))
+
+
+def test_youden_and_f1_thresholds():
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    scores = np.array([0.9, 0.8, 0.4, 0.5, 0.3, 0.2])
+    # Youden: t in (0.5, 0.8] gives sens 2/3, spec 1 (J = 0.667); t in (0.3, 0.4] gives 1, 2/3 (J = 0.667);
+    # the first maximum in increasing order is the midpoint 0.35
+    assert choose_threshold(labels, scores, "youden") == pytest.approx(0.35)
+    # F1: t = 0.35 -> TP 3, FP 1 -> 6/7; t = 0.65 -> TP 2 -> 4/5; best is 0.35
+    assert choose_threshold(labels, scores, "f1") == pytest.approx(0.35)
+    with pytest.raises(ValueError, match='Unknown method "auc"'):
+        choose_threshold(labels, scores, "auc")
+
+
+def test_single_class_keeps_the_default_threshold():
+    result = calibrate_scores({"Emphysema": [0.2, 0.6]}, {"Emphysema": [0, 0]}, "youden", {"Emphysema": 0.42})
+    assert result[0].threshold == 0.42 and np.isnan(result[0].auroc)
+
+
+def test_label_csv_errors(tmp_path):
+    names = [f.name for f in load_catalogue()]
+    path = tmp_path / "labels.csv"
+    path.write_text("file,Emphysema\na.nii.gz,1\n")
+    with pytest.raises(ValueError, match="needs a scan column"):
+        read_label_csv(path, names)
+    path.write_text("scan,Foo\na.nii.gz,1\n")
+    with pytest.raises(ValueError, match="no column named after a catalogue finding"):
+        read_label_csv(path, names)
+    path.write_text("scan,Emphysema\na.nii.gz,yes\n")
+    with pytest.raises(ValueError, match="line 2: label of \"Emphysema\" must be 0 or 1"):
+        read_label_csv(path, names)
+
+
+def test_calibrate_command_writes_a_loadable_catalogue(tiny_model_folder, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"scan,Emphysema,Lung nodule\n{require(TCIA_SERIES)},0,1\n{require(RAS_NIFTI)},1,0\n")
+    out = tmp_path / "calibrated.yaml"
+    result = CliRunner().invoke(app, ["calibrate", str(labels), "--model", str(tiny_model_folder), "--out", str(out),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "Emphysema" in result.output and "AUROC" in result.output
+    catalogue = load_catalogue(out)
+    assert len(catalogue) == 18
+    assert catalogue.get("Cardiomegaly").threshold == 0.5  # not labelled: unchanged
+    # two scans, one positive each: AUROC is 1 or 0 and the threshold separates them
+    assert catalogue.get("Emphysema").threshold != 0.5

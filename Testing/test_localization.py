@@ -1,0 +1,218 @@
+"""Snippet -> slice: explicit references, zero-shot and anatomy profiles, the trained head, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TCIA_SERIES, require, synthetic_chest
+
+from COLIPRISlicerLib import geometry
+from COLIPRISlicerLib.encoding import ImageEncoding
+from COLIPRISlicerLib.geometry import PatchGrid
+from COLIPRISlicerLib.localization import (
+    depth_profile,
+    localize,
+    profile_confidence,
+    strip_references,
+)
+from COLIPRISlicerLib.localization_head import (
+    LocalizationRow,
+    LocalizationSample,
+    evaluate_localizer,
+    evaluate_predictions,
+    fit_head,
+    load_head,
+    localization_metrics,
+    predict_s_mm,
+    read_localization_csv,
+    save_head,
+    train_localizer,
+)
+from COLIPRISlicerLib.volume import Volume, load_volume
+
+
+@pytest.fixture(scope="module")
+def tcia(tiny_engine):
+    volume = load_volume(require(TCIA_SERIES))
+    return volume, tiny_engine.encode(volume)
+
+
+def dicom_z_of_instance(volume: Volume, instance_number: int) -> float:
+    """LPS z (= RAS S) of the file whose InstanceNumber tag is ``instance_number``, read with SimpleITK."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    for file in volume.slices.files:
+        reader.SetFileName(file)
+        reader.ReadImageInformation()
+        if int(reader.GetMetaData("0020|0013")) == instance_number:
+            return float(reader.GetMetaData("0020|0032").split("\\")[2])
+    raise AssertionError(f"no file with InstanceNumber {instance_number}")
+
+
+def test_reference_gives_the_slice_whose_instance_number_is_the_image_number(tiny_engine, tcia):
+    volume, encoding = tcia
+    result = localize(tiny_engine, encoding, volume, "mass (series 2, image 18)")
+    assert result.method == "reference" and result.confidence == 1.0
+    assert result.slice_index == volume.slices.instance_numbers.index(18)
+    assert result.s_mm == pytest.approx(dicom_z_of_instance(volume, 18), abs=1e-3)
+    assert geometry.ras_to_ijk(volume.ijk_to_ras, result.point_ras)[2] == pytest.approx(result.slice_index, abs=1e-6)
+    assert result.warnings == []
+    assert result.as_dict()["slice_index"] == result.slice_index
+
+
+def test_reference_to_another_series_warns(tiny_engine, tcia):
+    volume, encoding = tcia
+    result = localize(tiny_engine, encoding, volume, "mass (series 7, image 18)", method="reference")
+    assert result.slice_index == volume.slices.instance_numbers.index(18)
+    assert any("series 7" in warning for warning in result.warnings)
+
+
+def test_without_dicom_metadata_the_image_number_is_a_1_based_index(tiny_engine):
+    volume = Volume.from_array(*synthetic_chest())
+    result = localize(tiny_engine, tiny_engine.encode(volume), volume, "Nodule (image 10).")
+    assert result.method == "reference" and result.slice_index == 9
+    assert any("acquisition order (image 1 at k = 0)" in warning for warning in result.warnings)
+
+
+def test_reference_method_without_a_reference_is_an_error(tiny_engine, tcia):
+    with pytest.raises(ValueError, match="No explicit image reference"):
+        localize(tiny_engine, tcia[1], tcia[0], "Nodule in the right lower lobe.", method="reference")
+    with pytest.raises(ValueError, match="Unknown localisation method"):
+        localize(tiny_engine, tcia[1], tcia[0], "Nodule.", method="psychic")
+
+
+def test_strip_references_keeps_the_finding():
+    assert strip_references("3 mm nodule in the right lower lobe (series 2, image 45).") == (
+        "3 mm nodule in the right lower lobe.")
+
+
+def test_zero_shot_profile_is_deterministic_normalised_and_reuses_the_encoding(tiny_engine, tcia):
+    volume, encoding = tcia
+    forward_count = tiny_engine.image_forward_count
+    first = localize(tiny_engine, tiny_engine.encode(volume), volume, "Nodule in the right lower lobe.", method="zero-shot")
+    second = localize(tiny_engine, encoding, volume, "Nodule in the right lower lobe.", method="zero-shot")
+    assert tiny_engine.image_forward_count == forward_count
+    assert first.method == "zero-shot"
+    assert first.profile.shape == (encoding.grid.shape[2],) == first.profile_s_mm.shape
+    assert first.profile.sum() == pytest.approx(1.0, abs=1e-9)
+    np.testing.assert_array_equal(first.profile, second.profile)
+    np.testing.assert_array_equal(first.point_ras, second.point_ras)
+    assert 0.0 <= first.confidence <= 1.0
+
+
+def planted_encoding(dense: torch.Tensor, grid: PatchGrid) -> ImageEncoding:
+    """An ImageEncoding built directly from (D, gx, gy, gz) embeddings (no model)."""
+    dense = torch.nn.functional.normalize(dense, dim=0)
+    features = torch.zeros(4, *grid.shape)
+    return ImageEncoding(dense.mean(dim=(1, 2, 3)), dense, features, torch.zeros(1, *grid.model_shape), grid,
+                         (0.0, 0.0, 0.0), "synthetic")
+
+
+def permuted_grid(shape=(5, 5, 5), patch_mm=5.0 * 8) -> PatchGrid:
+    """A grid whose first axis points to S (so the depth axis is not the last one), covering the chest."""
+    model_to_ras = np.zeros((4, 4))
+    model_to_ras[2, 0] = model_to_ras[0, 1] = model_to_ras[1, 2] = patch_mm / 8
+    model_to_ras[:3, 3] = [-100.0 + 2.5, -100.0 + 2.5, -100.0 + 2.5]
+    model_to_ras[3, 3] = 1.0
+    return PatchGrid(tuple(n * 8 for n in shape), model_to_ras, (8, 8, 8))
+
+
+def test_profile_peaks_where_a_patch_equals_the_snippet(tiny_engine):
+    volume = Volume.from_array(*synthetic_chest())
+    grid = permuted_grid()
+    text = "Nodule in the lung."
+    dense = torch.randn(32, *grid.shape, generator=torch.Generator().manual_seed(0))
+    planted = (3, 2, 2)  # level 3 along S (grid axis 0), in-plane centre (inside the body)
+    dense[(slice(None), *planted)] = tiny_engine.embed_prompts([text])[0] * 10
+    result = localize(tiny_engine, planted_encoding(dense, grid), volume, text, method="zero-shot")
+    assert int(np.argmax(result.profile)) == 3
+    assert grid.ras_to_patch(result.point_ras) == planted
+    assert result.s_mm == pytest.approx(geometry.apply_affine(grid.grid_to_ras, np.array(planted, float))[2])
+
+
+def test_depth_profile_gives_no_weight_to_levels_outside_the_body():
+    grid = permuted_grid()
+    inside = np.zeros(grid.shape, bool)
+    inside[1:4] = True
+    profile = depth_profile(np.ones(grid.shape), grid, temperature=0.05, inside=inside)
+    np.testing.assert_allclose(profile.probabilities, [0, 1 / 3, 1 / 3, 1 / 3, 0], atol=1e-12)
+    assert (profile.best_patch[0] == -1).all() and (profile.best_patch[1] >= 0).all()
+
+
+def test_confidence_is_zero_for_a_uniform_profile_and_one_for_a_peak():
+    s_mm = np.arange(10) * 16.0
+    assert profile_confidence(s_mm, np.full(10, 0.1)) == pytest.approx(0.0)
+    assert profile_confidence(s_mm, np.eye(10)[4]) == pytest.approx(1.0)
+
+
+def test_anatomy_puts_the_carina_at_the_detected_carina(tiny_engine, tcia):
+    from COLIPRISlicerLib.landmarks import detect_landmarks
+
+    volume, encoding = tcia
+    landmarks = detect_landmarks(volume.array, volume.ijk_to_ras)
+    result = localize(tiny_engine, encoding, volume, "Lymph node at the carina.", method="anatomy", landmarks=landmarks)
+    assert result.method == "anatomy"
+    assert np.linalg.norm(result.point_ras - np.asarray(landmarks.carina_ras)) < 20.0
+
+
+def planted_samples(num_scans: int, seed: int, levels: int = 8, dim: int = 32) -> list[LocalizationSample]:
+    """Scans whose depth levels carry a fixed direction each; a snippet names a level by another direction."""
+    generator = torch.Generator().manual_seed(1000)
+    level_directions, level_words = torch.randn(levels, dim, generator=generator), torch.randn(levels, dim, generator=generator)
+    rng = np.random.default_rng(seed)
+    grid = PatchGrid((16, 16, levels * 8), np.diag([2.0, 2.0, 2.0, 1.0]), (8, 8, 8))
+    samples = []
+    for scan in range(num_scans):
+        dense = torch.randn(dim, *grid.shape, generator=torch.Generator().manual_seed(seed * 100 + scan))
+        dense = dense + 0.5 * level_directions.T[:, None, None, :]
+        encoding = planted_encoding(dense, grid)
+        for level in rng.choice(levels, size=3, replace=False):
+            text = torch.nn.functional.normalize(level_words[level] + 0.1 * torch.randn(dim, generator=generator), dim=0)
+            s_mm = 16.0 * level + 7.0 + rng.uniform(-6, 6)
+            samples.append(LocalizationSample.from_encoding(f"scan{scan}", f"level {level}", s_mm, encoding, text))
+    return samples
+
+
+def test_trained_head_beats_the_middle_slice_baseline(tmp_path, tiny_engine):
+    head, summary = fit_head(planted_samples(12, seed=1), epochs=60, seed=0)
+    assert summary["final_loss"] < summary["first_epoch_loss"]
+    test_samples = planted_samples(6, seed=2)
+    report = evaluate_predictions(test_samples, [predict_s_mm(head, s) for s in test_samples])
+    assert report["method"]["mae_mm"] < report["middle_slice"]["mae_mm"]
+    assert report["method"]["mae_mm"] < 10.0
+    save_head(head, tmp_path, encoder={"model_id": "other", "revision": None, "sha256": "0" * 64}, grid={}, training=summary)
+    reloaded = load_head(tmp_path)
+    assert [predict_s_mm(reloaded, s) for s in test_samples] == [predict_s_mm(head, s) for s in test_samples]
+    with pytest.raises(RuntimeError, match="trained on other"):
+        load_head(tmp_path, tiny_engine)
+
+
+def test_metrics_of_a_hand_computed_case():
+    metrics = localization_metrics([100.0, 112.0, 70.0], [100.0, 100.0, 100.0], ["a", "a", "b"],
+                                   predicted_levels=[3, 4, 1], true_levels=[3, 3, 3])
+    assert metrics["mae_mm"] == pytest.approx(14.0)
+    assert metrics["median_error_mm"] == pytest.approx(12.0)
+    assert metrics["within_12mm"] == pytest.approx(2 / 3)
+    assert metrics["within_24mm"] == pytest.approx(2 / 3)
+    assert metrics["exact_bin_accuracy"] == pytest.approx(1 / 3)
+    assert metrics["per_scan_mae_mm"] == {"a": pytest.approx(6.0), "b": pytest.approx(30.0)}
+
+
+def test_csv_instance_numbers_train_and_evaluate_end_to_end(tmp_path, tiny_engine, tcia):
+    volume, _ = tcia
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(f"scan,snippet,instance_number\n{TCIA_SERIES},Mass in the left upper lobe (series 2 image 18).,18\n"
+                   f"{TCIA_SERIES},Right lower lobe nodule (se 2 im 52).,52\n")
+    rows = read_localization_csv(csv)
+    assert rows[0] == LocalizationRow(TCIA_SERIES, "Mass in the left upper lobe (series 2 image 18).", None, 18)
+    head, summary = train_localizer(rows, tiny_engine, tmp_path / "head", epochs=5, seed=0)
+    assert summary["num_samples"] == 2 and (tmp_path / "head" / "localizer.json").is_file()
+    reloaded = load_head(tmp_path / "head", tiny_engine)
+    report = evaluate_localizer(rows, tiny_engine, reloaded, "reference")
+    assert report["method"]["mae_mm"] == pytest.approx(0.0, abs=1e-3)
+    z_18 = dicom_z_of_instance(volume, 18)
+    assert report["middle_slice"]["mae_mm"] > 0 and abs(summary["train_metrics"]["method"]["count"]) == 2
+    assert evaluate_localizer(rows[:1], tiny_engine, reloaded)["method"]["count"] == 1
+    assert z_18 == pytest.approx(-439.0 + 5.0 * volume.slices.instance_numbers.index(18))

@@ -1,0 +1,208 @@
+"""Benchmark one analysis on the full-size COLIPRI architecture (random weights) against
+colipri's official pipeline, in one process, on a synthetic 512 x 512 x 300 CT.
+
+Usage: .venv/bin/python bench/bench_analysis.py [--json FILE] [--bf16] [--slices 300]
+
+Real weights are used instead when ``--model`` names a cached or local COLIPRI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "COLIPRISlicer"))
+
+FULL_SIZE = dict(input_size=192, spacing_mm=2.0, image_embed_dim=864, image_depth=16, image_heads=12,
+                 projection_dim=768, text_layers=12, text_heads=12, text_intermediate=3072, seed=0)
+SNIPPETS = ["Nodule in the right lower lobe.", "Left pleural effusion.", "Mass near the carina (series 1, image 150).",
+            "Enlarged heart.", "Calcified plaque of the aortic arch."]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available()}
+
+
+def full_size_model(folder: Path, vocab: Path) -> Path:
+    from COLIPRISlicerLib.model_folder import SmallModelSpec, write_small_model
+
+    if not (folder / "model.safetensors").is_file():
+        write_small_model(folder, vocab, SmallModelSpec(**FULL_SIZE), extra={"model_id": "bench/full-size-random"})
+    return folder
+
+
+def synthetic_ct(slices: int):
+    from COLIPRISlicerLib.volume import Volume
+
+    rng = np.random.default_rng(0)
+    shape = (512, 512, slices)
+    i, j, k = np.ogrid[:512, :512, :slices]
+    array = np.full(shape, -1000, np.int16)
+    array[((i - 256) / 230.0) ** 2 + ((j - 256) / 170.0) ** 2 < 1] = 40
+    for centre in (150, 362):
+        array[((i - centre) / 90.0) ** 2 + ((j - 250) / 130.0) ** 2 + ((k - slices / 2) / (slices / 2.2)) ** 2 < 1] = -850
+    array += rng.integers(-20, 20, shape, dtype=np.int16)
+    ijk_to_ras = np.diag([-0.7, -0.7, 1.0, 1.0])  # stored LPS, as DICOM is
+    ijk_to_ras[:3, 3] = [179.0, 179.0, -150.0]
+    return Volume.from_array(array, ijk_to_ras, name="bench_ct")
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    value = function(*args, **kwargs)
+    return value, time.perf_counter() - start
+
+
+def text_timing(engine) -> dict:
+    import torch
+
+    from COLIPRISlicerLib.catalogue import load_catalogue
+
+    prompts = [p for f in load_catalogue() for p in f.prompts[1]]
+    loaded = engine.loaded
+    padded = loaded.tokenizer(prompts, max_length=512, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        reference, pad_s = timed(loaded.model.encode_text, padded["input_ids"], padded["attention_mask"])
+    engine._prompts.clear()
+    ours, dynamic_s = timed(engine.embed_prompts, prompts)
+    return {"text_prompts": len(prompts), "text_pad512_s": pad_s, "text_dynamic_s": dynamic_s,
+            "text_speedup_vs_pad512": pad_s / dynamic_s, "text_max_abs_diff": float((ours - reference).abs().max())}
+
+
+def official_timing(model_folder: Path, scan: Path) -> dict:
+    sys.path.insert(0, str(REPO / "Testing"))
+    from conftest import official_pipeline
+
+    pipeline, load_s = timed(official_pipeline, model_folder)
+    result, call_s = timed(pipeline, str(scan), ["Pleural effusion is not present.", "Pleural effusion is present."])
+    return {"official_load_s": load_s, "official_pipeline_s": call_s,
+            "official_pipeline_18_findings_s_extrapolated": 18 * call_s,
+            "official_effusion_probability": result[1]["score"]}
+
+
+def reopen_timing(model: str, scan: Path, cache_dir: Path) -> dict:
+    code = f"""
+import sys, time, json
+t0 = time.perf_counter()
+sys.path.insert(0, {str(REPO / 'COLIPRISlicer')!r})
+from COLIPRISlicerLib import Engine, load_volume
+from COLIPRISlicerLib.analysis import Analyzer
+import torch, colipri, transformers, torchio
+t1 = time.perf_counter()
+engine = Engine({model!r}, device="cpu", precision="fp32", cache_dir={str(cache_dir)!r})
+result = Analyzer(engine).analyze(load_volume({str(scan)!r}))
+t2 = time.perf_counter()
+print(json.dumps({{"import_s": t1 - t0, "reopen_s": t2 - t1, "reopen_forward_passes": engine.image_forward_count}}))
+"""
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--model", help="model spec; default: full-size random weights")
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--bf16", action="store_true", help="also encode with bf16 autocast (another encode)")
+    parser.add_argument("--skip-official", action="store_true")
+    args = parser.parse_args()
+    work = Path(os.environ.get("COLIPRISLICER_BENCH_DIR", Path.home() / ".cache" / "colipri-slicer" / "bench"))
+    vocab = REPO.parent / "shared" / "data" / "cxrbert" / "vocab.txt"
+    figures: dict = {"machine": machine()}
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.engine import Engine
+    from COLIPRISlicerLib.outputs import write_volume
+
+    model = args.model or str(full_size_model(work / "full-size-random", vocab))
+    volume, figures["synthetic_volume_s"] = timed(synthetic_ct, args.slices)
+    scan = work / f"bench_ct_{args.slices}.nii.gz"
+    if not scan.exists():
+        write_volume(volume.array, volume.ijk_to_ras, scan)
+    cache_dir = Path(tempfile.mkdtemp(prefix="bench-cache-", dir=work))
+    engine = Engine(model, device="cpu", precision="fp32", cache_dir=cache_dir)
+    _, figures["model_load_s"] = timed(lambda: engine.loaded)
+    figures.update(first_analysis(engine, volume))
+    figures.update(requery(engine, figures.pop("_result")))
+    figures.update(text_timing(engine))
+    figures["peak_rss_gb"] = peak_rss_gb()
+    if args.bf16:
+        figures.update(bf16_difference(model, volume, figures["_likelihoods"]))
+    figures.pop("_likelihoods")
+    figures.update(reopen_timing(model, scan, cache_dir))
+    if not args.skip_official and not args.model:
+        figures.update(official_timing(Path(model), scan))
+    print(format_table(figures))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+def first_analysis(engine, volume) -> dict:
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.findings import heatmap_on_volume
+
+    analyzer = Analyzer(engine)
+    start = time.perf_counter()
+    result = analyzer.analyze(volume)
+    heatmaps_s = timed(lambda: [heatmap_on_volume(f, result.encoding.grid, volume) for f in result.findings])[1]
+    report_s = timed(analyzer.report, result)[1]
+    localise_s = timed(lambda: [analyzer.localize(result, s) for s in SNIPPETS])[1]
+    total = time.perf_counter() - start
+    encoder = result.encoding.encode_seconds
+    return {"first_analysis_s": total, "encoder_s": encoder, "non_encoder_fraction": (total - encoder) / total,
+            "scoring_s": result.timings["scoring_s"], "heatmaps_18_on_input_grid_s": heatmaps_s, "report_s": report_s,
+            "localise_5_snippets_s": localise_s, "_result": (analyzer, result),
+            "_likelihoods": np.array([f.likelihood for f in result.findings])}
+
+
+def requery(engine, pair) -> dict:
+    from COLIPRISlicerLib.findings import heatmap_on_volume
+
+    analyzer, result = pair
+    count = engine.image_forward_count
+    scored, finding_s = timed(analyzer.add_finding, result, "rib fracture with callus")
+    _, resample_s = timed(heatmap_on_volume, scored, result.encoding.grid, result.volume)
+    _, snippet_s = timed(analyzer.localize, result, "Small nodule in the left upper lobe.")
+    assert engine.image_forward_count == count, "a re-query ran the image encoder"
+    return {"requery_ms": 1000 * finding_s, "requery_snippet_ms": 1000 * snippet_s,
+            "requery_heatmap_resample_ms": 1000 * resample_s}
+
+
+def bf16_difference(model: str, volume, fp32_likelihoods: np.ndarray) -> dict:
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.engine import Engine
+
+    engine = Engine(model, device="cpu", precision="bf16")
+    result, seconds = timed(Analyzer(engine).analyze, volume)
+    bf16 = np.array([f.likelihood for f in result.findings])
+    return {"bf16_encoder_s": result.encoding.encode_seconds, "bf16_max_abs_likelihood_diff": float(np.abs(bf16 - fp32_likelihoods).max())}
+
+
+def format_table(figures: dict) -> str:
+    lines = ["| measure | value |", "|---|---|"]
+    for key, value in figures.items():
+        text = f"{value:.3f}" if isinstance(value, float) else json.dumps(value) if isinstance(value, dict) else str(value)
+        lines.append(f"| {key} | {text} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
