@@ -9,13 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from COLIPRISlicerLib.report import (
-    CT_RATE_FINDINGS,
-    FindingEvidence,
-    ReportContext,
-    TemplateReportComposer,
-    load_sentence_bank,
-)
+from COLIPRISlicerLib.report import FindingEvidence, ReportContext, TemplateReportComposer
+from COLIPRISlicerLib.report_bank import CT_RATE_FINDINGS, load_sentence_bank
 from COLIPRISlicerLib.report_evaluation import (
     clinical_efficacy,
     evaluate_reports,

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .report import CT_RATE_FINDINGS, FOOTER_RULE
+from .report_bank import CT_RATE_FINDINGS, FOOTER_RULE
 from .types import TypePath
 
 logger = logging.getLogger(__name__)
