@@ -119,6 +119,10 @@ def resample_to_volume(
     """
     import SimpleITK as sitk
 
+    if linear and np.isnan(outside):
+        separable = _resample_separable(values, source_to_ras, target_shape, target_ijk_to_ras, outside)
+        if separable is not None:
+            return separable
     source = array_to_sitk(values.astype(np.float32) if linear else values, source_to_ras)
     origin, spacing, direction = itk_from_ijk_to_ras(target_ijk_to_ras)
     interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
@@ -127,6 +131,43 @@ def resample_to_volume(
         origin, spacing, direction, float(outside) if linear else 0.0, source.GetPixelID(),
     )
     return np.transpose(sitk.GetArrayFromImage(resampled), (2, 1, 0))
+
+
+def _resample_separable(values, source_to_ras, target_shape, target_ijk_to_ras, outside) -> np.ndarray | None:
+    """Trilinear resampling as three small matrix products when the grids' axes are parallel
+    (any permutation and flip), else None. Same semantics as SimpleITK's linear resampling
+    (edge values up to half a cell beyond the outermost centres); one BLAS GEMM does most of it."""
+    target_to_source = np.linalg.inv(source_to_ras) @ np.asarray(target_ijk_to_ras, dtype=np.float64)
+    linear = target_to_source[:3, :3]
+    source_axes = np.argmax(np.abs(linear), axis=0)
+    off_axis = np.abs(linear).sum(axis=0) - np.abs(linear).max(axis=0)
+    if sorted(source_axes) != [0, 1, 2] or off_axis.max() > 1e-9 * np.abs(linear).max():
+        return None
+    weights = []
+    for axis, source_axis in enumerate(source_axes):
+        coordinates = linear[source_axis, axis] * np.arange(target_shape[axis]) + target_to_source[source_axis, 3]
+        weights.append(_interpolation_matrix(coordinates, values.shape[source_axis], outside))
+    ordered = np.transpose(values.astype(np.float32), source_axes)  # axis t of `ordered` feeds target axis t
+    partial = ordered @ weights[2].T  # (n0, n1, K)
+    partial = np.matmul(weights[1], partial)  # (n0, J, K)
+    result = weights[0] @ partial.reshape(partial.shape[0], -1)  # one GEMM: (I, J * K)
+    return result.reshape(tuple(int(n) for n in target_shape))
+
+
+def _interpolation_matrix(coordinates: np.ndarray, size: int, outside: float) -> np.ndarray:
+    """(n_target, size) linear-interpolation weights; rows of targets outside
+    [-0.5, size - 0.5] are filled with ``outside`` (NaN, which propagates through the products)."""
+    inside = (coordinates >= -0.5) & (coordinates <= size - 0.5)
+    clamped = np.clip(coordinates, 0, size - 1)
+    low = np.minimum(np.floor(clamped).astype(int), size - 1)
+    high = np.minimum(low + 1, size - 1)
+    fraction = (clamped - low).astype(np.float32)
+    matrix = np.zeros((len(coordinates), size), np.float32)
+    rows = np.arange(len(coordinates))
+    np.add.at(matrix, (rows, low), 1 - fraction)
+    np.add.at(matrix, (rows, high), fraction)
+    matrix[~inside] = outside
+    return matrix
 
 
 @dataclass(frozen=True)
