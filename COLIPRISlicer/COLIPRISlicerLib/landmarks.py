@@ -18,7 +18,8 @@ Method, on a copy block-averaged to about ``TARGET_SPACING_MM``:
    trachea, and the carina is found at full resolution where that lumen divides in two.
    The trachea is removed from the lung mask, which also cuts the upper airway away.
 4. Right and left lungs: each axial lung section goes to the side of the body midline that
-   holds its centroid; holes (vessels, nodules) are filled per side and slice.
+   holds most of it (sections with a quarter or more on each side, where the lungs touch,
+   are cut at the midline); holes (vessels, nodules) are filled per side and slice.
 5. Per side: apex = highest lung level, base = lowest lung level (the costophrenic recess),
    dome = highest level of the diaphragm, i.e. the first level below the level of largest
    lung area whose area falls below ``DOME_AREA_FRACTION`` of that maximum (the dome
@@ -110,7 +111,14 @@ class Landmarks:
     notes: list[str] = field(default_factory=list)
 
     def side_values(self, name: str) -> dict[str, float | None]:
-        """Per-side values of ``"apex"``, ``"dome"`` or ``"base"``, keyed ``"right"``/``"left"``."""
+        """Per-side values of ``"apex"``, ``"dome"`` or ``"base"``, keyed ``"right"``/``"left"``.
+
+        Raises:
+            ValueError: For any other name.
+        """
+        if name not in ("apex", "dome", "base"):
+            message = f'Per-side landmarks are "apex", "dome" and "base", got {name!r}.'
+            raise ValueError(message)
         return {side: getattr(self, f"{name}_{side}_s") for side in _SIDES}
 
 
@@ -170,8 +178,9 @@ class _Trachea:
 
 @dataclass(frozen=True)
 class _Anatomy:
+    """Everything one analysis produces: the grid, per-side coarse lung masks, landmarks."""
+
     grid: _Grid
-    body: np.ndarray
     lungs: dict[str, np.ndarray]
     landmarks: Landmarks
 
@@ -221,7 +230,8 @@ def lung_mask(array_hu: np.ndarray, ijk_to_ras: TypeAffine, *, side: str | None 
         ValueError: If ``side`` is not ``"right"``, ``"left"`` or None.
     """
     if side not in (None, *_SIDES):
-        raise ValueError(f'side must be "right", "left" or None, got {side!r}.')
+        message = f'side must be "right", "left" or None (both lungs), got {side!r}.'
+        raise ValueError(message)
     anatomy = _analyse(array_hu, ijk_to_ras)
     sides = _SIDES if side is None else (side,)
     return _to_input(np.logical_or.reduce([anatomy.lungs[name] for name in sides]), anatomy.grid)
@@ -241,19 +251,27 @@ def _analyse(array_hu: np.ndarray, ijk_to_ras: TypeAffine) -> _Anatomy:
         lungs = _select_lungs(lungs & ~trachea.mask, grid)
         notes += [trachea.note] if trachea.note else []
     else:
-        notes.append("No trachea found (no midline airway of at least 30 mm); carina unknown.")
+        notes.append(f"No trachea found (no midline airway of {MIN_TRACHEA_LENGTH_MM:g} mm or more); carina unknown.")
+    if midline_r is None:
+        sides = {side: np.zeros_like(lungs) for side in _SIDES}
+    else:
+        sides = _split_sides(lungs, grid, midline_r)
     if not lungs.any():
         notes.append("No lungs found (no lung-like air inside the body); lung landmarks unknown.")
-    sides = _split_sides(lungs, grid, midline_r) if midline_r is not None else {s: lungs & False for s in _SIDES}
+    elif not all(mask.any() for mask in sides.values()):
+        notes.append("Only one lung found; the other side's landmarks are unknown.")
     landmarks = _assemble(grid, sides, trachea, midline_r, notes)
     logger.debug("Landmarks of a %s volume in %.2f s.", array_hu.shape, time.perf_counter() - start)
-    return _Anatomy(grid, body, sides, landmarks)
+    return _Anatomy(grid, sides, landmarks)
 
 
 def _make_grid(array_hu: np.ndarray, ijk_to_ras: TypeAffine) -> _Grid:
     """Reorder the input to its closest R, A, S axes and block-average it."""
     if np.ndim(array_hu) != 3:
-        message = f"Expected a 3-D (I, J, K) CT array, got shape {np.shape(array_hu)}."
+        message = (
+            f"Expected a 3-D (I, J, K) CT array, got shape {np.shape(array_hu)}. Pass one scalar"
+            " volume; Slicer's arrayFromVolume gives (K, J, I), so transpose it first."
+        )
         raise ValueError(message)
     matrix = geometry.validate_affine(ijk_to_ras)
     perm, flips = _closest_ras_axes(matrix)
@@ -309,13 +327,17 @@ def _block_mean(array: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
 
 
 def _to_input(mask: np.ndarray, grid: _Grid) -> np.ndarray:
-    """Nearest-neighbour copy of a coarse mask on the input's (I, J, K) grid."""
+    """Nearest-neighbour copy of a coarse mask on the input's (I, J, K) grid.
+
+    Axes are expanded last to first, so that the largest copy moves whole contiguous rows.
+    """
     indices: list[np.ndarray] = [np.empty(0, dtype=np.intp)] * 3
     for axis, (source, flip) in enumerate(zip(grid.perm, grid.flips)):
         size = grid.view.shape[axis]
         positions = np.arange(size)[::-1] if flip else np.arange(size)
         indices[source] = np.minimum(positions // grid.factors[axis], mask.shape[axis] - 1)
-    return mask.transpose(np.argsort(grid.perm))[np.ix_(*indices)]
+    expanded = mask.transpose(np.argsort(grid.perm))
+    return expanded[:, :, indices[2]][:, indices[1]][indices[0]]
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -352,7 +374,10 @@ def _select_lungs(air: np.ndarray, grid: _Grid) -> np.ndarray:
         (int(c) for c, median in zip(candidates, medians) if low <= median <= high),
         key=lambda c: -volumes_ml[c],
     )
-    keep = lung_like[:1] + [c for c in lung_like[1:2] if volumes_ml[c] >= SECOND_LUNG_MIN_FRACTION * volumes_ml[lung_like[0]]]
+    if not lung_like:
+        return np.zeros_like(air)
+    minimum_ml = SECOND_LUNG_MIN_FRACTION * volumes_ml[lung_like[0]]
+    keep = lung_like[:1] + [c for c in lung_like[1:2] if volumes_ml[c] >= minimum_ml]
     return np.isin(labels, keep)
 
 
@@ -522,7 +547,8 @@ def _split_sides(lungs: np.ndarray, grid: _Grid, midline_r: float) -> dict[str, 
     sections, count = ndimage.label(lungs, structure=_IN_PLANE)
     on_right = grid.ras[..., 0] > midline_r
     pixels = np.bincount(sections.ravel(), minlength=count + 1)
-    fraction_right = np.bincount(sections.ravel(), weights=on_right.ravel(), minlength=count + 1) / np.maximum(pixels, 1)
+    right_pixels = np.bincount(sections.ravel(), weights=on_right.ravel(), minlength=count + 1)
+    fraction_right = right_pixels / np.maximum(pixels, 1)
     straddles = (fraction_right >= 0.25) & (fraction_right <= 0.75)
     right = np.where(straddles[sections], on_right, (fraction_right > 0.5)[sections]) & lungs
     return {"right": _fill_holes_in_plane(right), "left": _fill_holes_in_plane(lungs & ~right)}
@@ -532,7 +558,6 @@ def _side_landmarks(mask: np.ndarray, grid: _Grid, side: str, notes: list[str]) 
     """Apex, base and dome S of one lung; None (with a note) where the scan cuts it."""
     result: dict[str, float | None] = {f"{name}_{side}_s": None for name in ("apex", "base", "dome")}
     if not mask.any():
-        notes.append(f"No {side} lung found.")
         return result
     levels = np.flatnonzero(mask.any(axis=(0, 1)))
     s_mm = grid.ras[..., 2]
@@ -554,17 +579,18 @@ def _dome_s(mask: np.ndarray, s_mm: np.ndarray, side: str, notes: list[str]) -> 
     area = mask.sum(axis=(0, 1)).astype(np.float64)
     peak = int(np.argmax(area))
     if peak >= mask.shape[2] - 2:
-        notes.append(f"The largest {side} lung section is at the top of the scan, so the {side} dome is above it.")
+        notes.append(f"The largest {side} lung section is at the top of the scan: the {side} dome is above it.")
         return None
     threshold = DOME_AREA_FRACTION * area[peak]
     below = np.flatnonzero(area[:peak] < threshold)
     if below.size == 0:
-        notes.append(f"The {side} lung area does not fall below {DOME_AREA_FRACTION:.0%} of its maximum: dome not in the scan.")
+        fraction = f"{DOME_AREA_FRACTION:.0%}"
+        notes.append(f"The {side} lung area never falls below {fraction} of its maximum: {side} dome not in the scan.")
         return None
     level = int(below[-1])
     level_s = [float(s_mm[..., k][mask[..., k]].mean()) for k in (level, level + 1)]
     weight = (threshold - area[level]) / (area[level + 1] - area[level])
-    return level_s[0] + weight * (level_s[1] - level_s[0])
+    return float(level_s[0] + weight * (level_s[1] - level_s[0]))
 
 
 def _assemble(
@@ -602,7 +628,6 @@ def _assemble(
     )
 
 
-
 #: A Gaussian bump over S: (centre S in mm, sigma in mm).
 TypeBump = tuple[float, float]
 _SIDE_PATTERNS = {
@@ -613,15 +638,25 @@ _SIDE_PATTERNS = {
 
 
 @dataclass(frozen=True)
-class _Term:
-    """An anatomy word and the function placing it relative to the landmarks."""
+class AnatomyTerm:
+    """An anatomy word pattern and the function placing it relative to the landmarks.
+
+    Attributes:
+        name: Canonical name reported by :func:`anatomy_prior`, e.g. ``"upper lobe"``.
+        pattern: Case-insensitive regular expression for the word and its variants.
+        place: Returns Gaussian bumps (centre S, sigma, mm) for the landmarks and the sides
+            named in the text; an empty list when the needed landmark is unknown.
+    """
 
     name: str
     pattern: re.Pattern[str]
     place: Callable[[Landmarks, tuple[str, ...]], list[TypeBump]]
 
 
-def _side_bumps(values: dict[str, float | None], sides: tuple[str, ...], offset: float, sigma: float) -> list[TypeBump]:
+def _side_bumps(
+    values: dict[str, float | None], sides: tuple[str, ...], offset: float, sigma: float
+) -> list[TypeBump]:
+    """One bump ``offset`` mm from each named side's value (unknown values skipped)."""
     return [(value + offset, sigma) for side, value in values.items() if side in sides and value is not None]
 
 
@@ -692,16 +727,20 @@ def _near_carina(offset: float, sigma: float) -> Callable[[Landmarks, tuple[str,
     return place
 
 
-def _term(name: str, pattern: str, place: Callable[[Landmarks, tuple[str, ...]], list[TypeBump]]) -> _Term:
-    return _Term(name, re.compile(pattern, re.IGNORECASE), place)
+def _term(name: str, pattern: str, place: Callable[[Landmarks, tuple[str, ...]], list[TypeBump]]) -> AnatomyTerm:
+    return AnatomyTerm(name, re.compile(pattern, re.IGNORECASE), place)
 
 
 #: Anatomy words, in matching order, and where they sit (see each placement's docstring).
-ANATOMY_TERMS: tuple[_Term, ...] = (
+ANATOMY_TERMS: tuple[AnatomyTerm, ...] = (
     _term("lung apex", r"(?<!cardiac )(?<!heart )(?<!ventricular )\b(?:apex|apices|apical)\b", _apex),
-    _term("upper lobe", r"\bupper (?:lobes?|zones?|lungs?)\b|\b[rl]ul\b", lambda lm, sides: _zone_bump(lm, 0)),
-    _term("middle lobe", r"\bmiddle lobe\b|\brml\b|\blingula(?:r)?\b|\bmid(?:dle)?[- ]zones?\b", lambda lm, sides: _zone_bump(lm, 1)),
-    _term("lower lobe", r"\blower (?:lobes?|zones?|lungs?)\b|\b[rl]ll\b", lambda lm, sides: _zone_bump(lm, 2)),
+    _term("upper lobe", r"\bupper (?:lobes?|zones?|lungs?)\b|\b[rl]ul\b", lambda lm, _: _zone_bump(lm, 0)),
+    _term(
+        "middle lobe",
+        r"\bmiddle lobe\b|\brml\b|\blingula(?:r)?\b|\bmid(?:dle)?[- ]zones?\b",
+        lambda lm, _: _zone_bump(lm, 1),
+    ),
+    _term("lower lobe", r"\blower (?:lobes?|zones?|lungs?)\b|\b[rl]ll\b", lambda lm, _: _zone_bump(lm, 2)),
     _term("lung base", r"\blung bases?\b|\bbases\b|\b(?:bi-?)?bas(?:al|ilar)\b|\bcostophrenic\b", _lung_base),
     _term("subcarinal", r"\bsubcarinal\b", _near_carina(-20.0, 12.0)),
     _term("carina", r"\bcarina(?:l)?\b", _near_carina(0.0, 10.0)),
@@ -739,7 +778,10 @@ def anatomy_prior(
     """
     levels = np.asarray(s_values_mm, dtype=np.float64)
     if levels.ndim != 1 or levels.size == 0 or not np.isfinite(levels).all():
-        message = f"s_values_mm must be a non-empty, finite 1-D array of S positions (mm); got shape {levels.shape}."
+        message = (
+            "s_values_mm must be a non-empty, finite 1-D array of S positions (mm), e.g. the S of"
+            f" each axial slice; got shape {levels.shape}."
+        )
         raise ValueError(message)
     side_words = [name for name, pattern in _SIDE_PATTERNS.items() if pattern.search(text)]
     sides = tuple(side for side in _SIDES if side in side_words or "bilateral" in side_words)

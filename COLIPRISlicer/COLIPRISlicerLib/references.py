@@ -238,5 +238,8 @@ def _through_acquisition_order(
         f" position in acquisition order (image 1 at {direction}). This is only right if the"
         " volume holds the whole series, unreordered."
     )
-    detail = f"image {reference.image} taken as slice {reference.image} of {num_slices} in acquisition order, array slice {slice_index}"
+    detail = (
+        f"image {reference.image} taken as slice {reference.image} of {num_slices} in acquisition"
+        f" order, array slice {slice_index}"
+    )
     return slice_index, detail
