@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from COLIPRISlicerLib.landmarks import Landmarks, anatomy_prior, body_mask, detect_landmarks, lung_mask
+from COLIPRISlicerLib.anatomy_prior import anatomy_prior
+from COLIPRISlicerLib.landmarks import Landmarks, body_mask, detect_landmarks, lung_mask
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TCIA_SERIES = SHARED_DATA / "ct" / "tcia_lung_pet_ct_dx_A0001" / "series_5mm"
