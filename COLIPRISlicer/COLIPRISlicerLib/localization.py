@@ -1,30 +1,26 @@
 """Snippet -> slice: where a report sentence points in the volume, how we know, how sure.
 
-Methods (``localize(method=...)``):
+Methods (``localize(method=...)``): ``reference``: an explicit "series N, image M"
+(:mod:`.references`) mapped through the DICOM InstanceNumbers to the exact slice, confidence 1.
+``zero-shot``: per level of the patch grid (slabs along its axis closest to S), the mean of the
+``top_k`` highest snippet-patch cosine similarities over in-body patches of the cached dense
+embeddings; softmax over levels with the checkpoint's temperature. ``anatomy``:
+:func:`.landmarks.anatomy_prior` on the levels' S. ``head``: a trained
+:class:`.localization_head.LocalizationHead`. ``combined``: the product of the available
+profiles (zero-shot; anatomy when a term matched; head when given), renormalised. ``auto``:
+``reference`` when an explicit reference resolves, else ``combined``.
 
-- ``reference``: an explicit "series N, image M" reference (:mod:`.references`) mapped
-  through the series' DICOM InstanceNumbers to the exact slice; confidence 1.
-- ``zero-shot``: a depth profile from the cached dense embeddings. Levels are the slabs of
-  the patch grid along its axis closest to S. Per level: the mean of the ``top_k`` highest
-  snippet-patch cosine similarities over patches inside the body; softmax over levels with
-  the checkpoint's temperature. The best patch of the chosen level gives the in-plane point.
-- ``anatomy``: :func:`.landmarks.anatomy_prior` of the snippet's anatomical terms on the
-  levels' S.
-- ``head``: a trained :class:`.localization_head.LocalizationHead`.
-- ``combined``: the product of the available profiles (zero-shot; anatomy prior when a term
-  matched; head when given), renormalised. ``auto`` is ``reference`` when an explicit
-  reference resolves, else ``combined``.
-
-Confidence of a profile ``p`` over ``L`` levels: the mass ``m`` within
-``CONFIDENCE_WINDOW_MM`` (24 mm, RadFinder's tolerance) of its peak, rescaled so a uniform
-profile scores 0 and a profile with all mass in the window scores 1:
-``clip((m - m_uniform) / (1 - m_uniform), 0, 1)``, ``m_uniform`` = share of levels in the window.
+Confidence of a profile: the mass ``m`` within ``CONFIDENCE_WINDOW_MM`` (24 mm, RadFinder's
+tolerance) of its peak, rescaled so a uniform profile scores 0 and one with all its mass in
+the window 1: ``clip((m - m_uniform) / (1 - m_uniform), 0, 1)``, ``m_uniform`` = share of
+levels in the window.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +39,9 @@ ZERO_SHOT_TOP_K = 5
 MIN_BODY_FRACTION = 0.5
 #: Half-width of the window whose probability mass defines the confidence.
 CONFIDENCE_WINDOW_MM = 24.0
+#: In-body patch masks kept, keyed by (volume content hash, encoding key).
+_BODY_PATCHES: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+_BODY_PATCHES_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -88,11 +87,13 @@ class DepthProfile:
         s_mm: (L,) S (mm) of each level's centre, in grid order.
         probabilities: (L,) summing to 1.
         best_patch: (L, 3) grid index of each level's most similar in-body patch (-1 if none).
+        level_mm: thickness (mm) of one level.
     """
 
     s_mm: np.ndarray
     probabilities: np.ndarray
     best_patch: np.ndarray
+    level_mm: float
 
 
 def axis_closest_to_s(ijk_to_ras: np.ndarray) -> int:
@@ -115,12 +116,17 @@ def by_level(grid_map: np.ndarray, axis: int) -> np.ndarray:
     return moved.reshape(moved.shape[0], -1)
 
 
-def body_patches(volume: Volume, grid: geometry.PatchGrid) -> np.ndarray:
-    """(gx, gy, gz) bool: patches inside the scanned volume and mostly inside the body."""
+def body_patches(volume: Volume, encoding: ImageEncoding) -> np.ndarray:
+    """(gx, gy, gz) bool: patches inside the scanned volume and mostly inside the body (cached)."""
     from .landmarks import body_mask
 
-    fraction = mask_to_patch_fraction(body_mask(volume.array, volume.ijk_to_ras), volume, grid)
-    return (fraction >= MIN_BODY_FRACTION) & patches_inside_volume(grid, volume)
+    key = (volume.content_hash(), encoding.key)
+    if key not in _BODY_PATCHES:
+        fraction = mask_to_patch_fraction(body_mask(volume.array, volume.ijk_to_ras), volume, encoding.grid)
+        _BODY_PATCHES[key] = (fraction >= MIN_BODY_FRACTION) & patches_inside_volume(encoding.grid, volume)
+        while len(_BODY_PATCHES) > _BODY_PATCHES_SIZE:
+            _BODY_PATCHES.popitem(last=False)
+    return _BODY_PATCHES[key]
 
 
 def depth_profile(similarities: np.ndarray, grid: geometry.PatchGrid, *, temperature: float,
@@ -149,7 +155,7 @@ def depth_profile(similarities: np.ndarray, grid: geometry.PatchGrid, *, tempera
     indices = np.moveaxis(np.moveaxis(np.indices(grid.shape), 0, -1), axis, 0).reshape(len(rows), -1, 3)
     best = indices[np.arange(len(rows)), np.argmax(rows, axis=1)]
     best[counts == 0] = -1
-    return DepthProfile(level_s_mm(grid), weights / weights.sum(), best)
+    return DepthProfile(level_s_mm(grid), weights / weights.sum(), best, float(grid.patch_mm[axis]))
 
 
 def zero_shot_profile(engine, encoding: ImageEncoding, text: str, *, inside: np.ndarray | None = None,
@@ -160,7 +166,7 @@ def zero_shot_profile(engine, encoding: ImageEncoding, text: str, *, inside: np.
         engine: an ``Engine`` (its text encoder and checkpoint temperature are used).
         encoding: the volume's cached ``ImageEncoding``.
         text: the snippet (explicit references are best removed, see :func:`strip_references`).
-        inside: (gx, gy, gz) bool allowed patches, e.g. :func:`body_patches`.
+        inside: (gx, gy, gz) bool allowed patches, e.g. :func:`body_patches`; None: all.
         temperature: softmax temperature; default the checkpoint's ``softmax_temperature``.
     """
     similarities = engine.dense_text_similarities(encoding, [text])[0]
@@ -190,21 +196,15 @@ def strip_references(text: str) -> str:
 def slice_s_mm(volume: Volume) -> np.ndarray:
     """(n,) S (mm) of the centre of each slice along the volume's array axis closest to S."""
     axis = axis_closest_to_s(volume.ijk_to_ras)
-    return np.array([plane_centre_ras(volume, axis, k)[2] for k in range(volume.shape[axis])])
+    return plane_centre_ras(volume, axis, np.arange(volume.shape[axis]))[..., 2]
 
 
-def plane_centre_ras(volume: Volume, axis: int, index: float) -> np.ndarray:
-    """(3,) RAS centre of the array plane ``index`` along ``axis``."""
-    ijk = (np.asarray(volume.shape, dtype=float) - 1) / 2
-    ijk[axis] = index
+def plane_centre_ras(volume: Volume, axis: int, index) -> np.ndarray:
+    """(3,) RAS centre of the array plane ``index`` along ``axis`` ((n, 3) for n indices)."""
+    index = np.asarray(index, dtype=float)
+    ijk = np.broadcast_to((np.asarray(volume.shape, dtype=float) - 1) / 2, (*index.shape, 3)).copy()
+    ijk[..., axis] = index
     return geometry.ijk_to_ras(volume.ijk_to_ras, ijk)
-
-
-def s_range_mm(volume: Volume) -> tuple[float, float]:
-    """Lowest and highest S (mm) of the volume's voxel centres."""
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in volume.shape], indexing="ij")).reshape(3, -1).T
-    s = geometry.ijk_to_ras(volume.ijk_to_ras, corners.astype(float))[:, 2]
-    return float(s.min()), float(s.max())
 
 
 def slice_index_of(volume: Volume, point_ras: np.ndarray) -> tuple[int, list[str]]:
@@ -219,15 +219,15 @@ def slice_index_of(volume: Volume, point_ras: np.ndarray) -> tuple[int, list[str
 
 def localize(engine, encoding: ImageEncoding, volume: Volume, text: str, *, method: str = "auto", head=None,
              landmarks=None) -> LocalizationResult:
-    """Where in the volume a report snippet refers to.
+    """Where in the volume a report snippet refers to (no image forward pass: ``encoding`` is reused).
 
     Args:
-        engine: an ``Engine`` (text encoder; no image forward pass happens here).
+        engine: an ``Engine`` (text encoder, checkpoint temperature).
         encoding: the volume's cached ``ImageEncoding``.
         volume: the volume (geometry, DICOM instance numbers, body mask).
         text: the snippet, e.g. "3 mm nodule in the right lower lobe (series 2, image 45)".
         method: one of ``METHODS`` (see the module docstring).
-        head: a ``LocalizationHead`` or a head folder (for ``head``; optional for ``combined``/``auto``).
+        head: a ``LocalizationHead`` or a head folder (needed for ``head``, used by ``auto``/``combined``).
         landmarks: the volume's ``Landmarks`` (computed here when needed and not given).
 
     Raises:
@@ -245,14 +245,19 @@ def localize(engine, encoding: ImageEncoding, volume: Volume, text: str, *, meth
 
         head = load_head(head, engine)
     notes: list[str] = []
+    resolved = None
     if method in ("auto", "reference"):
         resolved, axis, notes = _resolve_explicit_reference(text, volume)
         if resolved is not None:
-            return _reference_result(engine, encoding, volume, text, resolved, axis, notes)
-        if method == "reference":
+            result = _reference_result(engine, encoding, volume, text, resolved, axis, notes)
+        elif method == "reference":
             detail = f" ({' '.join(notes)})" if notes else ""
             raise ValueError(f"No explicit image reference such as 'series 2, image 45' resolves in {text!r}{detail}.")
-    return _profile_result(engine, encoding, volume, text, method, head, landmarks, notes)
+    if resolved is None:
+        result = _profile_result(engine, encoding, volume, text, method, head, landmarks, notes)
+    logger.info("Localised %r: %s, slice %d (confidence %.2f).", text[:60], result.method, result.slice_index,
+                result.confidence)
+    return result
 
 
 def _resolve_explicit_reference(text: str, volume: Volume):
@@ -276,13 +281,11 @@ def _resolve_explicit_reference(text: str, volume: Volume):
 
 def _reference_result(engine, encoding, volume, text, resolved, axis, notes) -> LocalizationResult:
     """Exact slice; in-plane the snippet's most similar in-body patch of that level, else the slice centre."""
-    point = plane_centre_ras(volume, axis, resolved.slice_index)
-    where = "the slice centre"
-    snippet = strip_references(text)
+    point, where, snippet = plane_centre_ras(volume, axis, resolved.slice_index), "the slice centre", strip_references(text)
     if snippet:
-        profile = zero_shot_profile(engine, encoding, snippet, inside=body_patches(volume, encoding.grid))
+        profile = zero_shot_profile(engine, encoding, snippet, inside=body_patches(volume, encoding))
         level = int(np.argmin(np.abs(profile.s_mm - point[2])))
-        if abs(profile.s_mm[level] - point[2]) <= encoding.grid.patch_mm.max() / 2 and profile.best_patch[level][0] >= 0:
+        if abs(profile.s_mm[level] - point[2]) <= profile.level_mm / 2 and profile.best_patch[level][0] >= 0:
             centre = geometry.apply_affine(encoding.grid.grid_to_ras, profile.best_patch[level].astype(float))
             ijk = np.clip(geometry.ras_to_ijk(volume.ijk_to_ras, centre), 0, np.asarray(volume.shape) - 1)
             ijk[axis] = resolved.slice_index
@@ -297,14 +300,15 @@ def _reference_result(engine, encoding, volume, text, resolved, axis, notes) -> 
 
 
 def _profile_result(engine, encoding, volume, text, method, head, landmarks, notes) -> LocalizationResult:
-    """Multiply the available depth profiles; best patch of the peak level in-plane."""
+    """Multiply the available depth profiles; point in the peak level (refined in S by anatomy)."""
     snippet = strip_references(text) or text
-    zero_shot = zero_shot_profile(engine, encoding, snippet, inside=body_patches(volume, encoding.grid))
-    profiles, terms = {}, []
+    zero_shot = zero_shot_profile(engine, encoding, snippet, inside=body_patches(volume, encoding))
+    profiles, sources, terms = {}, {}, []
     if method in ("auto", "combined", "zero-shot"):
-        profiles["zero-shot"] = zero_shot.probabilities
+        profiles["zero-shot"], sources["zero-shot"] = zero_shot.probabilities, f'zero-shot similarity to "{snippet}"'
     if method in ("auto", "combined", "anatomy"):
-        from .landmarks import anatomy_prior, detect_landmarks
+        from .anatomy_prior import anatomy_prior
+        from .landmarks import detect_landmarks
 
         landmarks = landmarks if landmarks is not None else detect_landmarks(volume.array, volume.ijk_to_ras)
         prior = anatomy_prior(snippet, landmarks, zero_shot.s_mm)
@@ -312,8 +316,9 @@ def _profile_result(engine, encoding, volume, text, method, head, landmarks, not
             raise ValueError(f"No anatomical term (e.g. carina, apex, diaphragm) recognised in {snippet!r}; use zero-shot.")
         if prior is not None:
             profiles["anatomy"], terms = np.asarray(prior[0], dtype=float), list(prior[1])
+            sources["anatomy"] = f"the anatomy prior for {', '.join(terms)}"
     if head is not None and method in ("auto", "combined", "head"):
-        profiles["head"] = head.profile(encoding, engine.embed_prompts([snippet])[0])
+        profiles["head"], sources["head"] = head.profile(encoding, engine.embed_prompts([snippet])[0]), "the trained head"
     combined = np.prod(np.stack(list(profiles.values())), axis=0)
     if combined.sum() <= 0:
         notes.append(f"The {' and '.join(profiles)} profiles do not overlap; using the zero-shot profile alone.")
@@ -322,13 +327,12 @@ def _profile_result(engine, encoding, volume, text, method, head, landmarks, not
     level = int(np.argmax(combined))
     point, where = _in_plane_point(encoding.grid, zero_shot, level, landmarks, terms)
     if "anatomy" in profiles:
-        point[2] = _refine_s(snippet, landmarks, volume, zero_shot.s_mm[level], float(encoding.grid.patch_mm.max()))
+        point[2] = _refine_s(snippet, landmarks, volume, zero_shot.s_mm[level], zero_shot.level_mm)
     slice_index, more = slice_index_of(volume, point)
     name = next(iter(profiles)) if len(profiles) == 1 else "combined"
-    matched = f" (anatomical terms: {', '.join(terms)})" if terms else ""
-    explanation = (f"{name.capitalize()} depth profile{matched} from the {', '.join(profiles)} profile(s) over"
-                   f" {len(combined)} levels: peak at S = {zero_shot.s_mm[level]:.1f} mm, point S = {point[2]:.1f} mm;"
-                   f" in-plane position: {where}.")
+    how = " x ".join(sources[key] for key in profiles) + (" (product, renormalised)" if len(profiles) > 1 else "")
+    explanation = (f"Depth profile from {how} over {len(combined)} levels of {zero_shot.level_mm:.0f} mm: peak at"
+                   f" S = {zero_shot.s_mm[level]:.1f} mm; point at S = {point[2]:.1f} mm, in-plane: {where}.")
     return LocalizationResult(point, slice_index, float(point[2]), name, profile_confidence(zero_shot.s_mm, combined),
                               explanation, zero_shot.s_mm, combined, notes + more)
 
@@ -337,18 +341,17 @@ def _in_plane_point(grid, zero_shot: DepthProfile, level: int, landmarks, terms:
     """(3,) RAS point at a level: the carina's in-plane position when named, else the best patch."""
     if landmarks is not None and landmarks.carina_ras is not None and any("carina" in t.lower() for t in terms):
         return np.array([*landmarks.carina_ras[:2], zero_shot.s_mm[level]]), "the detected carina"
-    index = zero_shot.best_patch[level].astype(float)
+    index, where = zero_shot.best_patch[level].astype(float), "the most similar patch inside the body"
     if index[0] < 0:
-        axis = axis_closest_to_s(grid.grid_to_ras)
         index = (np.asarray(grid.shape, dtype=float) - 1) / 2
-        index[axis] = level
-        return geometry.apply_affine(grid.grid_to_ras, index), "the centre of the level (no body patch there)"
-    return geometry.apply_affine(grid.grid_to_ras, index), "the most similar patch inside the body"
+        index[axis_closest_to_s(grid.grid_to_ras)] = level
+        where = "the centre of the level (no body patch there)"
+    return geometry.apply_affine(grid.grid_to_ras, index), where
 
 
 def _refine_s(snippet: str, landmarks, volume: Volume, level_s: float, level_mm: float) -> float:
     """S of the slice inside the chosen level where the anatomy prior peaks (finer than a patch)."""
-    from .landmarks import anatomy_prior
+    from .anatomy_prior import anatomy_prior
 
     s_values = slice_s_mm(volume)
     candidates = s_values[np.abs(s_values - level_s) <= level_mm / 2]

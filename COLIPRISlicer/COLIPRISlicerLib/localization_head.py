@@ -130,7 +130,7 @@ class LocalizationHead(torch.nn.Module):
 
 def fit_head(samples: Sequence[LocalizationSample], *, epochs: int = 200, seed: int = 0, learning_rate: float = 1e-3,
              batch_size: int = 64, projection_dim: int | None = None) -> tuple[LocalizationHead, dict]:
-    """Train a head with RadFinder's blurred-target cross-entropy (full-batch Adam on mini-batches).
+    """Train a head with RadFinder's blurred-target cross-entropy (Adam on shuffled mini-batches).
 
     Returns:
         The head (eval mode) and a summary: samples, scans, epochs, seed, first/last loss, seconds.
@@ -268,6 +268,15 @@ def row_s_mm(row: LocalizationRow, volume) -> float:
     return float(plane_centre_ras(volume, 2, numbers.index(row.instance_number))[2])
 
 
+def s_range_mm(volume) -> tuple[float, float]:
+    """Lowest and highest S (mm) of the volume's voxel centres."""
+    from . import geometry
+
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in volume.shape], indexing="ij")).reshape(3, -1).T
+    s = geometry.ijk_to_ras(volume.ijk_to_ras, corners.astype(float))[:, 2]
+    return float(s.min()), float(s.max())
+
+
 def _scans(rows: Sequence[LocalizationRow], engine):
     """Yield (volume, cached encoding, rows) per scan, loading one volume at a time."""
     from .volume import load_volume
@@ -282,7 +291,7 @@ def _scans(rows: Sequence[LocalizationRow], engine):
 
 def build_samples(rows: Sequence[LocalizationRow], engine) -> tuple[list[LocalizationSample], dict]:
     """Samples (explicit references removed from the snippets) and the grid of the encodings."""
-    from .localization import s_range_mm, strip_references
+    from .localization import strip_references
 
     samples, grid = [], {}
     for volume, encoding, group in _scans(rows, engine):
@@ -339,7 +348,7 @@ def evaluate_localizer(rows: Sequence[LocalizationRow], engine, head: Localizati
     ``method`` defaults to ``head`` when a head is given, else ``auto``.
     """
     from .landmarks import detect_landmarks
-    from .localization import localize, s_range_mm, strip_references
+    from .localization import localize, strip_references
 
     method = method or ("head" if head is not None else "auto")
     samples, predicted = [], []
