@@ -21,9 +21,13 @@ fi
 
 echo "[setup] creating .venv with $PYTHON (first run takes a few minutes)" >&2
 "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e ".[test]"
+log=.venv/setup.log
+pip_install() {
+  .venv/bin/python -m pip install -q "$@" >>"$log" 2>&1 || { tail -n 40 "$log" >&2; echo "[setup] pip failed; see $log" >&2; exit 1; }
+}
+pip_install --upgrade pip
+pip_install torch==2.14.1 torchvision==0.29.1
+pip_install -e ".[test]"
 rm -f .venv/.setup-*
 touch "$stamp"
 echo "[setup] done" >&2
