@@ -51,13 +51,15 @@ def analyze(
     finding: Annotated[Optional[list[str]], typer.Option("--finding", help="Extra free-text finding (repeatable).")] = None,
     heatmaps: Annotated[bool, typer.Option(help="Write heatmaps/<finding>.nii.gz.")] = True,
     report: Annotated[bool, typer.Option(help="Write the draft report.md.")] = True,
+    snippet: Annotated[Optional[list[str]], typer.Option("--snippet", help="Report sentence to localise (repeatable).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="On-disk embedding cache folder.")] = None,
 ) -> None:
-    """Zero-shot findings (likelihoods, heatmaps) and a draft report for one scan -> OUT/."""
-    _run(lambda: _analyze(scan, out, model, device, precision, findings, finding or [], heatmaps, cache_dir, report))
+    """Zero-shot findings (likelihoods, heatmaps), a draft report and snippet locations -> OUT/."""
+    _run(lambda: _analyze(scan, out, model, device, precision, findings, finding or [], heatmaps, cache_dir, report,
+                          snippet or []))
 
 
-def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir, report=True) -> None:
+def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir, report=True, snippets=()) -> None:
     from .analysis import Analyzer
     from .catalogue import load_catalogue
     from .engine import Engine
@@ -72,6 +74,8 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
     for text in extra:
         analyzer.add_finding(result, text)
     writers = [_report_writer(analyzer, result)] if report else []
+    if snippets:
+        writers.append(_localization_writer(analyzer, result, snippets))
     path = write_analysis(result, out, heatmaps="all" if heatmaps else None, extra_writers=writers)
     _print_findings(result)
     _status(f"Wrote {path}")
@@ -80,6 +84,16 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
 def _report_writer(analyzer, result):
     draft = analyzer.report(result)
     return lambda folder: (folder / "report.md").write_text(draft.to_markdown(), encoding="utf-8")
+
+
+def _localization_writer(analyzer, result, snippets):
+    import json
+
+    located = [{"text": text, **analyzer.localize(result, text).as_dict()} for text in snippets]
+    for entry in located:
+        typer.echo(f"  {entry['text'][:50]!r} -> S {entry['s_mm']:.1f} mm, slice {entry['slice_index']}"
+                   f" ({entry['method']}, confidence {entry['confidence']:.2f})")
+    return lambda folder: (folder / "localization.json").write_text(json.dumps(located, indent=2))
 
 
 def _print_findings(result) -> None:
