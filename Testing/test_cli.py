@@ -95,3 +95,20 @@ def test_help_is_fast_and_does_not_import_torch():
     subprocess.run([sys.executable, "-m", "COLIPRISlicerLib.cli", "--help"], env=env, capture_output=True, timeout=60,
                    check=True)
     assert time.perf_counter() - start < 1.5  # includes interpreter start-up
+
+
+def test_train_and_eval_localizer_commands(tiny_model_folder, tmp_path):
+    scan = require(TCIA_SERIES)
+    csv = tmp_path / "snippets.csv"
+    csv.write_text("scan,snippet,instance_number\n"
+                   f"{scan},mass in the left upper lobe,18\n{scan},nodule near the diaphragm,55\n{scan},apical scarring,3\n")
+    head = tmp_path / "head"
+    trained = runner.invoke(app, ["train-localizer", str(csv), "--model", str(tiny_model_folder), "--out", str(head),
+                                  "--epochs", "5", "--device", "cpu"])
+    assert trained.exit_code == 0, trained.output
+    assert (head / "localizer.safetensors").is_file() and (head / "localizer.json").is_file()
+    evaluated = runner.invoke(app, ["eval-localizer", str(csv), "--model", str(tiny_model_folder), "--head", str(head),
+                                    "--method", "head", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    for column in ("MAE", "median", "middle", "random"):
+        assert column.lower() in evaluated.output.lower()

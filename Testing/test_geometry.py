@@ -128,3 +128,44 @@ def test_separable_resampling_equals_simpleitk(flip_permute):
 
 def test_oblique_resampling_falls_back_to_simpleitk():
     assert geometry._resample_separable(np.zeros((4, 4, 4)), oblique_matrix(), (5, 5, 5), np.eye(4), np.nan) is None
+
+
+def test_axis_closest_to_s_follows_the_direction_not_the_array_order():
+    matrix = oblique_matrix()  # k tilted 17 degrees away from S
+    assert geometry.axis_closest_to_s(matrix) == 2
+    new_to_old = np.eye(4)[[1, 2, 0, 3]]  # old (i, j, k) = new (1, 2, 0): new axis 0 is old k
+    assert geometry.axis_closest_to_s(matrix @ new_to_old) == 0
+
+
+def test_slice_helpers_on_an_oblique_anisotropic_volume():
+    matrix = oblique_matrix()
+    volume = Volume.from_array(np.zeros((6, 5, 4), np.int16), matrix)
+    centres = geometry.ijk_to_ras(matrix, [[2.5, 2.0, k] for k in range(4)])
+    np.testing.assert_allclose(geometry.plane_centre_ras(volume, 2, np.arange(4)), centres, atol=1e-12)
+    np.testing.assert_allclose(geometry.slice_s_mm(volume), centres[:, 2], atol=1e-12)
+    assert geometry.slice_index_of(volume, centres[3]) == (3, [])
+    far = centres[3] + 10 * (centres[3] - centres[2])
+    assert geometry.slice_index_of(volume, far)[0] == 3
+    assert "outside the scanned slices" in geometry.slice_index_of(volume, far)[1][0]
+    inside = geometry.ijk_to_ras(matrix, [1.2, 2.7, 0.4])
+    np.testing.assert_allclose(geometry.point_on_plane(volume, inside, 2, 3),
+                               geometry.ijk_to_ras(matrix, [1.2, 2.7, 3.0]), atol=1e-9)
+    outside = geometry.ijk_to_ras(matrix, [-4.0, 9.0, 1.0])
+    np.testing.assert_allclose(geometry.point_on_plane(volume, outside, 2, 0),
+                               geometry.ijk_to_ras(matrix, [0.0, 4.0, 0.0]), atol=1e-9)
+    every_s = geometry.ijk_to_ras(matrix, np.argwhere(np.ones(volume.shape)).astype(float))[:, 2]
+    assert geometry.s_range_mm(volume) == pytest.approx((every_s.min(), every_s.max()), abs=1e-9)
+
+
+def test_patch_grid_levels_run_along_the_axis_closest_to_s():
+    model_to_ras = np.zeros((4, 4))
+    model_to_ras[2, 0] = model_to_ras[0, 1] = model_to_ras[1, 2] = 2.0  # model axis 0 points to S
+    model_to_ras[3, 3] = 1.0
+    grid = geometry.PatchGrid((40, 40, 40), model_to_ras, (8, 8, 8))
+    assert grid.depth_axis == 0 and grid.level_mm == 16.0
+    np.testing.assert_allclose(grid.level_s_mm(), [7.0, 23.0, 39.0, 55.0, 71.0], atol=1e-12)
+    np.testing.assert_allclose(grid.level_centre_ras(3), [39.0, 39.0, 55.0], atol=1e-12)
+    indices = grid.by_level(np.moveaxis(np.indices(grid.shape), 0, -1))
+    assert indices.shape == (5, 25, 3)
+    assert (indices[..., 0] == np.arange(5)[:, None]).all()
+    np.testing.assert_array_equal(grid.by_level(np.arange(125).reshape(5, 5, 5))[2], np.arange(50, 75))

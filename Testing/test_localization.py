@@ -16,20 +16,22 @@ from COLIPRISlicerLib.localization import (
     profile_confidence,
     strip_references,
 )
-from COLIPRISlicerLib.localization_head import (
+from COLIPRISlicerLib.localization_evaluation import (
     LocalizationRow,
-    LocalizationSample,
     eval_localizer_command,
     evaluate_localizer,
     evaluate_predictions,
-    fit_head,
-    load_head,
     localization_metrics,
-    predict_s_mm,
     read_localization_csv,
     row_s_mm,
-    save_head,
     train_localizer,
+)
+from COLIPRISlicerLib.localization_head import (
+    LocalizationSample,
+    fit_head,
+    load_head,
+    predict_s_mm,
+    save_head,
 )
 from COLIPRISlicerLib.volume import Volume, load_volume
 

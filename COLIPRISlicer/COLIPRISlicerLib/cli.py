@@ -186,6 +186,42 @@ def eval_report(
     _run(action)
 
 
+@app.command("train-localizer")
+def train_localizer(
+    csv: Annotated[Path, typer.Argument(exists=True, help="CSV: scan, snippet, s_mm or instance_number.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Head folder to write.")],
+    model: ModelOption = DEFAULT_MODEL,
+    epochs: Annotated[int, typer.Option(min=1)] = 200,
+    device: DeviceOption = "auto",
+) -> None:
+    """Train the snippet-localisation head on frozen dense features (RadFinder's loss)."""
+
+    def action() -> None:
+        from .localization_evaluation import train_localizer_command
+
+        train_localizer_command(csv, model, out, epochs, device, echo=typer.echo)
+
+    _run(action)
+
+
+@app.command("eval-localizer")
+def eval_localizer(
+    csv: Annotated[Path, typer.Argument(exists=True, help="CSV: scan, snippet, s_mm or instance_number.")],
+    model: ModelOption = DEFAULT_MODEL,
+    head: Annotated[Optional[Path], typer.Option(exists=True, help="Trained head folder.")] = None,
+    method: Annotated[str, typer.Option(help="auto, zero-shot, anatomy, head or combined.")] = "auto",
+    device: DeviceOption = "auto",
+) -> None:
+    """MAE, median error, accuracy within 12/24 mm, per-scan MAE and baselines."""
+
+    def action() -> None:
+        from .localization_evaluation import eval_localizer_command
+
+        eval_localizer_command(csv, model, head, method, device, echo=typer.echo)
+
+    _run(action)
+
+
 @cache_app.command("list")
 def cache_list(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> None:
     """Show cached encodings."""

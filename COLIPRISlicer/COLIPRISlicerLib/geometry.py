@@ -7,10 +7,14 @@ use LPS, converted only here. Matrices are named ``<from>_to_<to>``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .types import TypeAffine
+
+if TYPE_CHECKING:
+    from .volume import Volume
 
 #: diag(-1, -1, 1): flips the first two axes, LPS <-> RAS (its own inverse).
 FLIP_XY = np.diag([-1.0, -1.0, 1.0])
@@ -79,6 +83,57 @@ def ras_to_ijk(ijk_to_ras: TypeAffine, points_ras: np.ndarray) -> np.ndarray:
 def ijk_to_ras(ijk_to_ras: TypeAffine, indices: np.ndarray) -> np.ndarray:
     """RAS points (..., 3) of voxel indices (..., 3)."""
     return apply_affine(ijk_to_ras, indices)
+
+
+def axis_closest_to_s(ijk_to_ras: TypeAffine) -> int:
+    """Index (0, 1 or 2) of the array axis whose direction is closest to RAS S."""
+    steps = apply_affine(ijk_to_ras, np.eye(3)) - apply_affine(ijk_to_ras, np.zeros(3))
+    return int(np.argmax(np.abs(steps[:, 2]) / np.linalg.norm(steps, axis=1)))
+
+
+def _plane_centres_ras(index_to_ras: TypeAffine, shape, axis: int, index) -> np.ndarray:
+    """(3,) RAS centre of the array plane ``index`` along ``axis`` of a grid ((n, 3) for n indices)."""
+    index = np.asarray(index, dtype=float)
+    ijk = np.broadcast_to((np.asarray(shape, dtype=float) - 1) / 2, (*index.shape, 3)).copy()
+    ijk[..., axis] = index
+    return apply_affine(index_to_ras, ijk)
+
+
+def plane_centre_ras(volume: Volume, axis: int, index) -> np.ndarray:
+    """(3,) RAS centre of the volume's array plane ``index`` along ``axis`` ((n, 3) for n indices)."""
+    return _plane_centres_ras(volume.ijk_to_ras, volume.shape, axis, index)
+
+
+def slice_s_mm(volume: Volume) -> np.ndarray:
+    """(n,) S (mm) of the centre of each slice along the volume's array axis closest to S."""
+    axis = axis_closest_to_s(volume.ijk_to_ras)
+    return plane_centre_ras(volume, axis, np.arange(volume.shape[axis]))[..., 2]
+
+
+def slice_index_of(volume: Volume, point_ras: np.ndarray) -> tuple[int, list[str]]:
+    """Index of the slice (along the axis closest to S) holding a RAS point, clipped into the volume,
+    and a warning when the point lies outside the scanned slices."""
+    axis = axis_closest_to_s(volume.ijk_to_ras)
+    position = float(ras_to_ijk(volume.ijk_to_ras, point_ras)[axis])
+    index = int(np.clip(np.rint(position), 0, volume.shape[axis] - 1))
+    if abs(position - index) > 0.5 + 1e-6:
+        return index, [f"The point lies outside the scanned slices; showing the nearest slice, {index}."]
+    return index, []
+
+
+def point_on_plane(volume: Volume, point_ras: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """(3,) RAS point on the array plane ``index`` along ``axis``, in-plane where ``point_ras``
+    is (clipped into the volume)."""
+    ijk = np.clip(ras_to_ijk(volume.ijk_to_ras, point_ras), 0, np.asarray(volume.shape) - 1)
+    ijk[axis] = index
+    return ijk_to_ras(volume.ijk_to_ras, ijk)
+
+
+def s_range_mm(volume: Volume) -> tuple[float, float]:
+    """Lowest and highest S (mm) of the volume's voxel centres."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in volume.shape], indexing="ij")).reshape(3, -1).T
+    s = ijk_to_ras(volume.ijk_to_ras, corners.astype(float))[:, 2]
+    return float(s.min()), float(s.max())
 
 
 def array_to_sitk(array_ijk: np.ndarray, ijk_to_ras: TypeAffine):
@@ -201,6 +256,29 @@ class PatchGrid:
     def patch_mm(self) -> np.ndarray:
         """Edge length of one patch (mm) along each grid axis."""
         return spacing_of(self.grid_to_ras)
+
+    @property
+    def depth_axis(self) -> int:
+        """Grid axis closest to S; its planes are the depth levels."""
+        return axis_closest_to_s(self.grid_to_ras)
+
+    @property
+    def level_mm(self) -> float:
+        """Thickness (mm) of one depth level."""
+        return float(self.patch_mm[self.depth_axis])
+
+    def level_centre_ras(self, level) -> np.ndarray:
+        """(3,) RAS centre of depth level ``level`` ((n, 3) for n levels)."""
+        return _plane_centres_ras(self.grid_to_ras, self.shape, self.depth_axis, level)
+
+    def level_s_mm(self) -> np.ndarray:
+        """(L,) S (mm) of the centre of each depth level, in grid order."""
+        return self.level_centre_ras(np.arange(self.shape[self.depth_axis]))[:, 2]
+
+    def by_level(self, grid_map: np.ndarray) -> np.ndarray:
+        """(gx, gy, gz, ...) map -> (L, gx*gy*gz/L, ...): one row per depth level."""
+        moved = np.moveaxis(np.asarray(grid_map), self.depth_axis, 0)
+        return moved.reshape(moved.shape[0], -1, *moved.shape[3:])
 
     def centres_ras(self) -> np.ndarray:
         """(gx, gy, gz, 3) RAS centre of every patch."""

@@ -96,26 +96,6 @@ class DepthProfile:
     level_mm: float
 
 
-def axis_closest_to_s(ijk_to_ras: np.ndarray) -> int:
-    """Index (0, 1 or 2) of the array axis whose direction is closest to RAS S."""
-    steps = geometry.apply_affine(ijk_to_ras, np.eye(3)) - geometry.apply_affine(ijk_to_ras, np.zeros(3))
-    return int(np.argmax(np.abs(steps[:, 2]) / np.linalg.norm(steps, axis=1)))
-
-
-def level_s_mm(grid: geometry.PatchGrid) -> np.ndarray:
-    """(L,) S (mm) of the centre of each level of the patch grid along its S-most axis."""
-    axis = axis_closest_to_s(grid.grid_to_ras)
-    indices = np.tile((np.asarray(grid.shape, dtype=float) - 1) / 2, (grid.shape[axis], 1))
-    indices[:, axis] = np.arange(grid.shape[axis])
-    return geometry.apply_affine(grid.grid_to_ras, indices)[:, 2]
-
-
-def by_level(grid_map: np.ndarray, axis: int) -> np.ndarray:
-    """(gx, gy, gz) map -> (L, gx*gy*gz/L) rows per level along ``axis``."""
-    moved = np.moveaxis(np.asarray(grid_map), axis, 0)
-    return moved.reshape(moved.shape[0], -1)
-
-
 def body_patches(volume: Volume, encoding: ImageEncoding) -> np.ndarray:
     """(gx, gy, gz) bool: patches inside the scanned volume and mostly inside the body (cached)."""
     from .landmarks import body_mask
@@ -144,18 +124,17 @@ def depth_profile(similarities: np.ndarray, grid: geometry.PatchGrid, *, tempera
     if tuple(similarities.shape) != tuple(grid.shape):
         raise ValueError(f"Similarity map shape {similarities.shape} != patch grid {grid.shape}.")
     allowed = np.ones(grid.shape, bool) if inside is None or not np.any(inside) else np.asarray(inside, bool)
-    axis = axis_closest_to_s(grid.grid_to_ras)
-    rows = np.where(by_level(allowed, axis), by_level(similarities, axis), -np.inf)  # (L, n)
+    rows = np.where(grid.by_level(allowed), grid.by_level(similarities), -np.inf)  # (L, n)
     ordered = -np.sort(-rows, axis=1)[:, :top_k]
     finite = np.isfinite(ordered)
     counts = finite.sum(axis=1)
     scores = np.where(counts > 0, np.where(finite, ordered, 0.0).sum(axis=1) / np.maximum(counts, 1), -np.inf)
     logits = scores / float(temperature)
     weights = np.exp(logits - logits.max())
-    indices = np.moveaxis(np.moveaxis(np.indices(grid.shape), 0, -1), axis, 0).reshape(len(rows), -1, 3)
+    indices = grid.by_level(np.moveaxis(np.indices(grid.shape), 0, -1))  # (L, n, 3)
     best = indices[np.arange(len(rows)), np.argmax(rows, axis=1)]
     best[counts == 0] = -1
-    return DepthProfile(level_s_mm(grid), weights / weights.sum(), best, float(grid.patch_mm[axis]))
+    return DepthProfile(grid.level_s_mm(), weights / weights.sum(), best, grid.level_mm)
 
 
 def zero_shot_profile(engine, encoding: ImageEncoding, text: str, *, inside: np.ndarray | None = None,
@@ -191,30 +170,6 @@ def strip_references(text: str) -> str:
         text = text[:reference.start] + text[reference.end:]
     text = re.sub(r"[(\[]\s*[,;:]?\s*[)\]]", "", text)
     return re.sub(r"\s+([,.;:])", r"\1", re.sub(r"\s{2,}", " ", text)).strip(" ,;")
-
-
-def slice_s_mm(volume: Volume) -> np.ndarray:
-    """(n,) S (mm) of the centre of each slice along the volume's array axis closest to S."""
-    axis = axis_closest_to_s(volume.ijk_to_ras)
-    return plane_centre_ras(volume, axis, np.arange(volume.shape[axis]))[..., 2]
-
-
-def plane_centre_ras(volume: Volume, axis: int, index) -> np.ndarray:
-    """(3,) RAS centre of the array plane ``index`` along ``axis`` ((n, 3) for n indices)."""
-    index = np.asarray(index, dtype=float)
-    ijk = np.broadcast_to((np.asarray(volume.shape, dtype=float) - 1) / 2, (*index.shape, 3)).copy()
-    ijk[..., axis] = index
-    return geometry.ijk_to_ras(volume.ijk_to_ras, ijk)
-
-
-def slice_index_of(volume: Volume, point_ras: np.ndarray) -> tuple[int, list[str]]:
-    """Index of the slice (along the axis closest to S) holding a RAS point, clipped into the volume."""
-    axis = axis_closest_to_s(volume.ijk_to_ras)
-    position = float(geometry.ras_to_ijk(volume.ijk_to_ras, point_ras)[axis])
-    index = int(np.clip(np.rint(position), 0, volume.shape[axis] - 1))
-    if abs(position - index) > 0.5 + 1e-6:
-        return index, [f"The point lies outside the scanned slices; showing the nearest slice, {index}."]
-    return index, []
 
 
 def localize(engine, encoding: ImageEncoding, volume: Volume, text: str, *, method: str = "auto", head=None,
@@ -265,7 +220,7 @@ def _resolve_explicit_reference(text: str, volume: Volume):
     from .references import find_references, resolve_reference
 
     slices = volume.slices
-    axis = 2 if slices is not None else axis_closest_to_s(volume.ijk_to_ras)
+    axis = 2 if slices is not None else geometry.axis_closest_to_s(volume.ijk_to_ras)
     messages: list[str] = []
     for reference in find_references(text):
         try:
@@ -281,17 +236,17 @@ def _resolve_explicit_reference(text: str, volume: Volume):
 
 def _reference_result(engine, encoding, volume, text, resolved, axis, notes) -> LocalizationResult:
     """Exact slice; in-plane the snippet's most similar in-body patch of that level, else the slice centre."""
-    point, where, snippet = plane_centre_ras(volume, axis, resolved.slice_index), "the slice centre", strip_references(text)
+    point, where = geometry.plane_centre_ras(volume, axis, resolved.slice_index), "the slice centre"
+    snippet = strip_references(text)
     if snippet:
         profile = zero_shot_profile(engine, encoding, snippet, inside=body_patches(volume, encoding))
         level = int(np.argmin(np.abs(profile.s_mm - point[2])))
         if abs(profile.s_mm[level] - point[2]) <= profile.level_mm / 2 and profile.best_patch[level][0] >= 0:
             centre = geometry.apply_affine(encoding.grid.grid_to_ras, profile.best_patch[level].astype(float))
-            ijk = np.clip(geometry.ras_to_ijk(volume.ijk_to_ras, centre), 0, np.asarray(volume.shape) - 1)
-            ijk[axis] = resolved.slice_index
-            point, where = geometry.ijk_to_ras(volume.ijk_to_ras, ijk), f'the patch most similar to "{snippet}"'
-    slice_index, more = slice_index_of(volume, point)
-    if axis != axis_closest_to_s(volume.ijk_to_ras):
+            point = geometry.point_on_plane(volume, centre, axis, resolved.slice_index)
+            where = f'the patch most similar to "{snippet}"'
+    slice_index, more = geometry.slice_index_of(volume, point)
+    if axis != geometry.axis_closest_to_s(volume.ijk_to_ras):
         more.append("The referenced image is not an axial slice of this volume; its centre's axial slice is shown.")
     explanation = (f'Explicit reference "{resolved.reference.text}": {resolved.method_detail}'
                    f" (S = {point[2]:.1f} mm); in-plane position: {where}.")
@@ -328,7 +283,7 @@ def _profile_result(engine, encoding, volume, text, method, head, landmarks, not
     point, where = _in_plane_point(encoding.grid, zero_shot, level, landmarks, terms)
     if "anatomy" in profiles:
         point[2] = _refine_s(snippet, landmarks, volume, zero_shot.s_mm[level], zero_shot.level_mm)
-    slice_index, more = slice_index_of(volume, point)
+    slice_index, more = geometry.slice_index_of(volume, point)
     name = next(iter(profiles)) if len(profiles) == 1 else "combined"
     how = " x ".join(sources[key] for key in profiles) + (" (product, renormalised)" if len(profiles) > 1 else "")
     explanation = (f"Depth profile from {how} over {len(combined)} levels of {zero_shot.level_mm:.0f} mm: peak at"
@@ -341,19 +296,17 @@ def _in_plane_point(grid, zero_shot: DepthProfile, level: int, landmarks, terms:
     """(3,) RAS point at a level: the carina's in-plane position when named, else the best patch."""
     if landmarks is not None and landmarks.carina_ras is not None and any("carina" in t.lower() for t in terms):
         return np.array([*landmarks.carina_ras[:2], zero_shot.s_mm[level]]), "the detected carina"
-    index, where = zero_shot.best_patch[level].astype(float), "the most similar patch inside the body"
-    if index[0] < 0:
-        index = (np.asarray(grid.shape, dtype=float) - 1) / 2
-        index[axis_closest_to_s(grid.grid_to_ras)] = level
-        where = "the centre of the level (no body patch there)"
-    return geometry.apply_affine(grid.grid_to_ras, index), where
+    if zero_shot.best_patch[level][0] < 0:
+        return grid.level_centre_ras(level), "the centre of the level (no body patch there)"
+    return geometry.apply_affine(grid.grid_to_ras, zero_shot.best_patch[level].astype(float)), (
+        "the most similar patch inside the body")
 
 
 def _refine_s(snippet: str, landmarks, volume: Volume, level_s: float, level_mm: float) -> float:
     """S of the slice inside the chosen level where the anatomy prior peaks (finer than a patch)."""
     from .anatomy_prior import anatomy_prior
 
-    s_values = slice_s_mm(volume)
+    s_values = geometry.slice_s_mm(volume)
     candidates = s_values[np.abs(s_values - level_s) <= level_mm / 2]
     prior = anatomy_prior(snippet, landmarks, candidates) if candidates.size else None
     return float(candidates[int(np.argmax(prior[0]))]) if prior is not None else float(level_s)
