@@ -112,3 +112,39 @@ def test_train_and_eval_localizer_commands(tiny_model_folder, tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     for column in ("MAE", "median", "middle", "random"):
         assert column.lower() in evaluated.output.lower()
+
+
+def test_zero_shot_segmentation_has_input_geometry(analyzed):
+    import SimpleITK as sitk
+
+    out, _ = analyzed
+    document = json.loads((out / "segmentation.json").read_text())
+    assert document["source"] == "zero-shot" and "mm resolution" in document["description"]
+    image = sitk.ReadImage(str(out / "segmentation.nii.gz"))
+    volume = load_volume(TCIA_SERIES)
+    assert image.GetSize() == volume.shape
+    np.testing.assert_allclose(image.GetOrigin(), volume_origin_lps(volume), atol=1e-4)
+    values = set(np.unique(sitk.GetArrayViewFromImage(image)).tolist())
+    assert values <= {0} | {label["value"] for label in document["labels"]}
+
+
+def test_train_seg_head_command_and_analyze_with_it(tiny_model_folder, tmp_path):
+    from COLIPRISlicerLib.segmentation_data import make_sphere_dataset
+
+    images, labels = make_sphere_dataset(tmp_path / "data", 3, seed=5)
+    head = tmp_path / "head"
+    trained = runner.invoke(app, ["train-seg-head", "--images", str(images), "--labels", str(labels), "--model",
+                                  str(tiny_model_folder), "--out", str(head), "--epochs", "1", "--device", "cpu",
+                                  "--hide-progress"])
+    assert trained.exit_code == 0, trained.output
+    scan = sorted(images.iterdir())[0]
+    out = tmp_path / "out"
+    analyzed = runner.invoke(app, ["analyze", str(scan), "--model", str(tiny_model_folder), "--out", str(out),
+                                   "--device", "cpu", "--no-heatmaps", "--seg-head", str(head)])
+    assert analyzed.exit_code == 0, analyzed.output
+    assert json.loads((out / "segmentation.json").read_text())["source"] == "head"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failed = runner.invoke(app, ["train-seg-head", "--images", str(images), "--labels", str(empty), "--model",
+                                 str(tiny_model_folder), "--out", str(tmp_path / "h2"), "--device", "cpu"])
+    assert failed.exit_code == 1 and "Error:" in failed.output

@@ -121,12 +121,14 @@ class Analyzer:
 
     def segment(self, result: AnalysisResult, head=None):
         """Segmentation with a trained head folder, or zero-shot from the finding heatmaps."""
-        from .segmentation_head import load_head, predict, zero_shot_segmentation
+        from .segmentation_head import predict, zero_shot_segmentation
+        from .segmentation_head_io import load_head
 
         if head is None:
-            maps = {f.name: f.logit_map for f in result.findings if f.present}
-            colours = {f.name: f.colour for f in result.findings}
-            return zero_shot_segmentation(maps, result.encoding.grid, result.volume, colours=colours)
+            present = [f for f in result.findings if f.present]
+            return zero_shot_segmentation({f.name: f.logit_map for f in present}, result.encoding.grid, result.volume,
+                                          colours={f.name: f.colour for f in present},
+                                          terminologies={f.name: f.terminology for f in present})
         return predict(load_head(head, self.engine), result.encoding, result.volume)
 
     def localize(self, result: AnalysisResult, text: str, *, method: str = "auto", head=None):

@@ -52,14 +52,17 @@ def analyze(
     heatmaps: Annotated[bool, typer.Option(help="Write heatmaps/<finding>.nii.gz.")] = True,
     report: Annotated[bool, typer.Option(help="Write the draft report.md.")] = True,
     snippet: Annotated[Optional[list[str]], typer.Option("--snippet", help="Report sentence to localise (repeatable).")] = None,
+    seg_head: Annotated[Optional[Path], typer.Option(exists=True, help="Trained segmentation head folder.")] = None,
+    segmentation: Annotated[bool, typer.Option(help="Write segmentation.nii.gz (zero-shot without --seg-head).")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="On-disk embedding cache folder.")] = None,
 ) -> None:
-    """Zero-shot findings (likelihoods, heatmaps), a draft report and snippet locations -> OUT/."""
+    """Zero-shot findings (likelihoods, heatmaps), draft report, segmentation and snippet locations -> OUT/."""
     _run(lambda: _analyze(scan, out, model, device, precision, findings, finding or [], heatmaps, cache_dir, report,
-                          snippet or []))
+                          snippet or [], seg_head if segmentation or seg_head else False))
 
 
-def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir, report=True, snippets=()) -> None:
+def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir, report=True, snippets=(),
+             seg_head=None) -> None:
     from .analysis import Analyzer
     from .catalogue import load_catalogue
     from .engine import Engine
@@ -76,6 +79,8 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
     writers = [_report_writer(analyzer, result)] if report else []
     if snippets:
         writers.append(_localization_writer(analyzer, result, snippets))
+    if seg_head is not False:
+        writers.append(_segmentation_writer(analyzer, result, seg_head))
     path = write_analysis(result, out, heatmaps="all" if heatmaps else None, extra_writers=writers)
     _print_findings(result)
     _status(f"Wrote {path}")
@@ -84,6 +89,14 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
 def _report_writer(analyzer, result):
     draft = analyzer.report(result)
     return lambda folder: (folder / "report.md").write_text(draft.to_markdown(), encoding="utf-8")
+
+
+def _segmentation_writer(analyzer, result, head):
+    from .segmentation_head_io import write_segmentation
+
+    _status("Segmenting" + (f" with head {head}" if head else " (zero-shot from the heatmaps)"))
+    segmented = analyzer.segment(result, head)
+    return lambda folder: write_segmentation(segmented, result.volume, folder)
 
 
 def _localization_writer(analyzer, result, snippets):
@@ -182,6 +195,27 @@ def eval_report(
         from .report_evaluation import evaluate_reports
 
         typer.echo(evaluate_reports(generated, labels, references).table)
+
+    _run(action)
+
+
+@app.command("train-seg-head")
+def train_seg_head(
+    images: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Folder of NIfTI/NRRD images.")],
+    labels: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Label maps with the same file names.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Head folder to write (resumes if it holds a checkpoint).")],
+    model: ModelOption = DEFAULT_MODEL,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after this many minutes.")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    device: DeviceOption = "auto",
+    show_progress: Annotated[bool, typer.Option("--show-progress/--hide-progress")] = True,
+) -> None:
+    """Train a segmentation head on frozen encoder features (features cached, resumable)."""
+
+    def action() -> None:
+        from .segmentation_training import train_seg_head_command
+
+        train_seg_head_command(images, labels, model, out, max_minutes, epochs, device, show_progress)
 
     _run(action)
 

@@ -81,22 +81,50 @@ def read_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from .geometry import ijk_to_ras_from_itk
 
     image = sitk.ReadImage(str(path))
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        message = (
+            f'Label "{path}" must be a 3-D scalar image, got {image.GetDimension()}-D with'
+            f" {image.GetNumberOfComponentsPerPixel()} component(s)."
+        )
+        raise ValueError(message)
     array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
-    if array.ndim != 3 or not np.array_equal(array, np.round(array)):
-        raise ValueError(f'Label "{path}" must be a 3-D image of integer label values, got shape {array.shape}, dtype {array.dtype}.')
+    if not np.issubdtype(array.dtype, np.integer) and not np.array_equal(array, np.round(array)):
+        raise ValueError(f'Label "{path}" holds non-integer values ({array.dtype}); save it as an integer label map.')
     return array.astype(np.int32), ijk_to_ras_from_itk(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
 
 
 def check_label_geometry(case: TrainingCase, volume, label: np.ndarray, label_to_ras: np.ndarray) -> None:
     """Raise a ValueError unless the label has the image's size and IJK->RAS (within 1e-3 mm)."""
     if label.shape != volume.shape:
-        raise ValueError(f'Label "{case.label_path}" has size {label.shape} but image "{case.image_path}" has size {volume.shape}.')
+        message = (
+            f'Label "{case.label_path}" has size {label.shape} but image "{case.image_path}" has size'
+            f" {volume.shape}. Each label map must be on its image's voxel grid."
+        )
+        raise ValueError(message)
     if not np.allclose(label_to_ras, volume.ijk_to_ras, rtol=0, atol=1e-3):
         message = (
             f'Label "{case.label_path}" lies elsewhere in space than image "{case.image_path}" (origin, spacing'
             " or direction differ). Resample the label onto the image grid first."
         )
         raise ValueError(message)
+
+
+def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded (train, validation) split; at least one training case, validation only from 2 cases."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    n_val = min(max(round(len(names) * val_fraction), 1 if val_fraction > 0 else 0), len(names) - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def label_values(facts: list[dict], label_names: dict[int, str]) -> list[int]:
+    """Sorted label values of all cases and named labels, 0 included (channel c = values[c])."""
+    values = sorted({0, *(v for fact in facts for v in fact["values"]), *label_names})
+    if values[0] < 0 or values[-1] > np.iinfo(np.int16).max or len(values) < 2:
+        message = f"Label values must be 0 (background) and 1..32767, at least one foreground label; found {values}."
+        raise ValueError(message)
+    return values
 
 
 def _cache_path(case: TrainingCase, engine, cache_dir: Path) -> Path:
@@ -110,7 +138,15 @@ def _cache_path(case: TrainingCase, engine, cache_dir: Path) -> Path:
 
 
 def cache_case(case: TrainingCase, engine, cache_dir: Path) -> Path:
-    """Encode a case once: features (C, gx, gy, gz), image (1, X, Y, Z), target (X, Y, Z) int32 label values."""
+    """Encode a case once, unless cached; return its cache file.
+
+    The file holds features (C, gx, gy, gz) float32, image (1, X, Y, Z) float32 and target
+    (X, Y, Z) int32 label values on the model grid, with the label values and the patch grid
+    in its metadata.
+
+    Raises:
+        ValueError: If the label's size or geometry differs from the image's.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -169,9 +205,9 @@ def make_sphere_dataset(folder: TypePath, n: int, seed: int = 0, *, shape: tuple
     Returns:
         ``(folder/images, folder/labels)``, each with ``sphere_XXX.nii.gz`` files.
     """
-    from .geometry import array_to_sitk
-
     import SimpleITK as sitk
+
+    from .geometry import array_to_sitk
 
     rng = np.random.default_rng(seed)
     images, labels = Path(folder) / "images", Path(folder) / "labels"

@@ -23,7 +23,9 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock, U
 from torch import nn
 
 from .geometry import PatchGrid, spacing_of
-from .segmentation_head_io import MORPHOLOGICALLY_ALTERED_STRUCTURE, HeadMetadata, LabelInfo, SegmentationResult, default_colour
+from .segmentation_head_io import (
+    MORPHOLOGICALLY_ALTERED_STRUCTURE, TISSUE, HeadMetadata, LabelInfo, SegmentationResult, default_colour,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,14 +125,46 @@ class SegmentationHead:
         return f"{type(self).__name__}(labels={names}, encoder={self.metadata.encoder.get('model_id')!r})"
 
 
+def create_head(engine, grid: PatchGrid, in_channels: int, values: list[int], names: dict[int, str] | None = None,
+                *, base_channels: int = 16) -> SegmentationHead:
+    """A randomly initialised head for an engine's encoder (the torch seed decides the weights).
+
+    Args:
+        engine: the ``Engine`` whose encoder identity goes into the metadata.
+        grid: the patch grid of that engine's encodings (model shape, patch size).
+        in_channels: backbone feature channels C.
+        values: sorted label values, 0 (background) first; channel c predicts values[c].
+        names: label value -> name (default "Label <value>").
+        base_channels: decoder channels at full model resolution.
+
+    Raises:
+        NotImplementedError: For non-cubic patches.
+    """
+    if len(set(grid.patch_size)) != 1:
+        raise NotImplementedError(f"The head needs cubic patches; the model has {grid.patch_size}.")
+    config = HeadConfig(in_channels, len(values), grid.patch_size[0], base_channels=base_channels)
+    names = names or {}
+    labels = [LabelInfo(v, names.get(v, f"Label {v}"), default_colour(i), {"category": TISSUE, "type": TISSUE})
+              for i, v in enumerate(values[1:])]
+    identity = engine.identity
+    encoder = {"model_id": identity.model_id, "revision": identity.revision, "sha256": identity.sha256}
+    preprocessing = {"model_shape": list(grid.model_shape), "patch_size": list(grid.patch_size),
+                     "spacing_mm": [round(float(mm), 6) for mm in spacing_of(grid.model_to_ras)]}
+    return SegmentationHead(SegmentationDecoder(config), HeadMetadata(labels, encoder, preprocessing, config.as_dict()))
+
+
 def check_inputs(config: HeadConfig, features: torch.Tensor, image: torch.Tensor) -> None:
     """Raise a ValueError unless features (C, gx, gy, gz) and image (1, X, Y, Z) fit the head."""
     expected_image = tuple(n * config.patch_size for n in features.shape[1:])
     if features.ndim != 4 or features.shape[0] != config.in_channels:
-        message = f"Expected features (C={config.in_channels}, gx, gy, gz), got {tuple(features.shape)}: the head was trained on another encoder."
+        message = (
+            f"Expected features (C={config.in_channels}, gx, gy, gz), got {tuple(features.shape)}: the head was"
+            " trained on another encoder. Load a head trained for this model."
+        )
         raise ValueError(message)
     if tuple(image.shape) != (1, *expected_image):
-        message = f"Expected the model input of shape (1, {', '.join(map(str, expected_image))}), got {tuple(image.shape)}."
+        shape = ", ".join(map(str, expected_image))
+        message = f"Expected the model input of shape (1, {shape}), got {tuple(image.shape)}: encoding and head differ."
         raise ValueError(message)
 
 
@@ -165,7 +199,8 @@ def predict(head: SegmentationHead, encoding, volume) -> SegmentationResult:
     """
     probabilities = model_grid_probabilities(head, encoding.features, encoding.image)
     values = [0, *(label.value for label in head.labels)]
-    resampled = (encoding.grid.to_volume(channel, volume.shape, volume.ijk_to_ras, linear=True) for channel in probabilities)
+    grid = encoding.grid
+    resampled = (grid.to_volume(channel, volume.shape, volume.ijk_to_ras, linear=True) for channel in probabilities)
     labelmap = _label_of_best(zip(values, resampled), volume.shape)
     spacing = _format_mm(spacing_of(encoding.grid.model_to_ras))
     metadata = {"encoder": head.metadata.encoder, "validation_dice": head.metadata.validation_dice}
@@ -223,7 +258,8 @@ def zero_shot_segmentation(
         raise ValueError("No logit maps given; pass at least one finding's (gx, gy, gz) map.")
     for name, logits in logit_maps.items():
         if tuple(np.shape(logits)) != tuple(grid.shape):
-            raise ValueError(f'Logit map of "{name}" has shape {np.shape(logits)}, expected the patch grid {grid.shape}.')
+            message = f'Logit map of "{name}" has shape {np.shape(logits)}, expected the patch grid {grid.shape}.'
+            raise ValueError(message)
     inside = np.isfinite(grid.to_volume(np.ones(grid.shape, np.float32), volume.shape, volume.ijk_to_ras, linear=True))
     margins = ((value, _margin_on_volume(np.asarray(logits, np.float32) - threshold, grid, volume, inside, linear))
                for value, logits in enumerate(logit_maps.values(), start=1))

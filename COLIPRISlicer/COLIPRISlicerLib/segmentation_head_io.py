@@ -22,10 +22,14 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .types import TypeAffine, TypePath
+
+if TYPE_CHECKING:
+    from .segmentation_head import SegmentationHead
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,9 @@ FORMAT_VERSION = 1
 #: Slicer's default segment terminology (category and type "Tissue").
 TISSUE = {"scheme": "SCT", "code": "85756007", "meaning": "Tissue"}
 #: DICOM CID 7150 category of lesions and other abnormal findings.
-MORPHOLOGICALLY_ALTERED_STRUCTURE = {"scheme": "SCT", "code": "49755003", "meaning": "Morphologically Altered Structure"}
+MORPHOLOGICALLY_ALTERED_STRUCTURE = {
+    "scheme": "SCT", "code": "49755003", "meaning": "Morphologically Altered Structure",
+}
 #: Distinct label colours (r, g, b in 0..1), used in order when none is given.
 PALETTE = (
     (0.90, 0.30, 0.25), (0.25, 0.60, 0.90), (0.35, 0.80, 0.35), (0.95, 0.75, 0.20), (0.65, 0.40, 0.85),
@@ -143,10 +149,14 @@ class HeadMetadata:
         """
         missing = [key for key in ("labels", "encoder", "preprocessing", "architecture") if key not in data]
         if missing or "sha256" not in data.get("encoder", {}):
-            message = f'"{source}" lacks {missing or ["encoder.sha256"]}: it is not a complete head.json. Re-train the head.'
+            lacking = missing or ["encoder.sha256"]
+            message = f'"{source}" lacks {lacking}: it is not a complete {HEAD_METADATA}. Re-train the head.'
             raise RuntimeError(message)
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
-            message = f'"{source}" has format version {data["format_version"]}; this version reads up to {FORMAT_VERSION}. Update COLIPRISlicer.'
+            message = (
+                f'"{source}" has format version {data["format_version"]}; this version reads up to'
+                f" {FORMAT_VERSION}. Update COLIPRISlicer."
+            )
             raise RuntimeError(message)
         try:
             labels = [LabelInfo.from_dict(label) for label in data["labels"]]
@@ -156,7 +166,7 @@ class HeadMetadata:
                    data.get("validation_dice", {}), int(data.get("format_version", FORMAT_VERSION)))
 
 
-def save_head(head, folder: TypePath) -> Path:
+def save_head(head: SegmentationHead, folder: TypePath) -> Path:
     """Write ``head.safetensors`` and ``head.json`` of a ``SegmentationHead`` into a folder."""
     from safetensors.torch import save_file
 
@@ -168,7 +178,7 @@ def save_head(head, folder: TypePath) -> Path:
     return folder
 
 
-def load_head(folder: TypePath, engine):
+def load_head(folder: TypePath, engine) -> SegmentationHead:
     """Load a head folder for use with an engine's encoder.
 
     Args:
@@ -199,14 +209,19 @@ def read_head_metadata(folder: Path) -> HeadMetadata:
     """Parse ``head.json`` (see :func:`load_head` for the errors)."""
     for name in (HEAD_METADATA, HEAD_WEIGHTS):
         if not (folder / name).is_file():
-            message = f'"{folder / name}" not found. A head folder holds {HEAD_WEIGHTS} and {HEAD_METADATA}; train one with `colipri-slicer train-seg-head`.'
+            message = (
+                f'"{folder / name}" not found. A head folder holds {HEAD_WEIGHTS} and {HEAD_METADATA};'
+                " train one with `colipri-slicer train-seg-head`."
+            )
             raise FileNotFoundError(message)
     try:
         data = json.loads((folder / HEAD_METADATA).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise RuntimeError(f'"{folder / HEAD_METADATA}" is corrupt ({error}). Copy the head folder again or re-train it.') from error
+        message = f'"{folder / HEAD_METADATA}" is corrupt ({error}). Copy the head folder again or re-train it.'
+        raise RuntimeError(message) from error
     if not isinstance(data, dict):
-        raise RuntimeError(f'"{folder / HEAD_METADATA}" is corrupt (expected a JSON object). Copy it again or re-train.')
+        message = f'"{folder / HEAD_METADATA}" is corrupt (expected a JSON object). Copy it again or re-train.'
+        raise RuntimeError(message)
     return HeadMetadata.from_dict(data, folder / HEAD_METADATA)
 
 
@@ -233,7 +248,8 @@ def _read_weights(path: Path, network) -> dict:
     try:
         state = load_file(str(path), device="cpu")
     except Exception as error:  # noqa: BLE001 - safetensors raises several types for corrupt files
-        raise RuntimeError(f'Cannot read "{path}" ({error}): the file is corrupt or incomplete. Copy it again or re-train.') from error
+        message = f'Cannot read "{path}" ({error}): the file is corrupt or incomplete. Copy it again or re-train.'
+        raise RuntimeError(message) from error
     expected = network.state_dict()
     wrong = [name for name in expected if name not in state or state[name].shape != expected[name].shape]
     unexpected = [name for name in state if name not in expected]
@@ -264,8 +280,12 @@ def write_segmentation(result: SegmentationResult, volume, out_dir: TypePath) ->
 
     from .geometry import array_to_sitk
 
-    if result.labelmap.shape != volume.shape or not np.allclose(result.ijk_to_ras, volume.ijk_to_ras, rtol=0, atol=1e-9):
-        message = f"Segmentation of shape {result.labelmap.shape} is not on the grid of volume \"{volume.name}\" {volume.shape}."
+    same_matrix = np.allclose(result.ijk_to_ras, volume.ijk_to_ras, rtol=0, atol=1e-9)
+    if result.labelmap.shape != volume.shape or not same_matrix:
+        message = (
+            f"Segmentation of shape {result.labelmap.shape} is not on the grid of volume"
+            f' "{volume.name}" {volume.shape}; pass the volume it was computed for.'
+        )
         raise ValueError(message)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .segmentation_data import cache_case, cached_facts, find_training_cases, load_cached, make_sphere_dataset
+from .segmentation_data import (
+    cache_case, cached_facts, find_training_cases, label_values, load_cached, make_sphere_dataset, split_cases,
+)
 from .types import TypePath
 
 logger = logging.getLogger(__name__)
@@ -61,42 +63,6 @@ class TrainingSummary:
         return float(np.mean(values)) if values else None
 
 
-def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded (train, validation) split; at least one training case, validation only from 2 cases."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
-    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    n_val = min(max(round(len(names) * val_fraction), 1 if val_fraction > 0 else 0), len(names) - 1)
-    return sorted(order[n_val:]), sorted(order[:n_val])
-
-
-def _label_values(facts: list[dict], label_names: dict[int, str]) -> list[int]:
-    values = sorted({0, *(v for fact in facts for v in fact["values"]), *label_names})
-    if values[0] < 0 or values[-1] > np.iinfo(np.int16).max or len(values) < 2:
-        message = f"Label values must be 0 (background) and 1..32767 with at least one foreground label; found {values}."
-        raise ValueError(message)
-    return values
-
-
-def _new_head(engine, facts: dict, features_shape, values: list[int], label_names: dict[int, str], base: int):
-    from .geometry import PatchGrid
-    from .segmentation_head import HeadConfig, SegmentationDecoder, SegmentationHead
-    from .segmentation_head_io import TISSUE, HeadMetadata, LabelInfo, default_colour
-
-    grid = PatchGrid.from_dict(facts["grid"])
-    if len(set(grid.patch_size)) != 1:
-        raise NotImplementedError(f"The head needs cubic patches; the model has {grid.patch_size}.")
-    config = HeadConfig(int(features_shape[0]), len(values), grid.patch_size[0], base_channels=base)
-    labels = [LabelInfo(v, label_names.get(v, f"Label {v}"), default_colour(i), {"category": TISSUE, "type": TISSUE})
-              for i, v in enumerate(values[1:])]
-    identity = engine.identity
-    encoder = {"model_id": identity.model_id, "revision": identity.revision, "sha256": identity.sha256}
-    preprocessing = {"model_shape": list(grid.model_shape), "patch_size": list(grid.patch_size),
-                     "spacing_mm": [float(s) for s in np.round(grid.patch_mm / np.asarray(grid.patch_size), 6)]}
-    metadata = HeadMetadata(labels, encoder, preprocessing, config.as_dict())
-    return SegmentationHead(SegmentationDecoder(config), metadata)
-
-
 def _train_epoch(network, optimizer, loss_fn, paths: list[Path], values, device, seed: int) -> float:
     network.train()
     losses = []
@@ -106,7 +72,7 @@ def _train_epoch(network, optimizer, loss_fn, paths: list[Path], values, device,
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return float(np.mean(losses))
 
 
@@ -175,69 +141,51 @@ def train_segmentation_head(
         labels_dir: integer label maps with the same file names, sizes and geometry.
         engine: the ``Engine`` whose encoder the head decodes (its sha256 goes in head.json).
         out_dir: head folder; also holds ``feature_cache/`` and ``checkpoint.pt``.
-        max_minutes: wall-clock budget of this call; no epoch starts that would end after it
-            (at least one epoch runs). None: no limit.
+        max_minutes: wall-clock budget of this call, encoding included; no epoch starts
+            that would end after it (at least one epoch runs). None: no limit.
         epochs: total epochs, counting those of a resumed checkpoint.
         val_fraction: share of cases held out for validation Dice.
         seed: seeds the split, the initial weights and the case order of every epoch.
         progress: show tqdm progress bars.
         label_names: label value -> name (default "Label <value>").
-        base_channels: decoder channels at full model resolution (memory grows with it).
+        base_channels: decoder channels at full model resolution (memory and time grow
+            with its square).
         learning_rate: AdamW learning rate.
 
+    Returns:
+        What was done; the head is in ``out_dir`` (``load_head(out_dir, engine)``).
+
     Raises:
-        FileNotFoundError, ValueError: for missing, empty, unmatched or mismatched data.
+        FileNotFoundError: For a missing folder.
+        ValueError: For empty folders, unmatched names, a label whose size or geometry
+            differs from its image, or a checkpoint from another run in ``out_dir``.
+        RuntimeError: For a corrupt checkpoint.
     """
-    import torch
-    from monai.losses import DiceCELoss
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}.")
+    start, out_dir = time.perf_counter(), Path(out_dir)
+    forwards = engine.image_forward_count
+    names = {int(value): str(name) for value, name in (label_names or {}).items()}
+    paths, facts = _encode_cases(images_dir, labels_dir, engine, out_dir / FEATURE_CACHE, progress)
+    train, val = split_cases(sorted(paths), val_fraction, seed)
+    run = _TrainingRun.create(engine, paths, facts, train, val, names, base_channels, learning_rate, seed)
+    run.resume_if_possible(out_dir / CHECKPOINT)
+    first_epoch, stopped = run.epoch, run.train_until(epochs, max_minutes, start, out_dir / CHECKPOINT, progress)
+    run.save(out_dir, images_dir, labels_dir, time.perf_counter() - start)
+    if stopped:
+        logger.info("Stopped after %d of %d epochs (max %.1f minutes).", run.epoch, epochs, max_minutes)
+    return TrainingSummary(out_dir, run.epoch, first_epoch, train, val, dict(run.head.metadata.validation_dice),
+                           time.perf_counter() - start, stopped, engine.image_forward_count - forwards, run.history)
+
+
+def _encode_cases(images_dir, labels_dir, engine, cache_dir: Path, progress: bool) -> tuple[dict, dict]:
+    """Cache every matched case; return name -> cache path and name -> cached facts."""
     from tqdm.auto import tqdm
 
-    from .segmentation_head_io import save_head
-
-    start, out_dir = time.perf_counter(), Path(out_dir)
-    label_names = {int(value): str(name) for value, name in (label_names or {}).items()}
     cases = find_training_cases(images_dir, labels_dir)
-    forwards = engine.image_forward_count
-    paths = {case.name: cache_case(case, engine, out_dir / FEATURE_CACHE)
+    paths = {case.name: cache_case(case, engine, cache_dir)
              for case in tqdm(cases, desc="Encoding", unit="volume", disable=not progress)}
-    facts = {name: cached_facts(path) for name, path in paths.items()}
-    values = _label_values(list(facts.values()), label_names)
-    train, val = split_cases(sorted(paths), val_fraction, seed)
-    torch.manual_seed(seed)
-    features_shape = load_cached(paths[train[0]], torch.tensor(values, dtype=torch.int32), "cpu")[0].shape
-    head = _new_head(engine, facts[train[0]], features_shape, values, label_names, base_channels)
-    device = torch.device(engine.identity.device)
-    network = head.network.to(device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate)
-    setup = _setup_record(head, train, val, values, learning_rate, seed)
-    checkpoint_path = out_dir / CHECKPOINT
-    state = _resume(checkpoint_path, setup, network, optimizer) if checkpoint_path.is_file() else {}
-    first_epoch, history = state.get("epoch", 0), state.get("history", [])
-    loop = _EpochLoop(network, optimizer, DiceCELoss(to_onehot_y=True, softmax=True),
-                      torch.tensor(values, dtype=torch.int32), device, seed)
-    epoch, stopped = first_epoch, False
-    with tqdm(total=epochs, initial=first_epoch, desc="Training head", unit="epoch", disable=not progress) as bar:
-        while epoch < epochs and not stopped:
-            history.append(loop.run(epoch, [paths[n] for n in train], [paths[n] for n in val]))
-            epoch += 1
-            seconds = state.get("seconds", 0.0) + time.perf_counter() - start
-            _save_checkpoint(checkpoint_path, network, optimizer, setup, epoch, history, seconds)
-            bar.update(1)
-            bar.set_postfix(loss=history[-1]["loss"], dice=history[-1]["mean_dice"])
-            stopped = _out_of_time(max_minutes, start, history[first_epoch:]) and epoch < epochs
-    dice = dict(zip((label.name for label in head.labels), history[-1]["dice"])) if history and val else {}
-    training = {"images_dir": str(images_dir), "labels_dir": str(labels_dir), "train_cases": train,
-                "validation_cases": val, "epochs": epoch, "final_loss": history[-1]["loss"] if history else None,
-                "seconds": round(state.get("seconds", 0.0) + time.perf_counter() - start, 1),
-                "loss": "DiceCELoss", "optimizer": f"AdamW(lr={learning_rate})", "augmentation": "none",
-                "dice_evaluated_on": "model grid, labels resampled by nearest neighbour"}
-    head.metadata.training.update(training)
-    head.metadata.validation_dice.update(dice)
-    save_head(head, out_dir)
-    if stopped:
-        logger.info("Stopped after %d of %d epochs (max %.1f minutes).", epoch, epochs, max_minutes)
-    return TrainingSummary(out_dir, epoch, first_epoch, train, val, dice, time.perf_counter() - start, stopped,
-                           engine.image_forward_count - forwards, history)
+    return paths, {name: cached_facts(path) for name, path in paths.items()}
 
 
 def _out_of_time(max_minutes: float | None, start: float, run_history: list[dict]) -> bool:
@@ -248,42 +196,110 @@ def _out_of_time(max_minutes: float | None, start: float, run_history: list[dict
     return time.perf_counter() - start + per_epoch > max_minutes * 60
 
 
-class _EpochLoop:
-    """One epoch: train over the training cases (seeded order), then validation Dice."""
+@dataclass
+class _TrainingRun:
+    """A head being trained: network, optimizer, data, and the epochs done so far."""
 
-    def __init__(self, network, optimizer, loss_fn, values, device, seed: int):
-        self.network, self.optimizer, self.loss_fn = network, optimizer, loss_fn
-        self.values, self.device, self.seed = values, device, seed
+    head: object  # SegmentationHead
+    optimizer: object
+    values: object  # (classes,) int32 tensor of label values
+    train_paths: list[Path]
+    val_paths: list[Path]
+    setup: dict
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    seconds_before: float = 0.0
 
-    def run(self, epoch: int, train: list[Path], val: list[Path]) -> dict:
-        start = time.perf_counter()
-        loss = _train_epoch(self.network, self.optimizer, self.loss_fn, train, self.values, self.device, self.seed + epoch)
-        dice = validation_dice(self.network, val, self.values, self.device) if val else []
-        known = [d for d in dice if d is not None]
-        logger.debug("Epoch %d: loss %.4f, Dice %s.", epoch + 1, loss, dice)
-        return {"epoch": epoch + 1, "loss": round(loss, 5), "dice": dice,
-                "mean_dice": round(float(np.mean(known)), 4) if known else None,
-                "seconds": round(time.perf_counter() - start, 2)}
+    @classmethod
+    def create(cls, engine, paths: dict, facts: dict, train: list[str], val: list[str], names: dict[int, str],
+               base_channels: int, learning_rate: float, seed: int) -> _TrainingRun:
+        import torch
+
+        from .geometry import PatchGrid
+        from .segmentation_head import create_head
+
+        values = label_values(list(facts.values()), names)
+        values_tensor = torch.tensor(values, dtype=torch.int32)
+        features_shape = load_cached(paths[train[0]], values_tensor, "cpu")[0].shape
+        grid = PatchGrid.from_dict(facts[train[0]]["grid"])
+        with torch.random.fork_rng(devices=[]):  # seeded weights, caller's random state untouched
+            torch.manual_seed(seed)
+            head = create_head(engine, grid, int(features_shape[0]), values, names, base_channels=base_channels)
+        head.network.to(torch.device(engine.identity.device))
+        optimizer = torch.optim.AdamW(head.network.parameters(), lr=learning_rate)
+        setup = _setup_record(head, train, val, values, learning_rate, seed)
+        return cls(head, optimizer, values_tensor, [paths[n] for n in train], [paths[n] for n in val], setup)
+
+    def resume_if_possible(self, checkpoint_path: Path) -> None:
+        if checkpoint_path.is_file():
+            state = _resume(checkpoint_path, self.setup, self.head.network, self.optimizer)
+            self.epoch, self.history, self.seconds_before = state["epoch"], state["history"], state["seconds"]
+
+    def train_until(self, epochs: int, max_minutes: float | None, start: float, checkpoint: Path,
+                    progress: bool) -> bool:
+        """Run epochs up to ``epochs`` (checkpoint after each); True when stopped by time."""
+        from monai.losses import DiceCELoss
+        from tqdm.auto import tqdm
+
+        network, device = self.head.network, next(self.head.network.parameters()).device
+        loss_fn, first = DiceCELoss(to_onehot_y=True, softmax=True), self.epoch
+        with tqdm(total=epochs, initial=first, desc="Training head", unit="epoch", disable=not progress) as bar:
+            while self.epoch < epochs:
+                if _out_of_time(max_minutes, start, self.history[first:]):
+                    return True
+                seed = self.setup["seed"] + self.epoch
+                self.history.append(_epoch(self, loss_fn, device, seed))
+                self.epoch += 1
+                seconds = self.seconds_before + time.perf_counter() - start
+                _save_checkpoint(checkpoint, network, self.optimizer, self.setup, self.epoch, self.history, seconds)
+                bar.update(1)
+                bar.set_postfix(loss=self.history[-1]["loss"], dice=self.history[-1]["mean_dice"])
+        return False
+
+    def save(self, out_dir: Path, images_dir, labels_dir, seconds: float) -> None:
+        """Write head.safetensors + head.json with the last epoch's validation Dice."""
+        from .segmentation_head_io import save_head
+
+        last = self.history[-1] if self.history else {"loss": None, "dice": []}
+        metadata = self.head.metadata
+        metadata.validation_dice.update(zip((label.name for label in metadata.labels), last["dice"]))
+        metadata.training.update({
+            "images_dir": str(images_dir), "labels_dir": str(labels_dir), "train_cases": self.setup["train"],
+            "validation_cases": self.setup["validation"], "epochs": self.epoch, "final_loss": last["loss"],
+            "seconds": round(self.seconds_before + seconds, 1), "loss": "DiceCELoss",
+            "optimizer": f"AdamW(lr={self.setup['learning_rate']})", "augmentation": "none",
+            "dice_evaluated_on": "model grid, labels resampled by nearest neighbour",
+        })
+        save_head(self.head, out_dir)
+
+
+def _epoch(run: _TrainingRun, loss_fn, device, seed: int) -> dict:
+    """Train over the training cases in a seeded order, then validation Dice; one history entry."""
+    start, network = time.perf_counter(), run.head.network
+    loss = _train_epoch(network, run.optimizer, loss_fn, run.train_paths, run.values, device, seed)
+    dice = validation_dice(network, run.val_paths, run.values, device) if run.val_paths else []
+    known = [d for d in dice if d is not None]
+    logger.debug("Epoch %d: loss %.4f, Dice %s.", len(run.history) + 1, loss, dice)
+    return {"epoch": len(run.history) + 1, "loss": round(loss, 5), "dice": dice,
+            "mean_dice": round(float(np.mean(known)), 4) if known else None,
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
 def train_seg_head_command(images: Path, labels: Path, model: str, out: Path, max_minutes: float | None = None,
-                           epochs: int = DEFAULT_EPOCHS, device: str = "auto", progress: bool = True) -> TrainingSummary:
-    """``colipri-slicer train-seg-head``: train a head and print a one-line summary.
+                           epochs: int = DEFAULT_EPOCHS, device: str = "auto",
+                           progress: bool = True) -> TrainingSummary:
+    """Body of ``colipri-slicer train-seg-head``: train a head, print a one-line summary.
 
-    User errors (missing/empty/mismatched data, wrong weights) print ``Error: ...`` on
-    stderr and exit with code 1 (``typer.Exit``).
+    User errors propagate as ``FileNotFoundError``/``ValueError``/``RuntimeError`` with a
+    message saying what to do; ``cli._run`` turns them into one line and exit code 1.
     """
     import typer
 
     from .engine import Engine
 
-    try:
-        engine = Engine(model, device=device)
-        summary = train_segmentation_head(images, labels, engine, out, max_minutes=max_minutes, epochs=epochs,
-                                          progress=progress)
-    except (FileNotFoundError, ValueError, RuntimeError, NotImplementedError) as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(1) from error
+    engine = Engine(model, device=device)
+    summary = train_segmentation_head(images, labels, engine, out, max_minutes=max_minutes, epochs=epochs,
+                                      progress=progress)
     dice = ", ".join(f"{name} {value:.3f}" for name, value in summary.validation_dice.items() if value is not None)
     typer.echo(f"Head written to {out} after {summary.epochs_completed} epochs"
                f" ({summary.seconds / 60:.1f} min); validation Dice: {dice or 'n/a (no validation cases)'}.")

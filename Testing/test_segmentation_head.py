@@ -1,0 +1,437 @@
+"""Segmentation head (segmentation_head.py, segmentation_head_io.py, segmentation_data.py,
+segmentation_training.py): training on generated spheres, geometry of the labelmap, head
+files, errors, and the zero-shot fallback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import RAS_NIFTI, TCIA_SERIES, require
+
+SPHERE_LABELS = {1: "Sphere"}
+
+
+TRAINING_OPTIONS = {"base_channels": 8, "learning_rate": 1e-2, "progress": False, "label_names": SPHERE_LABELS}
+
+
+@pytest.fixture(scope="module")
+def small_training(tiny_model_folder, tmp_path_factory):
+    """Two generated sphere volumes (one to train, one to validate): one epoch, then a
+    resumed call with a new engine up to two."""
+    from COLIPRISlicerLib.engine import Engine
+    from COLIPRISlicerLib.segmentation_training import make_sphere_dataset, train_segmentation_head
+
+    root = tmp_path_factory.mktemp("spheres")
+    images, labels = make_sphere_dataset(root / "train", 2, seed=0)
+    out = root / "head"
+    first = train_segmentation_head(images, labels, Engine(str(tiny_model_folder), device="cpu", precision="fp32"),
+                                    out, epochs=1, **TRAINING_OPTIONS)
+    engine = Engine(str(tiny_model_folder), device="cpu", precision="fp32")
+    second = train_segmentation_head(images, labels, engine, out, epochs=2, **TRAINING_OPTIONS)
+    return {"first": first, "second": second, "engine": engine, "out": out, "root": root}
+
+
+@pytest.fixture(scope="module")
+def random_head(tiny_engine, sphere_volume):
+    """An untrained head for the tiny model whose output bias makes it say "label 1" everywhere."""
+    import torch
+
+    from COLIPRISlicerLib.segmentation_head import create_head
+
+    encoding = tiny_engine.encode(sphere_volume)
+    torch.manual_seed(0)
+    head = create_head(tiny_engine, encoding.grid, encoding.features.shape[0], [0, 1], SPHERE_LABELS, base_channels=4)
+    with torch.no_grad():
+        head.network.output.conv.conv.bias.copy_(torch.tensor([-1e4, 1e4]))
+    return head
+
+
+@pytest.fixture(scope="module")
+def sphere_volume(tmp_path_factory):
+    from COLIPRISlicerLib.segmentation_training import make_sphere_dataset
+    from COLIPRISlicerLib.volume import load_volume
+
+    images, _ = make_sphere_dataset(tmp_path_factory.mktemp("one_sphere"), 1, seed=7)
+    return load_volume(images / "sphere_000.nii.gz")
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
+
+
+@pytest.mark.slow
+def test_head_trained_on_ten_sphere_volumes_reaches_dice_0_7_on_an_unseen_volume(tiny_model_folder, tmp_path):
+    """30-45 s on 2 idle CPU cores, several minutes on busy ones: see bench/bench_segmentation_head.py."""
+    from COLIPRISlicerLib.engine import Engine
+    from COLIPRISlicerLib.segmentation_data import read_label
+    from COLIPRISlicerLib.segmentation_head import predict
+    from COLIPRISlicerLib.segmentation_head_io import load_head
+    from COLIPRISlicerLib.segmentation_training import make_sphere_dataset, train_segmentation_head
+    from COLIPRISlicerLib.volume import load_volume
+
+    engine = Engine(str(tiny_model_folder), device="cpu", precision="fp32")
+    images, labels = make_sphere_dataset(tmp_path / "train", 10, seed=0)
+    summary = train_segmentation_head(images, labels, engine, tmp_path / "head", epochs=2, **TRAINING_OPTIONS)
+    images, labels = make_sphere_dataset(tmp_path / "unseen", 1, seed=12345)
+    volume = load_volume(images / "sphere_000.nii.gz")
+    truth, _ = read_label(labels / "sphere_000.nii.gz")
+    result = predict(load_head(tmp_path / "head", engine), engine.encode(volume), volume)
+    assert (len(summary.train_cases), len(summary.validation_cases)) == (8, 2)
+    assert result.labelmap.dtype == np.int16 and set(np.unique(result.labelmap)) <= {0, 1}
+    assert dice(result.labelmap == 1, truth == 1) >= 0.7
+    assert result.source == "head" and [label.name for label in result.labels] == ["Sphere"]
+
+
+def test_resumed_training_continues_the_epoch_count_without_re_encoding(small_training):
+    first, second = small_training["first"], small_training["second"]
+    assert (first.epochs_completed, first.resumed_from_epoch, first.encoded_volumes) == (1, 0, 2)
+    assert (second.epochs_completed, second.resumed_from_epoch, second.encoded_volumes) == (2, 1, 0)
+    assert [entry["epoch"] for entry in second.history] == [1, 2]
+    assert second.history[0] == first.history[0]
+    assert (len(first.train_cases), len(first.validation_cases)) == (1, 1)
+    assert len(list((small_training["out"] / "feature_cache").glob("*.safetensors"))) == 2
+
+
+def copy_of_head_folder(small_training, tmp_path):
+    return shutil.copytree(small_training["out"], tmp_path / "head")
+
+
+def train_again(small_training, out, **options):
+    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+
+    root = small_training["root"] / "train"
+    options = {**TRAINING_OPTIONS, **options}
+    return train_segmentation_head(root / "images", root / "labels", small_training["engine"], out, **options)
+
+
+def test_max_minutes_stops_after_the_epoch_that_used_up_the_budget(small_training, tmp_path):
+    summary = train_again(small_training, copy_of_head_folder(small_training, tmp_path), epochs=5,
+                          max_minutes=1e-6)
+    assert (summary.resumed_from_epoch, summary.epochs_completed, summary.stopped_by_time) == (2, 3, True)
+    assert json.loads((tmp_path / "head" / "head.json").read_text())["training"]["epochs"] == 3
+
+
+def test_resuming_refuses_a_checkpoint_of_another_training_setup(small_training, tmp_path):
+    with pytest.raises(ValueError, match=r"belongs to another training run \(learning_rate differ\)"):
+        train_again(small_training, copy_of_head_folder(small_training, tmp_path), epochs=3, learning_rate=1e-3)
+
+
+def test_training_refuses_zero_epochs(small_training, tmp_path):
+    with pytest.raises(ValueError, match="epochs must be at least 1, got 0"):
+        train_again(small_training, tmp_path / "head", epochs=0)
+
+
+def test_head_json_records_encoder_labels_preprocessing_and_validation_dice(small_training):
+    metadata = json.loads((small_training["out"] / "head.json").read_text())
+    identity = small_training["engine"].identity
+    assert metadata["encoder"] == {"model_id": identity.model_id, "revision": None, "sha256": identity.sha256}
+    assert metadata["labels"][0]["value"] == 1 and metadata["labels"][0]["name"] == "Sphere"
+    assert metadata["preprocessing"] == {"model_shape": [64] * 3, "patch_size": [8] * 3, "spacing_mm": [6.0] * 3}
+    assert metadata["architecture"]["patch_size"] == 8 and metadata["architecture"]["base_channels"] == 8
+    assert metadata["training"]["epochs"] == 2 and len(metadata["training"]["validation_cases"]) == 1
+    assert metadata["validation_dice"]["Sphere"] == small_training["second"].history[-1]["dice"][0]
+    assert 0.0 <= metadata["validation_dice"]["Sphere"] <= 1.0
+
+
+def inside_model_field_of_view(grid, volume) -> np.ndarray:
+    """Voxels whose centre lies within the model grid's extent (half a voxel beyond the centres)."""
+    from COLIPRISlicerLib.geometry import apply_affine
+
+    indices = np.stack(np.meshgrid(*[np.arange(n) for n in volume.shape], indexing="ij"), axis=-1)
+    model_index = apply_affine(np.linalg.inv(grid.model_to_ras) @ volume.ijk_to_ras, indices)
+    return ((model_index >= -0.5) & (model_index <= np.asarray(grid.model_shape) - 0.5)).all(axis=-1)
+
+
+def read_input_with_sitk(path):
+    import SimpleITK as sitk
+
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path)))
+        return reader.Execute()
+    return sitk.ReadImage(str(path))
+
+
+@pytest.mark.filterwarnings("ignore:The field of view:RuntimeWarning")
+@pytest.mark.parametrize("path", [TCIA_SERIES, RAS_NIFTI], ids=["tcia_dicom", "ras_nifti"])
+def test_labelmap_and_written_file_have_exactly_the_input_geometry(path, tiny_engine, random_head, tmp_path):
+    import SimpleITK as sitk
+
+    from COLIPRISlicerLib.segmentation_head import predict
+    from COLIPRISlicerLib.segmentation_head_io import write_segmentation
+    from COLIPRISlicerLib.volume import load_volume
+
+    volume = load_volume(require(path))
+    encoding = tiny_engine.encode(volume)
+    result = predict(random_head, encoding, volume)
+    assert result.labelmap.shape == volume.shape and result.labelmap.dtype == np.int16
+    np.testing.assert_array_equal(result.ijk_to_ras, volume.ijk_to_ras)
+    np.testing.assert_array_equal(result.labelmap == 1, inside_model_field_of_view(encoding.grid, volume))
+    image_path, json_path = write_segmentation(result, volume, tmp_path)
+    written, original = sitk.ReadImage(str(image_path)), read_input_with_sitk(path)
+    assert written.GetSize() == original.GetSize()
+    # NIfTI stores the geometry as float32: equal to the input up to float32 rounding.
+    np.testing.assert_allclose(written.GetOrigin(), original.GetOrigin(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(written.GetSpacing(), original.GetSpacing(), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(written.GetDirection(), original.GetDirection(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.transpose(sitk.GetArrayFromImage(written), (2, 1, 0)), result.labelmap)
+    assert json.loads(json_path.read_text())["labels"][0]["name"] == "Sphere"
+
+
+def test_segmentation_json_maps_values_to_names_colours_terminology_and_source(random_head, tiny_engine, sphere_volume):
+    from COLIPRISlicerLib.segmentation_head import predict
+
+    result = predict(random_head, tiny_engine.encode(sphere_volume), sphere_volume)
+    data = json.loads(result.to_json())
+    assert data["source"] == "head" and data["background_value"] == 0
+    assert data["description"] == "segmentation head, 6 mm model grid"
+    label = data["labels"][0]
+    assert (label["value"], label["name"], label["colour"]) == (1, "Sphere", [0.9, 0.3, 0.25])
+    assert label["terminology"]["category"] == {"scheme": "SCT", "code": "85756007", "meaning": "Tissue"}
+    assert data["metadata"]["encoder"]["sha256"] == tiny_engine.identity.sha256
+
+
+def saved_head(head, folder):
+    from COLIPRISlicerLib.segmentation_head_io import save_head
+
+    return save_head(head, folder)
+
+
+def test_load_head_refuses_a_head_trained_on_another_encoder(random_head, tiny_engine, tmp_path):
+    from COLIPRISlicerLib.segmentation_head import SegmentationHead
+    from COLIPRISlicerLib.segmentation_head_io import load_head
+
+    other = dataclasses.replace(random_head.metadata, encoder={"model_id": "other/model", "sha256": "ab" * 32})
+    folder = saved_head(SegmentationHead(random_head.network, other), tmp_path / "head")
+    expected = f"other/model \\(sha256 {'ab' * 32}\\).*tests/tiny-random \\(sha256 {tiny_engine.identity.sha256}\\)"
+    with pytest.raises(RuntimeError, match=expected):
+        load_head(folder, tiny_engine)
+
+
+def test_load_head_round_trips_weights_and_labels(random_head, tiny_engine, tmp_path):
+    import torch
+
+    from COLIPRISlicerLib.segmentation_head_io import load_head
+
+    loaded = load_head(saved_head(random_head, tmp_path / "head"), tiny_engine)
+    assert loaded.labels == random_head.labels
+    for name, tensor in random_head.network.state_dict().items():
+        torch.testing.assert_close(loaded.network.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        ("weights_garbage", RuntimeError, "head.safetensors.*corrupt or incomplete"),
+        ("weights_missing", FileNotFoundError, "head.safetensors.*not found"),
+        ("json_garbage", RuntimeError, "head.json.*is corrupt"),
+        ("json_incomplete", RuntimeError, "lacks \\['encoder'\\]"),
+    ],
+)
+def test_load_head_reports_corrupt_or_missing_files(damage, error, match, random_head, tiny_engine, tmp_path):
+    from COLIPRISlicerLib.segmentation_head_io import load_head
+
+    folder = saved_head(random_head, tmp_path / "head")
+    if damage == "weights_garbage":
+        (folder / "head.safetensors").write_bytes(b"\x00not a safetensors file")
+    elif damage == "weights_missing":
+        (folder / "head.safetensors").unlink()
+    elif damage == "json_garbage":
+        (folder / "head.json").write_text("{truncated")
+    else:
+        metadata = json.loads((folder / "head.json").read_text())
+        del metadata["encoder"]
+        (folder / "head.json").write_text(json.dumps(metadata))
+    with pytest.raises(error, match=match):
+        load_head(folder, tiny_engine)
+
+
+@pytest.fixture
+def one_case(tmp_path):
+    from COLIPRISlicerLib.segmentation_training import make_sphere_dataset
+
+    return make_sphere_dataset(tmp_path / "data", 1, seed=3)
+
+
+def write_label_like(path, array, ijk_to_ras):
+    import SimpleITK as sitk
+
+    from COLIPRISlicerLib.geometry import array_to_sitk
+
+    sitk.WriteImage(array_to_sitk(array.astype(np.int16), ijk_to_ras), str(path))
+
+
+def test_training_refuses_a_label_of_another_size(one_case, tiny_engine, tmp_path):
+    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+
+    images, labels = one_case
+    write_label_like(labels / "sphere_000.nii.gz", np.zeros((64, 64, 60)), np.diag([6.0, 6.0, 6.0, 1.0]))
+    with pytest.raises(ValueError, match=r"has size \(64, 64, 60\) but image .* has size \(64, 64, 64\)"):
+        train_segmentation_head(images, labels, tiny_engine, tmp_path / "out", epochs=1, progress=False)
+
+
+def test_training_refuses_a_label_elsewhere_in_space(one_case, tiny_engine, tmp_path):
+    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+
+    images, labels = one_case
+    write_label_like(labels / "sphere_000.nii.gz", np.zeros((64, 64, 64)), np.diag([6.0, 6.0, 6.0, 1.0]))
+    with pytest.raises(ValueError, match="lies elsewhere in space"):
+        train_segmentation_head(images, labels, tiny_engine, tmp_path / "out", epochs=1, progress=False)
+
+
+def test_training_refuses_an_empty_label_folder(one_case, tiny_engine, tmp_path):
+    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+
+    images, labels = one_case
+    shutil.rmtree(labels)
+    labels.mkdir()
+    with pytest.raises(ValueError, match='Labels folder ".*" holds no NIfTI/NRRD/MHA files'):
+        train_segmentation_head(images, labels, tiny_engine, tmp_path / "out", progress=False)
+
+
+def test_training_refuses_folders_without_matching_names(one_case, tiny_engine, tmp_path):
+    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+
+    images, labels = one_case
+    (labels / "sphere_000.nii.gz").rename(labels / "other_case.nii.gz")
+    with pytest.raises(ValueError, match="No image in .* has a label file of the same name"):
+        train_segmentation_head(images, labels, tiny_engine, tmp_path / "out", progress=False)
+
+
+def test_training_reports_a_missing_folder(tiny_engine, tmp_path):
+    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+
+    with pytest.raises(FileNotFoundError, match="Images folder not found"):
+        train_segmentation_head(tmp_path / "absent", tmp_path, tiny_engine, tmp_path / "out", progress=False)
+
+
+def test_cli_command_raises_a_user_error_that_names_the_empty_folder(tiny_model_folder, tmp_path):
+    from COLIPRISlicerLib.segmentation_training import train_seg_head_command
+
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match=f'Images folder "{tmp_path / "images"}" holds no NIfTI'):
+        train_seg_head_command(tmp_path / "images", tmp_path, str(tiny_model_folder), tmp_path / "out", device="cpu")
+
+
+def test_label_files_pair_with_nnunet_channel_suffix_and_other_formats(tmp_path):
+    from COLIPRISlicerLib.segmentation_data import find_training_cases
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    for name in ("a_0000.nii.gz", "b.nrrd", "c.nii"):
+        (tmp_path / "images" / name).touch()
+    for name in ("a.nii.gz", "b.nii.gz", "notes.txt"):
+        (tmp_path / "labels" / name).touch()
+    cases = find_training_cases(tmp_path / "images", tmp_path / "labels")
+    assert [(case.name, case.image_path.name, case.label_path.name) for case in cases] == [
+        ("a", "a_0000.nii.gz", "a.nii.gz"), ("b", "b.nrrd", "b.nii.gz")]
+
+
+@pytest.mark.parametrize("patch", [2, 4, 16])
+def test_decoder_upsamples_by_any_power_of_two_patch_size(patch):
+    import torch
+
+    from COLIPRISlicerLib.segmentation_head import HeadConfig, SegmentationDecoder
+
+    decoder = SegmentationDecoder(HeadConfig(in_channels=12, num_classes=3, patch_size=patch, base_channels=2))
+    logits = decoder(torch.zeros(1, 12, 2, 3, 2), torch.zeros(1, 1, 2 * patch, 3 * patch, 2 * patch))
+    assert tuple(logits.shape) == (1, 3, 2 * patch, 3 * patch, 2 * patch)
+    assert len(decoder.up_blocks) == int(np.log2(patch))
+
+
+def test_head_config_refuses_a_patch_size_that_is_not_a_power_of_two():
+    from COLIPRISlicerLib.segmentation_head import HeadConfig
+
+    with pytest.raises(ValueError, match="power of two >= 2, got 6"):
+        HeadConfig(in_channels=8, num_classes=2, patch_size=6)
+
+
+def test_predict_refuses_features_of_another_encoder(random_head, tiny_engine, sphere_volume):
+    import torch
+
+    from COLIPRISlicerLib.segmentation_head import predict
+
+    encoding = tiny_engine.encode(sphere_volume)
+    wrong = dataclasses.replace(encoding, features=torch.zeros(7, *encoding.features.shape[1:]))
+    with pytest.raises(ValueError, match=r"Expected features \(C=48, gx, gy, gz\), got \(7, 8, 8, 8\)"):
+        predict(random_head, wrong, sphere_volume)
+
+
+def small_grid(model_size: int = 64, spacing: float = 6.0, patch: int = 8):
+    from COLIPRISlicerLib.geometry import PatchGrid
+
+    model_to_ras = np.diag([spacing] * 3 + [1.0])
+    model_to_ras[:3, 3] = -(model_size - 1) * spacing / 2
+    return PatchGrid((model_size,) * 3, model_to_ras, (patch,) * 3)
+
+
+def oblique_volume():
+    """An anisotropic, rotated 80 x 70 x 40 volume (3 x 4 x 7 mm) centred on the model grid."""
+    from COLIPRISlicerLib.volume import Volume
+
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = rotation @ np.diag([3.0, 4.0, 7.0])
+    ijk_to_ras[:3, 3] = -ijk_to_ras[:3, :3] @ (np.array([80, 70, 40]) - 1) / 2
+    array = np.full((80, 70, 40), -1000, dtype=np.int16)
+    array[30:50, 30:40, 10:30] = 40
+    return Volume.from_array(array, ijk_to_ras)
+
+
+def voxel_distances_mm(volume, point_ras) -> np.ndarray:
+    from COLIPRISlicerLib.geometry import apply_affine
+
+    indices = np.stack(np.meshgrid(*[np.arange(n) for n in volume.shape], indexing="ij"), axis=-1)
+    return np.linalg.norm(apply_affine(volume.ijk_to_ras, indices) - point_ras, axis=-1)
+
+
+def test_zero_shot_labels_the_voxels_around_the_hot_patch(tmp_path):
+    from COLIPRISlicerLib.segmentation_head import zero_shot_segmentation
+    from COLIPRISlicerLib.segmentation_head_io import write_segmentation
+
+    grid, volume = small_grid(), oblique_volume()
+    logits = np.full(grid.shape, -4.0, dtype=np.float32)
+    logits[3, 5, 4] = 4.0
+    result = zero_shot_segmentation({"Nodule": logits}, grid, volume, colours={"Nodule": (1.0, 0.0, 0.0)})
+    distance = voxel_distances_mm(volume, grid.centres_ras()[3, 5, 4])
+    assert (result.labelmap[distance < 12.0] == 1).all()  # a quarter of a 48 mm patch
+    assert (result.labelmap[distance > 72.0] == 0).all()  # beyond 1.5 patches
+    assert result.labelmap.shape == volume.shape
+    np.testing.assert_array_equal(result.ijk_to_ras, volume.ijk_to_ras)
+    assert (result.source, result.description) == ("zero-shot", "zero-shot, 48 mm resolution")
+    assert result.labels[0].colour == (1.0, 0.0, 0.0)
+    assert json.loads(write_segmentation(result, volume, tmp_path)[1].read_text())["labels"][0]["name"] == "Nodule"
+
+
+def test_zero_shot_picks_the_finding_with_the_highest_logit_above_the_threshold():
+    from COLIPRISlicerLib.segmentation_head import zero_shot_segmentation
+
+    grid, volume = small_grid(), oblique_volume()
+    weak, strong = np.full(grid.shape, 1.0, np.float32), np.full(grid.shape, -1.0, np.float32)
+    strong[3, 5, 4] = 3.0
+    result = zero_shot_segmentation({"Weak": weak, "Strong": strong}, grid, volume, threshold=0.5, linear=False)
+    distance = voxel_distances_mm(volume, grid.centres_ras()[3, 5, 4])
+    assert (result.labelmap[distance < 20.0] == 2).all()  # inside the hot 48 mm patch
+    assert (result.labelmap[distance > 42.0] == 1).all()  # beyond its corners: the weak finding
+    assert (zero_shot_segmentation({"Weak": weak}, grid, volume, threshold=1.0).labelmap == 0).all()
+    assert [label.value for label in result.labels] == [1, 2]
+
+
+def test_zero_shot_description_comes_from_the_grid_16_mm_for_colipri():
+    from COLIPRISlicerLib.segmentation_head import zero_shot_segmentation
+
+    grid, volume = small_grid(model_size=192, spacing=2.0), oblique_volume()
+    result = zero_shot_segmentation({"Nodule": np.zeros(grid.shape, np.float32)}, grid, volume)
+    assert result.description == "zero-shot, 16 mm resolution"
+
+
+def test_zero_shot_refuses_a_map_off_the_patch_grid():
+    from COLIPRISlicerLib.segmentation_head import zero_shot_segmentation
+
+    with pytest.raises(ValueError, match=r'"Nodule" has shape \(4, 4, 4\), expected the patch grid \(8, 8, 8\)'):
+        zero_shot_segmentation({"Nodule": np.zeros((4, 4, 4))}, small_grid(), oblique_volume())
