@@ -1,0 +1,142 @@
+"""Engine results as MRML content: findings table and bar chart, report text, segmentation
+with names/colours/terminology, snippet points and the snippet's depth profile.
+
+Functions here fill nodes that are already in the scene (see ``outputs.NodeBatch``); they
+never create or remove nodes themselves.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+import vtk.util.numpy_support
+
+FINDING_COLUMNS = ("Finding", "Likelihood", "Threshold", "Present", "Region")
+PROFILE_COLUMNS = ("S (mm)", "Probability")
+#: Terminology context of our categories (SNOMED CT codes as in the DICOM master list).
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+ANATOMY_CONTEXT = "Anatomic codes - DICOM master list"
+#: Slicer's default segment category and type.
+TISSUE = {"scheme": "SCT", "code": "85756007", "meaning": "Tissue"}
+#: Private coding scheme (DICOM allows "99" prefixes) for findings without a SNOMED CT code.
+PRIVATE_SCHEME = "99COLIPRISLICER"
+
+
+def _column(vtk_class, name: str, values) -> vtk.vtkAbstractArray:
+    column = vtk_class()
+    column.SetName(name)
+    for value in values:
+        column.InsertNextValue(value)
+    return column
+
+
+def fill_findings_table(table_node, findings) -> None:
+    """One row per finding: name, likelihood, threshold, present (yes/no), region."""
+    table = vtk.vtkTable()
+    table.AddColumn(_column(vtk.vtkStringArray, "Finding", [f.name for f in findings]))
+    table.AddColumn(_column(vtk.vtkDoubleArray, "Likelihood", [float(f.likelihood) for f in findings]))
+    table.AddColumn(_column(vtk.vtkDoubleArray, "Threshold", [float(f.threshold) for f in findings]))
+    table.AddColumn(_column(vtk.vtkStringArray, "Present", ["yes" if f.present else "no" for f in findings]))
+    table.AddColumn(_column(vtk.vtkStringArray, "Region", [f.region for f in findings]))
+    table_node.SetAndObserveTable(table)
+    table_node.SetUseColumnTitleAsColumnHeader(True)
+
+
+def table_column(table_node, name: str) -> list:
+    column = table_node.GetTable().GetColumnByName(name)
+    return [column.GetValue(row) for row in range(column.GetNumberOfValues())]
+
+
+def fill_bar_chart(chart_node, series_node, table_node, title: str) -> None:
+    """Bar chart of the table's likelihoods, one bar per finding, y from 0 to 1."""
+    series_node.SetAndObserveTableNodeID(table_node.GetID())
+    series_node.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
+    series_node.SetYColumnName("Likelihood")
+    series_node.SetLabelColumnName("Finding")
+    series_node.SetColor(0.85, 0.35, 0.25)
+    chart_node.SetAndObservePlotSeriesNodeID(series_node.GetID())
+    chart_node.SetTitle(title)
+    chart_node.SetXAxisTitle("Finding")
+    chart_node.SetYAxisTitle("Likelihood")
+    chart_node.SetYAxisRangeAuto(False)
+    chart_node.SetYAxisRange(0.0, 1.0)
+    chart_node.SetLegendVisibility(False)
+
+
+def fill_profile(table_node, chart_node, series_node, localization) -> None:
+    """Line plot of the snippet's probability over S (mm)."""
+    s_mm = np.asarray(localization.profile_s_mm, dtype=np.float64)
+    order = np.argsort(s_mm)
+    table = vtk.vtkTable()
+    columns = (s_mm[order], np.asarray(localization.profile, np.float64)[order])
+    for name, values in zip(PROFILE_COLUMNS, columns, strict=True):
+        column = vtk.util.numpy_support.numpy_to_vtk(np.ascontiguousarray(values), deep=True)
+        column.SetName(name)
+        table.AddColumn(column)
+    table_node.SetAndObserveTable(table)
+    series_node.SetAndObserveTableNodeID(table_node.GetID())
+    series_node.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+    series_node.SetXColumnName(PROFILE_COLUMNS[0])
+    series_node.SetYColumnName(PROFILE_COLUMNS[1])
+    series_node.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+    chart_node.SetAndObservePlotSeriesNodeID(series_node.GetID())
+    chart_node.SetTitle(f"Depth profile ({localization.method}, confidence {localization.confidence:.2f})")
+    chart_node.SetXAxisTitle(PROFILE_COLUMNS[0])
+    chart_node.SetYAxisTitle(PROFILE_COLUMNS[1])
+    chart_node.SetLegendVisibility(False)
+
+
+def oriented_image(mask_ijk: np.ndarray, geometry_node) -> slicer.vtkOrientedImageData:
+    """An (I, J, K) uint8 mask as oriented image data on ``geometry_node``'s grid and frame."""
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(*mask_ijk.shape)
+    scalars = vtk.util.numpy_support.numpy_to_vtk(np.ascontiguousarray(np.transpose(mask_ijk, (2, 1, 0))).ravel(),
+                                                  deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
+    image.GetPointData().SetScalars(scalars)
+    matrix = vtk.vtkMatrix4x4()
+    geometry_node.GetIJKToRASMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    return image
+
+
+def terminology_entry(terminology: dict | None, name: str) -> str:
+    """Slicer's serialized terminology of a label (category and type; private code if none)."""
+    terminology = terminology or {}
+    category = terminology.get("category") or TISSUE
+    private = {"scheme": PRIVATE_SCHEME, "code": name.lower().replace(" ", "-"), "meaning": name}
+    kind = terminology.get("type") or private
+    return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
+        TERMINOLOGY_CONTEXT, category["code"], category["scheme"], category["meaning"],
+        kind["code"], kind["scheme"], kind["meaning"], "", "", "", ANATOMY_CONTEXT, "", "", "", "", "", "",
+    )
+
+
+def fill_segmentation(segmentation_node, result, input_node) -> None:
+    """Segments of a ``SegmentationResult`` on the input's grid, frame and parent transform."""
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
+    segmentation_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
+    segmentation_node.SetDescription(f"COLIPRI segmentation ({result.description})")
+    segmentation = segmentation_node.GetSegmentation()
+    for label in result.labels:
+        segment_id = segmentation.AddEmptySegment(f"label_{label.value}", label.name, list(label.colour))
+        mask = oriented_image((result.labelmap == label.value).astype(np.uint8), input_node)
+        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            mask, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        segment = segmentation.GetSegment(segment_id)
+        segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry(label.terminology, label.name))
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+
+
+def add_snippet_point(markups_node, localization, snippet: str) -> int:
+    """Append a control point at the snippet's location (world RAS); returns its index."""
+    label = snippet if len(snippet) <= 40 else snippet[:37] + "..."
+    index = markups_node.AddControlPointWorld(vtk.vtkVector3d(*[float(v) for v in localization.point_ras]), label)
+    markups_node.SetNthControlPointDescription(
+        index, f"{snippet}\nMethod: {localization.method}; confidence {localization.confidence:.2f}."
+        f" {localization.explanation}")
+    markups_node.SetNthControlPointLocked(index, True)
+    if markups_node.GetDisplayNode() is None:
+        markups_node.CreateDefaultDisplayNodes()
+    return index

@@ -1,0 +1,111 @@
+"""Volume nodes in and out of the engine: world geometry, ``Volume`` copies, heatmap nodes.
+
+Axis orders: ``slicer.util.arrayFromVolume`` is (K, J, I); the engine's arrays are
+(I, J, K). :func:`volume_from_node` and :func:`set_volume_array` are the only two places
+that transpose.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import slicer
+import vtk
+
+#: Colour map of heatmaps (procedural, so present in every Slicer scene).
+HEATMAP_COLOUR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
+#: Heatmap voxels below this percentile of the in-view values are transparent.
+HEATMAP_LOWER_PERCENTILE = 50.0
+HEATMAP_UPPER_PERCENTILE = 99.5
+#: Upper threshold of heatmaps: nothing above the lower threshold is hidden.
+HEATMAP_THRESHOLD_CEILING = 1e30
+
+
+def matrix_to_array(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(row, col) for col in range(4)] for row in range(4)])
+
+
+def local_ijk_to_ras(node) -> np.ndarray:
+    """4 x 4 IJK->RAS of a volume node in its own (parent) frame."""
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return matrix_to_array(matrix)
+
+
+def world_ijk_to_ras(node) -> np.ndarray:
+    """4 x 4 IJK->world RAS: the node's matrix composed with its parent transforms (a copy).
+
+    Raises:
+        ValueError: if a parent transform is non-linear (a warp cannot be one matrix).
+    """
+    ijk_to_ras = local_ijk_to_ras(node)
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return ijk_to_ras
+    if not parent.IsTransformToWorldLinear():
+        message = (
+            f'Volume "{node.GetName()}" is under the non-linear transform "{parent.GetName()}". COLIPRI needs'
+            " a voxel grid in world space: harden the transform on the volume (Data module, right-click,"
+            ' "Harden transform") or remove it, then analyze again.'
+        )
+        raise ValueError(message)
+    to_world = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(to_world)
+    return matrix_to_array(to_world) @ ijk_to_ras
+
+
+def volume_from_node(node):
+    """Copy a scalar volume node into an engine ``Volume`` in world RAS (node untouched).
+
+    Raises:
+        ValueError: for a missing, label-map, vector or empty volume, or a warped one.
+    """
+    from COLIPRISlicerLib.volume import Volume
+
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+        kind = "nothing" if node is None else node.GetClassName()
+        raise ValueError(f"Select a scalar CT volume as input (got {kind}).")
+    if node.GetImageData() is None:
+        raise ValueError(f'Volume "{node.GetName()}" has no voxels; load the image data first.')
+    return Volume.from_slicer_array(slicer.util.arrayFromVolume(node), world_ijk_to_ras(node), name=node.GetName())
+
+
+def set_volume_array(node, array_ijk: np.ndarray, geometry_node) -> None:
+    """Fill ``node`` with an (I, J, K) array on ``geometry_node``'s grid, same frame and transform."""
+    dimensions = tuple(geometry_node.GetImageData().GetDimensions())
+    if tuple(array_ijk.shape) != dimensions:
+        message = f"Array shape {array_ijk.shape} differs from the volume's {dimensions}."
+        raise ValueError(message)
+    matrix = vtk.vtkMatrix4x4()
+    geometry_node.GetIJKToRASMatrix(matrix)
+    node.SetIJKToRASMatrix(matrix)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(np.transpose(array_ijk, (2, 1, 0))))
+    node.SetAndObserveTransformNodeID(geometry_node.GetTransformNodeID())
+
+
+def heatmap_display_range(heatmap: np.ndarray) -> tuple[float, float, float]:
+    """(fill value for outside the field of view, lower, upper) display bounds of a heatmap."""
+    finite = heatmap[np.isfinite(heatmap)]
+    if finite.size == 0:
+        return -1.0, 0.0, 1.0
+    lower, upper = (float(v) for v in np.percentile(finite, [HEATMAP_LOWER_PERCENTILE, HEATMAP_UPPER_PERCENTILE]))
+    upper = upper if upper > lower else lower + 1e-3
+    return float(finite.min()) - 1.0, lower, upper
+
+
+def update_heatmap_node(node, heatmap: np.ndarray, input_node, finding_name: str) -> None:
+    """Show an (I, J, K) heatmap (NaN outside the model's view) in ``node``, colour-mapped."""
+    fill, lower, upper = heatmap_display_range(heatmap)
+    set_volume_array(node, np.where(np.isfinite(heatmap), heatmap, fill).astype(np.float32), input_node)
+    node.SetName(slicer.mrmlScene.GenerateUniqueName(f"{input_node.GetName()} heatmap {finding_name}"))
+    node.SetDescription(
+        f'COLIPRI heatmap of "{finding_name}": per-patch positive-minus-negative prompt logit,'
+        f" interpolated to the input grid; outside the model's field of view set to {fill:.3g} and hidden."
+    )
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(HEATMAP_COLOUR_NODE_ID)
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(lower, upper)
+    display.SetApplyThreshold(True)
+    display.SetThreshold(lower, HEATMAP_THRESHOLD_CEILING)

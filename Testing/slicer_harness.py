@@ -1,0 +1,422 @@
+"""A real MRML scene from ``slicer-core`` for testing the module's Logic without the Slicer app.
+
+Real: the scene, ``vtkSlicerApplicationLogic``, the Colors, Volumes, Segmentations, Markups,
+Tables, Texts, SubjectHierarchy and Plots module logics (reachable as
+``slicer.modules.<name>.logic()``), the Red/Yellow/Green slice and slice-composite nodes
+(made by ``vtkMRMLLayoutLogic`` + ``vtkMRMLSliceLogic``) and ``slicer.util``.
+
+Stubbed, because ``slicer-core`` lacks them and the module file imports them: the module
+base classes (``slicer.ScriptedLoadableModule``), ``qt``, ``slicer.parameterNodeWrapper``
+and ``slicer.i18n``. Nothing else is faked; there is no ``slicer.app``, so the Logic's
+``processEvents`` is a no-op here.
+
+Also: loading volumes the way Slicer does (``AddArchetypeVolume``) and an offscreen VTK
+rendering of an axial slice with the CT, a colour-mapped heatmap and segment outlines in
+separate render layers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+
+if not os.environ.get("DISPLAY"):
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+import slicer
+import vtk
+import vtk.util.numpy_support
+
+MODULE_LOGICS = {
+    "colors": ("Colors", "vtkSlicerColorLogic"),
+    "volumes": ("Volumes", "vtkSlicerVolumesLogic"),
+    "segmentations": ("Segmentations", "vtkSlicerSegmentationsModuleLogic"),
+    "markups": ("Markups", "vtkSlicerMarkupsLogic"),
+    "tables": ("Tables", "vtkSlicerTablesLogic"),
+    "texts": ("Texts", "vtkSlicerTextsLogic"),
+    "subjecthierarchy": ("SubjectHierarchy", "vtkSlicerSubjectHierarchyModuleLogic"),
+    "plots": ("Plots", "vtkSlicerPlotsLogic"),
+}
+SLICE_VIEWS = ("Red", "Yellow", "Green")
+STUBBED_MODULES = ("qt", "slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper", "slicer.i18n")
+
+
+# --- stubs -------------------------------------------------------------------------------
+
+
+class _ScriptedLoadableModule:
+    def __init__(self, parent):
+        self.parent = parent
+
+
+class _ScriptedLoadableModuleWidget:
+    def __init__(self, parent=None):
+        self.parent = parent
+
+
+class _ScriptedLoadableModuleLogic:
+    """As Slicer's: one singleton ``vtkMRMLScriptedModuleNode`` per module as parameter node."""
+
+    def __init__(self, parent=None):
+        self.moduleName = type(self).__name__.removesuffix("Logic")
+
+    def getParameterNode(self):
+        node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(self.moduleName)
+            node.SetAttribute("ModuleName", self.moduleName)
+            slicer.mrmlScene.AddNode(node)
+        return node
+
+
+class _ScriptedLoadableModuleTest:
+    def delayDisplay(self, message, msec=None):
+        print(message)
+
+
+def _parameter_node_wrapper(cls):
+    """Typed attribute access with the class defaults; values live on the wrapper only."""
+
+    def __init__(self, node):
+        self.parameterNode = node
+        for name in getattr(cls, "__annotations__", {}):
+            setattr(self, name, getattr(cls, name, None))
+
+    return type(cls.__name__, (), {"__init__": __init__, "__doc__": cls.__doc__})
+
+
+class _Validator:
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+
+def _stub_modules() -> dict[str, types.ModuleType]:
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+    base.ScriptedLoadableModule = _ScriptedLoadableModule
+    base.ScriptedLoadableModuleWidget = _ScriptedLoadableModuleWidget
+    base.ScriptedLoadableModuleLogic = _ScriptedLoadableModuleLogic
+    base.ScriptedLoadableModuleTest = _ScriptedLoadableModuleTest
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = wrapper.parameterPack = _parameter_node_wrapper
+    wrapper.Choice = wrapper.WithinRange = _Validator
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    return {"qt": types.ModuleType("qt"), "slicer.ScriptedLoadableModule": base,
+            "slicer.parameterNodeWrapper": wrapper, "slicer.i18n": i18n}
+
+
+def install_module_stubs() -> dict:
+    """Put the stubs into ``sys.modules``; returns what they replaced (for :func:`remove_module_stubs`)."""
+    saved = {name: sys.modules.get(name) for name in STUBBED_MODULES}
+    for name, module in _stub_modules().items():
+        sys.modules[name] = module
+        if name.startswith("slicer."):
+            setattr(slicer, name.split(".", 1)[1], module)
+    return saved
+
+
+def remove_module_stubs(saved: dict) -> None:
+    for name, module in saved.items():
+        if module is None:
+            sys.modules.pop(name, None)
+            if name.startswith("slicer.") and hasattr(slicer, name.split(".", 1)[1]):
+                delattr(slicer, name.split(".", 1)[1])
+        else:
+            sys.modules[name] = module
+
+
+# --- scene -------------------------------------------------------------------------------
+
+
+class SlicerTestScene:
+    """A scene with application logic, module logics and slice views, attached to ``slicer``.
+
+    Use as a context manager; ``slicer.mrmlScene`` and ``slicer.modules`` are restored on exit.
+    """
+
+    def __init__(self):
+        self.scene = slicer.vtkMRMLScene()
+        self.app_logic = slicer.vtkSlicerApplicationLogic()
+        self.app_logic.SetMRMLScene(self.scene)
+        self.logics = {key: self._module_logic(name, cls) for key, (name, cls) in MODULE_LOGICS.items()}
+        self.slice_logics = self._slice_views()
+        self._saved = {}
+
+    def _module_logic(self, name: str, class_name: str):
+        shown = vtk.vtkObject.GetGlobalWarningDisplay()
+        vtk.vtkObject.SetGlobalWarningDisplay(0)  # the colour logic wants an application home for its files
+        try:
+            logic = getattr(slicer, class_name)()
+            logic.SetMRMLApplicationLogic(self.app_logic)
+            logic.SetMRMLScene(self.scene)
+        finally:
+            vtk.vtkObject.SetGlobalWarningDisplay(shown)
+        self.app_logic.SetModuleLogic(name, logic)
+        return logic
+
+    def _slice_views(self) -> list:
+        layout_logic = slicer.vtkMRMLLayoutLogic()
+        layout_logic.SetMRMLScene(self.scene)
+        layout_logic.GetLayoutNode().SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+        self._layout_logic = layout_logic
+        logics = []
+        for name in SLICE_VIEWS:
+            logic = slicer.vtkMRMLSliceLogic()
+            logic.SetMRMLApplicationLogic(self.app_logic)
+            logic.SetMRMLScene(self.scene)
+            logic.SetSliceNode(self.slice_node(name))
+            logics.append(logic)
+        return logics
+
+    def slice_node(self, name: str):
+        return self.scene.GetNodeByID(f"vtkMRMLSliceNode{name}")
+
+    def __enter__(self) -> SlicerTestScene:
+        self._saved = {name: getattr(slicer, name, None) for name in ("mrmlScene", "modules")}
+        slicer.mrmlScene = self.scene
+        slicer.modules = types.SimpleNamespace(
+            **{key: types.SimpleNamespace(logic=lambda logic=logic: logic) for key, logic in self.logics.items()})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, value in self._saved.items():
+            if value is None:
+                if hasattr(slicer, name):
+                    delattr(slicer, name)
+            else:
+                setattr(slicer, name, value)
+        self.close()
+
+    def close(self) -> None:
+        """Detach every logic from the scene, then empty it (clearing while attached crashes)."""
+        shown = vtk.vtkObject.GetGlobalWarningDisplay()
+        vtk.vtkObject.SetGlobalWarningDisplay(0)  # subject hierarchy logic warns about the missing scene
+        try:
+            for logic in [*self.slice_logics, self._layout_logic, *self.logics.values()]:
+                logic.SetMRMLScene(None)
+            self.app_logic.SetMRMLScene(None)
+            self.scene.Clear(True)
+        finally:
+            vtk.vtkObject.SetGlobalWarningDisplay(shown)
+
+
+def load_volume_file(path: Path, name: str):
+    """Load a NRRD/NIfTI file as Slicer's Add Data does (``AddArchetypeVolume``)."""
+    node = slicer.modules.volumes.logic().AddArchetypeVolume(str(path), name)
+    if node is None:
+        raise RuntimeError(f'Slicer could not load "{path}".')
+    return node
+
+
+def load_dicom_series(folder: Path, work_dir: Path, name: str):
+    """Read a DICOM series with SimpleITK, write it as NRRD, load that into the scene."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    path = Path(work_dir) / f"{name}.nrrd"
+    sitk.WriteImage(reader.Execute(), str(path))
+    return load_volume_file(path, name)
+
+
+# --- offscreen rendering -----------------------------------------------------------------
+
+
+def offscreen_rendering_available() -> bool:
+    """True with an X display or an EGL library (``apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri``)."""
+    import ctypes.util
+
+    return bool(os.environ.get("DISPLAY")) or ctypes.util.find_library("EGL") is not None
+
+
+def _node_image(node, array_kji: np.ndarray | None = None) -> vtk.vtkImageData:
+    """Image data in IJK coordinates (origin 0, spacing 1) of a volume node or of an array on its grid."""
+    image = vtk.vtkImageData()
+    if array_kji is None:
+        image.DeepCopy(node.GetImageData())
+    else:
+        image.SetDimensions(*reversed(array_kji.shape))
+        scalars = vtk.util.numpy_support.numpy_to_vtk(np.ascontiguousarray(array_kji).ravel(), deep=True)
+        image.GetPointData().SetScalars(scalars)
+    image.SetOrigin(0, 0, 0)
+    image.SetSpacing(1, 1, 1)
+    return image
+
+
+def _axial_reslice(image: vtk.vtkImageData, node, plane, interpolate: bool) -> vtk.vtkImageReslice:
+    """Resample ``image`` (IJK of ``node``) on the axial plane ``plane = (origin_ra, spacing, size, s)``."""
+    (r0, a0), spacing, (width, height), s_mm = plane
+    ras_to_ijk = vtk.vtkMatrix4x4()
+    node.GetRASToIJKMatrix(ras_to_ijk)
+    reslice = vtk.vtkImageReslice()
+    reslice.SetInputData(image)
+    reslice.SetResliceAxes(ras_to_ijk)
+    reslice.SetOutputOrigin(r0, a0, s_mm)
+    reslice.SetOutputSpacing(spacing, spacing, 1.0)
+    reslice.SetOutputExtent(0, width - 1, 0, height - 1, 0, 0)
+    reslice.SetInterpolationModeToLinear() if interpolate else reslice.SetInterpolationModeToNearestNeighbor()
+    reslice.SetBackgroundLevel(-1e30)
+    reslice.Update()
+    return reslice
+
+
+def _image_actor(reslice: vtk.vtkImageReslice, table: vtk.vtkScalarsToColors) -> vtk.vtkImageActor:
+    colours = vtk.vtkImageMapToColors()
+    colours.SetInputConnection(reslice.GetOutputPort())
+    colours.SetLookupTable(table)
+    colours.SetOutputFormatToRGBA()
+    colours.Update()
+    actor = vtk.vtkImageActor()
+    actor.GetMapper().SetInputConnection(colours.GetOutputPort())
+    return actor
+
+
+def _grey_table(window: float, level: float) -> vtk.vtkLookupTable:
+    table = vtk.vtkLookupTable()
+    table.SetRange(level - window / 2, level + window / 2)
+    table.SetSaturationRange(0, 0)
+    table.SetHueRange(0, 0)
+    table.SetValueRange(0, 1)
+    table.SetBelowRangeColor(0, 0, 0, 1)
+    table.UseBelowRangeColorOn()
+    table.Build()
+    return table
+
+
+def _heat_table(lower: float, upper: float, opacity: float) -> vtk.vtkLookupTable:
+    """Dark red to yellow (Slicer's PET-Heat without its white top, so the peak stays
+    distinguishable from bone), fading in from transparent at ``lower`` to ``opacity``."""
+    table = vtk.vtkLookupTable()
+    table.SetNumberOfTableValues(256)
+    table.SetRange(lower, upper)
+    for index in range(256):
+        t = index / 255
+        table.SetTableValue(index, min(1.0, 0.4 + 1.2 * t), max(0.0, 2 * t - 0.8), 0.0, opacity * min(1.0, 2 * t))
+    table.SetBelowRangeColor(0, 0, 0, 0)
+    table.UseBelowRangeColorOn()
+    return table
+
+
+def _outline_actor(reslice: vtk.vtkImageReslice, colour) -> vtk.vtkActor:
+    contour = vtk.vtkContourFilter()
+    contour.SetInputConnection(reslice.GetOutputPort())
+    contour.SetValue(0, 0.5)
+    mapper = vtk.vtkPolyDataMapper()
+    mapper.SetInputConnection(contour.GetOutputPort())
+    mapper.ScalarVisibilityOff()
+    actor = vtk.vtkActor()
+    actor.SetMapper(mapper)
+    actor.GetProperty().SetColor(*colour)
+    actor.GetProperty().SetLineWidth(3)
+    return actor
+
+
+def axial_plane(node, s_mm: float, size: int = 512) -> tuple:
+    """A square axial plane covering the node's R-A extent: (origin_ra, spacing, size, s)."""
+    bounds = [0.0] * 6
+    node.GetRASBounds(bounds)
+    extent = max(bounds[1] - bounds[0], bounds[3] - bounds[2])
+    centre = ((bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2)
+    spacing = extent / size
+    return (centre[0] - extent / 2, centre[1] - extent / 2), spacing, (size, size), float(s_mm)
+
+
+def render_axial_overlay(ct_node, heatmap_node, segments: list[tuple[np.ndarray, tuple]], s_mm: float,
+                         path: Path | None = None, *, size: int = 512, opacity: float = 0.6,
+                         caption: str = "") -> np.ndarray:
+    """Render an axial slice offscreen: CT (layer 0), heatmap (layer 1), segment outlines (layer 2).
+
+    Args:
+        segments: (mask (K, J, I) uint8 on the CT's grid, (r, g, b)) per segment.
+        s_mm: S (mm) of the axial plane.
+        path: PNG to write, or None.
+
+    Returns:
+        (height, width, 3) uint8 RGB, row 0 at the top, patient's right on the left (radiological).
+    """
+    plane = axial_plane(ct_node, s_mm, size)
+    display = heatmap_node.GetDisplayNode()
+    layers = [[_image_actor(_axial_reslice(_node_image(ct_node), ct_node, plane, True), _grey_table(1500, -400))],
+              [_image_actor(_axial_reslice(_node_image(heatmap_node), heatmap_node, plane, True),
+                            _heat_table(display.GetLowerThreshold(), display.GetWindowLevelMax(), opacity))],
+              [_outline_actor(_axial_reslice(_node_image(ct_node, mask.astype(np.float32)), ct_node, plane, False),
+                              colour) for mask, colour in segments]]
+    window = vtk.vtkRenderWindow()
+    window.SetOffScreenRendering(1)
+    window.SetSize(size, size)
+    window.SetNumberOfLayers(len(layers) + 1)
+    renderers = []
+    for layer, actors in enumerate(layers + [[_caption_actor(caption)] if caption else []]):
+        renderer = vtk.vtkRenderer()
+        renderer.SetLayer(layer)
+        for actor in actors:
+            renderer.AddViewProp(actor)
+        window.AddRenderer(renderer)
+        renderers.append(renderer)
+    _axial_camera(renderers, plane)
+    window.Render()
+    rgb = _window_pixels(window)
+    if path is not None:
+        _write_png(window, path)
+    return rgb
+
+
+def _caption_actor(text: str) -> vtk.vtkTextActor:
+    actor = vtk.vtkTextActor()
+    actor.SetInput(text)
+    actor.GetTextProperty().SetFontSize(14)
+    actor.GetTextProperty().SetColor(1, 1, 1)
+    actor.GetTextProperty().SetBackgroundColor(0, 0, 0)
+    actor.GetTextProperty().SetBackgroundOpacity(0.75)
+    actor.SetDisplayPosition(8, 8)
+    return actor
+
+
+def _axial_camera(renderers, plane) -> None:
+    """Look from the feet (+S), anterior up: patient's right appears on the left."""
+    (r0, a0), spacing, (width, height), s_mm = plane
+    centre = (r0 + spacing * (width - 1) / 2, a0 + spacing * (height - 1) / 2, s_mm)
+    camera = renderers[0].GetActiveCamera()
+    camera.ParallelProjectionOn()
+    camera.SetFocalPoint(*centre)
+    camera.SetPosition(centre[0], centre[1], s_mm - 500.0)
+    camera.SetViewUp(0, 1, 0)
+    camera.SetParallelScale(spacing * height / 2)
+    camera.SetClippingRange(1.0, 1000.0)
+    for renderer in renderers[1:]:
+        renderer.SetActiveCamera(camera)
+
+
+def _window_pixels(window) -> np.ndarray:
+    grab = vtk.vtkWindowToImageFilter()
+    grab.SetInput(window)
+    grab.ReadFrontBufferOff()
+    grab.Update()
+    image = grab.GetOutput()
+    width, height, _ = image.GetDimensions()
+    pixels = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1)
+    return np.flipud(pixels[..., :3]).copy()
+
+
+def _write_png(window, path: Path) -> None:
+    grab = vtk.vtkWindowToImageFilter()
+    grab.SetInput(window)
+    grab.ReadFrontBufferOff()
+    writer = vtk.vtkPNGWriter()
+    writer.SetFileName(str(path))
+    writer.SetInputConnection(grab.GetOutputPort())
+    writer.Write()
+
+
+def ras_to_pixel(plane, point_ras) -> tuple[int, int]:
+    """(row, column) of a RAS point in :func:`render_axial_overlay` output (radiological view)."""
+    (r0, a0), spacing, (width, height), _ = plane
+    column = width - 1 - int(round((point_ras[0] - r0) / spacing))
+    row = height - 1 - int(round((point_ras[1] - a0) / spacing))
+    return row, column

@@ -1,0 +1,311 @@
+"""The module's Logic against a real MRML scene (slicer-core) with the tiny random model.
+
+Inputs are loaded as Slicer loads them: the TCIA DICOM series (read with SimpleITK,
+written as NRRD, loaded with ``AddArchetypeVolume``) and the RAS NIfTI. See
+``slicer_harness`` for what is real and what is stubbed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("slicer.util", reason="slicer-core is not installed (pip install slicer-core)")
+import slicer_harness
+from conftest import LABELS_18, RAS_NIFTI, TCIA_SERIES, require
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "Resources" / "Screenshots" / "slice_overlay.png"
+SNIPPET = "Spiculated nodule in the right upper lobe."
+
+
+@pytest.fixture(scope="module")
+def module():
+    saved = slicer_harness.install_module_stubs()
+    import COLIPRISlicer
+
+    yield COLIPRISlicer
+    sys.modules.pop("COLIPRISlicer", None)
+    slicer_harness.remove_module_stubs(saved)
+
+
+@pytest.fixture(scope="module")
+def logic(module, tiny_model_folder):
+    """One Logic (worker thread + loaded tiny model) for the whole file; results cleared per test."""
+    logic = module.COLIPRISlicerLogic()
+    logic.configure("folder", tiny_model_folder, device="cpu", precision="fp32")
+    yield logic
+    logic.shutdown()
+
+
+@pytest.fixture
+def scene(logic):
+    with slicer_harness.SlicerTestScene() as test_scene:
+        yield test_scene
+        logic.clearResults()
+
+
+@pytest.fixture
+def tcia(scene, tmp_path):
+    return slicer_harness.load_dicom_series(require(TCIA_SERIES), tmp_path, "TCIA A0001")
+
+
+@pytest.fixture
+def nifti(scene):
+    return slicer_harness.load_volume_file(require(RAS_NIFTI), "example_ct")
+
+
+def tagged_nodes(scene) -> list:
+    from COLIPRISlicerNodes import outputs
+
+    nodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    return [node for node in nodes if node.GetAttribute(outputs.ROLE_ATTRIBUTE)]
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    from COLIPRISlicerNodes.volume_nodes import local_ijk_to_ras
+
+    return local_ijk_to_ras(node)
+
+
+@pytest.mark.parametrize("volume", ["tcia", "nifti"])
+def test_run_creates_findings_table_chart_and_report(logic, scene, volume, request):
+    from COLIPRISlicerNodes.result_nodes import table_column
+
+    ct = request.getfixturevalue(volume)
+    nodes = logic.run(ct)
+    expected = [line.strip() for line in require(LABELS_18).read_text().splitlines() if line.strip()]
+    assert table_column(nodes["table"], "Finding") == expected
+    likelihoods = table_column(nodes["table"], "Likelihood")
+    assert likelihoods == pytest.approx([f.likelihood for f in logic.result.findings], abs=1e-12)
+    assert nodes["chart"].GetPlotSeriesNodeID() == nodes["series"].GetID()
+    assert nodes["series"].GetTableNodeID() == nodes["table"].GetID()
+    assert nodes["series"].GetPlotType() == nodes["series"].PlotTypeBar
+    assert nodes["report"].IsA("vtkMRMLTextNode") and nodes["report"].GetText().startswith("DRAFT")
+    assert "tests/tiny-random" in nodes["report"].GetText()
+
+
+@pytest.mark.parametrize("volume", ["tcia", "nifti"])
+def test_heatmap_is_on_the_input_grid_shown_in_front_and_slices_jump_to_its_peak(logic, scene, volume, request):
+    ct = request.getfixturevalue(volume)
+    logic.run(ct)
+    finding = max(logic.result.findings, key=lambda f: f.likelihood)
+    heatmap = logic.showHeatmap(finding.name, opacity=0.4)
+    np.testing.assert_array_equal(ijk_to_ras(heatmap), ijk_to_ras(ct))
+    assert heatmap.GetImageData().GetDimensions() == ct.GetImageData().GetDimensions()
+    expected = np.transpose(logic.result.heatmap(finding.name), (2, 1, 0))
+    shown = slicer_harness.slicer.util.arrayFromVolume(heatmap)
+    inside = np.isfinite(expected)
+    np.testing.assert_allclose(shown[inside], expected[inside], rtol=0, atol=0)
+    assert (shown[~inside] < heatmap.GetDisplayNode().GetLowerThreshold()).all()
+    composite = scene.scene.GetNodeByID("vtkMRMLSliceCompositeNodeRed")
+    assert (composite.GetForegroundVolumeID(), composite.GetBackgroundVolumeID()) == (heatmap.GetID(), ct.GetID())
+    assert composite.GetForegroundOpacity() == pytest.approx(0.4)
+    assert scene.slice_node("Red").GetSliceOffset() == pytest.approx(finding.peak_ras[2], abs=1e-6)
+
+
+def test_segmentation_references_the_input_geometry_and_sits_beside_it(logic, scene, tcia):
+    import slicer
+    import vtk
+
+    logic.run(tcia)
+    segmentation = logic.segment()
+    role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+    assert segmentation.GetNodeReference(role) is tcia
+    expected = slicer.vtkMRMLSegmentationNode()
+    expected.SetReferenceImageGeometryParameterFromVolumeNode(tcia)
+    parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    assert segmentation.GetSegmentation().GetConversionParameter(parameter) == \
+        expected.GetSegmentation().GetConversionParameter(parameter)
+    names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
+             for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+    assert names and set(names) <= {f.name for f in logic.result.findings}
+    segment, terminology = segmentation.GetSegmentation().GetNthSegment(0), vtk.reference("")
+    assert segment.GetTag(segment.GetTerminologyEntryTagName(), terminology)
+    assert "SCT^49755003^Morphologically Altered Structure" in str(terminology)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene.scene)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation)) == \
+        hierarchy.GetItemParent(hierarchy.GetItemByDataNode(tcia))
+
+
+@pytest.mark.parametrize("volume", ["tcia", "nifti"])
+def test_snippet_jumps_red_slice_to_its_s_and_places_a_point_there(logic, scene, volume, request):
+    from COLIPRISlicerNodes import outputs
+
+    ct = request.getfixturevalue(volume)
+    logic.run(ct)
+    localization = logic.localizeSnippet(SNIPPET)
+    assert scene.slice_node("Red").GetSliceOffset() == pytest.approx(localization.s_mm, abs=1e-6)
+    assert localization.point_ras[2] == pytest.approx(localization.s_mm, abs=1e-6)
+    markups = outputs.find_output(scene.scene, ct, "snippetPoints")
+    point = [0.0, 0.0, 0.0]
+    markups.GetNthControlPointPositionWorld(markups.GetNumberOfControlPoints() - 1, point)
+    np.testing.assert_allclose(point, localization.point_ras, atol=1e-4)
+    profile = outputs.find_output(scene.scene, ct, "profileTable")
+    assert profile.GetNumberOfRows() == len(localization.profile)
+
+
+def test_input_volume_node_is_never_modified(logic, scene, tcia):
+    import slicer
+
+    before_array = slicer.util.arrayFromVolume(tcia).copy()
+    before_matrix, before_mtime = ijk_to_ras(tcia), tcia.GetImageData().GetMTime()
+    logic.run(tcia)
+    logic.showHeatmap(logic.result.findings[0].name)
+    logic.addFinding("mass in the left lung")
+    logic.localizeSnippet(SNIPPET)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(tcia), before_array)
+    np.testing.assert_array_equal(ijk_to_ras(tcia), before_matrix)
+    assert tcia.GetImageData().GetMTime() == before_mtime
+    assert tcia.GetParentTransformNode() is None
+
+
+def test_second_run_replaces_outputs_instead_of_duplicating(logic, scene, nifti):
+    first = logic.run(nifti)
+    logic.showHeatmap(logic.result.findings[0].name)
+    logic.localizeSnippet(SNIPPET)
+    second = logic.run(nifti)
+    roles = sorted(node.GetAttribute("COLIPRISlicer.Role") for node in tagged_nodes(scene.scene))
+    assert roles == ["findingsChart", "findingsSeries", "findingsTable", "report"]
+    assert not scene.scene.IsNodePresent(first["table"]) and scene.scene.IsNodePresent(second["table"])
+    assert scene.scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
+
+
+def test_outputs_of_another_volume_are_kept(logic, scene, nifti, tcia):
+    logic.run(nifti)
+    logic.run(tcia)
+    sources = {node.GetAttribute("COLIPRISlicer.SourceVolumeID") for node in tagged_nodes(scene.scene)}
+    assert sources == {nifti.GetID(), tcia.GetID()}
+
+
+def test_cancel_before_the_run_adds_nothing(logic, scene, nifti):
+    from COLIPRISlicerLib.analysis import AnalysisCancelled
+
+    count = scene.scene.GetNumberOfNodes()
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(AnalysisCancelled, match="cancelled"):
+        logic.run(nifti, cancelEvent=cancel)
+    assert scene.scene.GetNumberOfNodes() == count and logic.result is None
+
+
+def test_cancel_while_running_adds_nothing(logic, scene, tcia):
+    from COLIPRISlicerLib.analysis import AnalysisCancelled
+
+    count, cancel, seen = scene.scene.GetNumberOfNodes(), threading.Event(), []
+
+    def on_status(message: str) -> None:
+        seen.append(message)
+        if message.startswith("Encoding"):
+            cancel.set()
+
+    with pytest.raises(AnalysisCancelled, match="cancelled"):
+        logic.run(tcia, cancelEvent=cancel, statusCallback=on_status)
+    assert "Encoding" in seen
+    assert scene.scene.GetNumberOfNodes() == count and tagged_nodes(scene.scene) == []
+
+
+def test_free_text_finding_is_appended_to_the_table(logic, scene, nifti):
+    from COLIPRISlicerNodes.result_nodes import table_column
+
+    nodes = logic.run(nifti)
+    finding = logic.addFinding("mass in the left lower lobe")
+    assert table_column(nodes["table"], "Finding")[-1] == finding.name
+    assert nodes["table"].GetNumberOfRows() == 19
+    assert logic.showHeatmap(finding.name).GetImageData().GetDimensions() == nifti.GetImageData().GetDimensions()
+
+
+def test_parent_transform_is_respected_and_warps_are_refused(logic, scene, nifti):
+    import slicer
+    import vtk
+
+    transform = slicer.vtkMRMLLinearTransformNode()
+    scene.scene.AddNode(transform)
+    matrix = np.eye(4)
+    matrix[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]
+    matrix[:3, 3] = [10.0, -20.0, 30.0]
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    nifti.SetAndObserveTransformNodeID(transform.GetID())
+    np.testing.assert_allclose(logic.volumeFromNode(nifti).ijk_to_ras, matrix @ ijk_to_ras(nifti), atol=1e-9)
+    logic.run(nifti)
+    heatmap = logic.showHeatmap(logic.result.findings[0].name)
+    assert heatmap.GetParentTransformNode() is transform
+    warp = slicer.vtkMRMLTransformNode()
+    scene.scene.AddNode(warp)
+    landmarks = vtk.vtkPoints()
+    for point in ((0, 0, 0), (100, 0, 0), (0, 100, 0), (0, 0, 100)):
+        landmarks.InsertNextPoint(point)
+    spline = vtk.vtkThinPlateSplineTransform()
+    spline.SetSourceLandmarks(landmarks)
+    spline.SetTargetLandmarks(landmarks)
+    warp.SetAndObserveTransformToParent(spline)
+    transform.SetAndObserveTransformNodeID(warp.GetID())
+    with pytest.raises(ValueError, match="non-linear transform"):
+        logic.run(nifti)
+
+
+def test_label_map_input_is_refused_with_advice(logic, scene):
+    import slicer
+
+    labels = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6), np.int16), nodeClassName="vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(ValueError, match="scalar CT volume"):
+        logic.volumeFromNode(labels)
+
+
+def test_offscreen_slice_shows_ct_heatmap_and_segment_outline(logic, scene, tcia, tmp_path):
+    """Renders the README screenshot (random-model heatmap); set COLIPRISLICER_UPDATE_SCREENSHOT=1 to refresh it."""
+    import slicer
+
+    if not slicer_harness.offscreen_rendering_available():
+        pytest.skip("no X display and no libEGL: install libegl1 libegl-mesa0 libgl1-mesa-dri for offscreen rendering")
+
+    logic.run(tcia)
+    finding = max(logic.result.findings, key=lambda f: f.likelihood)
+    heatmap = logic.showHeatmap(finding.name)
+    segmentation = logic.segment()
+    segments = []
+    for index in range(segmentation.GetSegmentation().GetNumberOfSegments()):
+        segment = segmentation.GetSegmentation().GetNthSegment(index)
+        segment_id = segmentation.GetSegmentation().GetSegmentIdBySegment(segment)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, tcia)
+        segments.append((mask, segment.GetColor()))
+    s_mm = float(finding.peak_ras[2])
+    caption = f"Heatmap: {finding.name}\nrandom-weight test model - shows the display, not a finding"
+    path = tmp_path / "slice_overlay.png"
+    rgb = slicer_harness.render_axial_overlay(tcia, heatmap, segments, s_mm, path, caption=caption)
+    assert path.is_file() and rgb.shape == (512, 512, 3)
+    plane = slicer_harness.axial_plane(tcia, s_mm)
+    red, green, blue = (int(c) for c in rgb[slicer_harness.ras_to_pixel(plane, finding.peak_ras)])
+    assert red > blue + 60 and red >= green, "the heatmap's peak is warm (red-yellow) over the CT"
+    channels = rgb.astype(int)
+    grey = (abs(channels[..., 0] - channels[..., 1]) < 6) & (abs(channels[..., 1] - channels[..., 2]) < 6)
+    assert (grey & (channels[..., 0] > 40)).mean() > 0.05, "CT voxels stay visible where the heatmap is hidden"
+    colours = [tuple(int(round(255 * c)) for c in colour) for _, colour in segments if _.any()]
+    outlined = sum(int((np.abs(channels - np.array(colour)).max(axis=-1) < 30).sum()) for colour in colours)
+    assert outlined > 20, "segment outlines are drawn in their colours"
+    if os.environ.get("COLIPRISLICER_UPDATE_SCREENSHOT"):
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, SCREENSHOT)
+
+
+def test_queries_before_an_analysis_say_what_to_do(logic, scene, nifti):
+    with pytest.raises(ValueError, match="Analyze a volume first"):
+        logic.showHeatmap("Cardiomegaly")
+    with pytest.raises(ValueError, match="Analyze a volume first"):
+        logic.localizeSnippet(SNIPPET)
+
+
+def test_empty_free_text_and_snippet_are_refused_without_adding_nodes(logic, scene, nifti):
+    nodes = logic.run(nifti)
+    count = scene.scene.GetNumberOfNodes()
+    with pytest.raises(ValueError, match="Empty finding"):
+        logic.addFinding("   ")
+    with pytest.raises(ValueError, match="Empty snippet"):
+        logic.localizeSnippet("")
+    assert scene.scene.GetNumberOfNodes() == count and nodes["table"].GetNumberOfRows() == 18

@@ -1,0 +1,121 @@
+"""Slicer-side helpers without a scene: run state machine, settings, device choice, requirements."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from COLIPRISlicerNodes import run_state, runtime
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_run_moves_through_the_states_from_engine_status_lines():
+    state = run_state.RunState()
+    state.set("installing")
+    seen = []
+    for message in ("Downloading weights of microsoft/colipri (first use only)", "Loading model", "Encoding",
+                    "Preprocessing", "Encoding", "Warning: the crop removed tissue", "Scoring", "Importing results"):
+        state.on_status(message)
+        seen.append((state.state, state.progress))
+    assert [s for s, _ in seen] == ["downloading", "loading", "encoding", "encoding", "encoding", "encoding",
+                                     "scoring", "importing"]
+    assert [p for _, p in seen] == sorted(p for _, p in seen)
+    assert state.detail == "" and state.busy
+
+
+def test_warnings_become_the_detail_and_cancel_wins():
+    state = run_state.RunState("encoding")
+    state.on_status("Warning: out of GPU memory; retrying on the CPU")
+    assert (state.state, state.detail) == ("encoding", "Warning: out of GPU memory; retrying on the CPU")
+    state.on_status("Scoring", cancel_requested=True)
+    assert state.state == "cancelling" and state.busy
+    state.set("idle", "Cancelled; nothing was added.")
+    assert not state.busy and state.progress == 0
+
+
+def test_unknown_state_is_refused():
+    with pytest.raises(ValueError, match='Unknown run state "running"'):
+        run_state.RunState().set("running")
+
+
+def test_settings_round_trip_through_strings():
+    settings = SimpleNamespace(modelSource="folder", modelFolder=Path("/models/colipri"), device="cpu",
+                               precision="bf16", offline=True)
+    stored = runtime.settings_to_strings(settings)
+    assert stored == {"modelSource": "folder", "modelFolder": "/models/colipri", "device": "cpu",
+                      "precision": "bf16", "offline": "True"}
+    assert runtime.settings_from_strings(stored) == vars(settings)
+
+
+def test_stale_or_missing_settings_are_ignored():
+    stored = {"modelSource": "cloud", "device": None, "precision": "", "offline": "false", "other": "x"}
+    assert runtime.settings_from_strings(stored) == {"offline": False}
+
+
+def test_model_spec_per_source(tmp_path):
+    assert runtime.model_spec("hub") == "microsoft/colipri"
+    assert runtime.model_spec("demo") == "demo"
+    assert runtime.model_spec("folder", tmp_path) == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="Model folder"):
+        runtime.model_spec("folder", Path())
+    with pytest.raises(ValueError, match='Unknown model source "cloud"'):
+        runtime.model_spec("cloud")
+
+
+def test_device_choice_falls_back_to_cpu_with_a_reason(monkeypatch):
+    import torch
+
+    assert runtime.resolve_device("cpu") == ("cpu", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.resolve_device("auto") == ("auto", None)
+    device, warning = runtime.resolve_device("cuda")
+    assert device == "cpu" and "No CUDA GPU" in warning
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (1 * 2**30, 8 * 2**30))
+    device, warning = runtime.resolve_device("auto")
+    assert device == "cpu" and "1.0 GiB of GPU memory is free" in warning
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (20 * 2**30, 24 * 2**30))
+    assert runtime.resolve_device("cuda") == ("cuda", None)
+    with pytest.raises(ValueError, match='Unknown device "tpu"'):
+        runtime.resolve_device("tpu")
+
+
+def test_offline_mode_reaches_an_imported_huggingface_hub(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    runtime.set_offline(True)
+    assert constants.is_offline_mode() and runtime.os.environ["HF_HUB_OFFLINE"] == "1"
+    runtime.set_offline(False)
+    assert not constants.is_offline_mode() and "HF_HUB_OFFLINE" not in runtime.os.environ
+
+
+def test_download_folders_are_the_hub_cache_and_our_cache_never_a_model_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("COLIPRISLICER_CACHE", str(tmp_path / "ours"))
+    own = tmp_path / "my_model"
+    for folder in (tmp_path / "hub" / "models--microsoft--colipri", tmp_path / "ours", own):
+        folder.mkdir(parents=True)
+    assert runtime.weights_folder("hub") == tmp_path / "hub" / "models--microsoft--colipri"
+    assert runtime.weights_folder("folder", own) == own
+    removed = runtime.clear_downloads()
+    assert sorted(removed) == sorted([tmp_path / "hub" / "models--microsoft--colipri", tmp_path / "ours"])
+    assert own.is_dir() and not (tmp_path / "ours").exists()
+
+
+def test_requirements_have_lower_bounds_and_never_torch_or_simpleitk():
+    pytest.importorskip("slicer.util", reason="slicer-core is not installed")
+    from COLIPRISlicerNodes import dependencies
+    from packaging.requirements import Requirement
+
+    lines = dependencies.read_requirements(REPO / "Resources" / "requirements.txt")
+    requirements = [Requirement(line) for line in lines]
+    names = {requirement.name.lower() for requirement in requirements}
+    assert {"colipri", "transformers", "torchio"} <= names and not names & {"torch", "simpleitk"}
+    assert all(any(spec.operator in (">=", "==") for spec in r.specifier) for r in requirements)
+    upper = {r.name.lower() for r in requirements if any(s.operator in ("<", "==") for s in r.specifier)}
+    assert {"colipri", "transformers"} <= upper
+    assert all(dependencies.is_satisfied(str(requirement)) for requirement in requirements)
