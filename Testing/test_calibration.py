@@ -64,3 +64,15 @@ def test_calibrate_command_writes_a_loadable_catalogue(tiny_model_folder, tmp_pa
     assert catalogue.get("Cardiomegaly").threshold == 0.5  # not labelled: unchanged
     # two scans, one positive each: AUROC is 1 or 0 and the threshold separates them
     assert catalogue.get("Emphysema").threshold != 0.5
+
+
+@pytest.mark.parametrize("method", ["youden", "f1"])
+def test_calibration_recovers_a_known_threshold(method):
+    rng = np.random.default_rng(7)
+    scores = rng.uniform(0, 1, 400)
+    labels = (scores >= 0.62).astype(int)  # perfectly separable at 0.62
+    threshold = choose_threshold(labels, scores, method)
+    below = scores[scores < 0.62].max()
+    above = scores[scores >= 0.62].min()
+    assert below < threshold <= above
+    assert auroc(labels, scores) == pytest.approx(1.0)

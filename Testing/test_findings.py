@@ -106,3 +106,63 @@ def test_cancel_before_start_produces_nothing(tiny_engine):
     cancel.set()
     with pytest.raises(AnalysisCancelled, match="no results"):
         Analyzer(tiny_engine).analyze(load_volume(require(RAS_NIFTI)), cancel=cancel)
+
+
+def test_zero_shot_segmentation_without_positive_findings_is_empty(tiny_engine):
+    from COLIPRISlicerLib.catalogue import load_catalogue
+
+    analyzer = Analyzer(tiny_engine, load_catalogue().with_thresholds({f.name: 1.0 for f in load_catalogue()}))
+    result = analyzer.analyze(load_volume(require(RAS_NIFTI)))
+    segmentation = analyzer.segment(result)
+    assert segmentation.labels == [] and not segmentation.labelmap.any()
+    assert segmentation.labelmap.shape == result.volume.shape
+    assert "no finding is above its threshold" in segmentation.description
+
+
+def test_heatmap_geometry_equals_an_oblique_input(tiny_engine, tmp_path):
+    from conftest import write_oblique_permuted_copy
+
+    oblique = load_volume(write_oblique_permuted_copy(require(RAS_NIFTI), tmp_path / "oblique.nii.gz"))
+    result = Analyzer(tiny_engine).analyze(oblique)
+    heatmap = result.heatmap("Atelectasis")
+    assert heatmap.shape == oblique.shape and np.isfinite(heatmap).mean() > 0.5
+    finding = result.finding("Atelectasis")
+    centre = np.asarray(result.encoding.grid.ras_to_patch(finding.peak_ras))
+    assert np.allclose(geometry.apply_affine(result.encoding.grid.grid_to_ras, centre), finding.peak_ras)
+
+
+def test_injected_encoder_peak_is_the_planted_patch(tiny_engine):
+    """Dense embedding at one patch = the positive prompt: peak_ras is that patch's centre and
+    the resampled map peaks within one input voxel of it."""
+    import dataclasses
+
+    import torch
+
+    volume = load_volume(require(RAS_NIFTI))
+    encoding = tiny_engine.encode(volume)
+    finding = load_catalogue().get("Pleural effusion")
+    negatives, positives = tiny_engine.pair_embeddings(finding.prompts)
+    dense = -positives.mean(0)[:, None, None, None].repeat(1, *encoding.grid.shape)
+    planted = (3, 4, 4)
+    dense[(slice(None), *planted)] = positives.mean(0)
+    dense = torch.nn.functional.normalize(dense, dim=0)
+    injected = dataclasses.replace(encoding, dense=dense)
+    from COLIPRISlicerLib.findings import heatmap_on_volume, score_findings
+
+    result = score_findings(tiny_engine, injected, [finding], volume)[0]
+    centre = geometry.apply_affine(encoding.grid.grid_to_ras, np.asarray(planted, float))
+    np.testing.assert_allclose(result.peak_ras, centre)
+    heatmap = heatmap_on_volume(result, encoding.grid, volume)
+    peak_voxel = np.unravel_index(int(np.nanargmax(heatmap)), heatmap.shape)
+    nearest = geometry.ras_to_ijk(volume.ijk_to_ras, centre)
+    assert np.abs(np.asarray(peak_voxel) - nearest).max() <= 1.0
+
+
+def test_unknown_finding_names_are_reported(analysis):
+    analyzer, result = analysis
+    with pytest.raises(KeyError, match='No finding "Brain tumour" in this analysis'):
+        result.heatmap("Brain tumour")
+    with pytest.raises(KeyError, match='No finding named "Brain tumour"'):
+        analyzer.catalogue.get("Brain tumour")
+    with pytest.raises(ValueError, match="Empty finding"):
+        analyzer.add_finding(result, "   ")

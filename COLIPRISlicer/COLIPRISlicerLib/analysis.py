@@ -122,10 +122,14 @@ class Analyzer:
     def segment(self, result: AnalysisResult, head=None):
         """Segmentation with a trained head folder, or zero-shot from the finding heatmaps."""
         from .segmentation_head import predict, zero_shot_segmentation
-        from .segmentation_head_io import load_head
+        from .segmentation_head_io import SegmentationResult, load_head
 
         if head is None:
             present = [f for f in result.findings if f.present]
+            if not present:
+                empty = np.zeros(result.volume.shape, np.int16)
+                return SegmentationResult(empty, result.volume.ijk_to_ras, [], "zero-shot",
+                                          "zero-shot: no finding is above its threshold, so nothing is labelled")
             return zero_shot_segmentation({f.name: f.logit_map for f in present}, result.encoding.grid, result.volume,
                                           colours={f.name: f.colour for f in present},
                                           terminologies={f.name: f.terminology for f in present})
