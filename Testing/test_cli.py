@@ -24,7 +24,8 @@ def analyzed(tiny_model_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("analyze")
     scan = require(TCIA_SERIES)
     result = runner.invoke(app, ["analyze", str(scan), "--model", str(tiny_model_folder), "--out", str(out),
-                                 "--device", "cpu", "--finding", "rib fracture"])
+                                 "--device", "cpu", "--finding", "rib fracture",
+                                 "--snippet", "mass in the left upper lobe (series 2, image 18)", "--snippet", "Enlarged heart."])
     assert result.exit_code == 0, result.output
     return out, result
 
@@ -148,3 +149,14 @@ def test_train_seg_head_command_and_analyze_with_it(tiny_model_folder, tmp_path)
     failed = runner.invoke(app, ["train-seg-head", "--images", str(images), "--labels", str(empty), "--model",
                                  str(tiny_model_folder), "--out", str(tmp_path / "h2"), "--device", "cpu"])
     assert failed.exit_code == 1 and "Error:" in failed.output
+
+
+def test_localization_json_records_each_snippet(analyzed):
+    out, _ = analyzed
+    document = json.loads((out / "localization.json").read_text())
+    first, second = document["snippets"]
+    assert first["snippet"].startswith("mass in the left upper lobe")
+    assert (first["method"], first["instance_number"], first["confidence"]) == ("reference", 18, 1.0)
+    assert len(first["ras"]) == 3 and first["ras"][2] == pytest.approx(-209.0, abs=1e-3)
+    assert second["method"] in ("zero-shot", "anatomy", "combined")
+    assert sum(second["profile"]) == pytest.approx(1.0, abs=1e-4)

@@ -198,6 +198,7 @@ def test_trained_head_beats_the_middle_slice_baseline(tmp_path, tiny_engine):
     test_samples = planted_samples(6, seed=2)
     report = evaluate_predictions(test_samples, [predict_s_mm(head, s) for s in test_samples])
     assert report["method"]["mae_mm"] < 0.5 * report["middle_slice"]["mae_mm"]
+    assert report["method"]["mae_mm"] < 16.0  # below one 16 mm depth bin
     assert report["method"]["exact_bin_accuracy"] > report["random_slice"]["exact_bin_accuracy"]
     save_head(head, tmp_path, encoder={"model_id": "other", "revision": None, "sha256": "0" * 64}, grid={}, training=summary)
     reloaded = load_head(tmp_path)
@@ -245,3 +246,65 @@ def test_eval_command_reports_method_and_baselines(tmp_path, tiny_model_folder):
     assert "middle slice" in lines[0] and "random slice" in lines[0]
     with pytest.raises(FileNotFoundError, match="localizer.json"):
         load_head(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("text", [
+    "mass (series 2, image 18)", "mass (series 2 image 18)", "mass Se 2 Im 18", "mass se2/im18",
+    "mass on image 18 of series 2", "mass (2:18)", "mass on slice 18", "Raumforderung (Serie 2, Bild 18)",
+])
+def test_every_reference_format_lands_on_instance_18(tiny_engine, tcia, text):
+    volume, encoding = tcia
+    result = localize(tiny_engine, encoding, volume, text)
+    assert result.method == "reference"
+    assert volume.slices.instance_numbers[result.slice_index] == 18
+    assert result.s_mm == pytest.approx(dicom_z_of_instance(volume, 18), abs=1e-3)
+
+
+def test_reversed_instance_numbers_and_shuffled_file_names_still_land_exactly(tiny_engine, tmp_path):
+    """A copy whose InstanceNumbers run opposite to position, stored under shuffled names."""
+    import SimpleITK as sitk
+
+    files = sorted(require(TCIA_SERIES).glob("*.dcm"))
+    order = np.random.default_rng(0).permutation(len(files))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for index, file in enumerate(files):
+        image = sitk.ReadImage(str(file))
+        original = int(image.GetMetaData("0020|0013"))
+        image.SetMetaData("0020|0013", str(len(files) + 1 - original))
+        writer.SetFileName(str(tmp_path / f"x{order[index]:03d}.dcm"))
+        writer.Execute(image)
+    copy = load_volume(tmp_path)
+    assert sorted(copy.slices.instance_numbers) == list(range(1, 65))
+    result = localize(tiny_engine, tiny_engine.encode(copy), copy, "nodule (series 2, image 18)")
+    assert copy.slices.instance_numbers[result.slice_index] == 18
+    assert result.s_mm == pytest.approx(dicom_z_of_instance(copy, 18), abs=1e-3)
+    original = load_volume(TCIA_SERIES)
+    assert result.s_mm == pytest.approx(dicom_z_of_instance(original, 47), abs=1e-3)  # 65 - 18
+
+
+def test_anatomy_puts_the_lung_apex_within_20_mm(tiny_engine, tcia):
+    from COLIPRISlicerLib.landmarks import detect_landmarks
+
+    volume, encoding = tcia
+    landmarks = detect_landmarks(volume.array, volume.ijk_to_ras)
+    result = localize(tiny_engine, encoding, volume, "scarring at the lung apex", method="anatomy", landmarks=landmarks)
+    assert abs(result.s_mm - landmarks.lung_top_s) <= 20
+
+
+@pytest.mark.parametrize(("text", "error", "match"), [
+    ("", ValueError, "Empty snippet"), ("  \n ", ValueError, "Empty snippet"), (42, TypeError, "must be text"),
+    ("nodule " * 1500, ValueError, "exceeds the text encoder's limit"),
+])
+def test_bad_snippets_get_clear_errors(tiny_engine, tcia, text, error, match):
+    volume, encoding = tcia
+    with pytest.raises(error, match=match):
+        localize(tiny_engine, encoding, volume, text)
+
+
+@pytest.mark.parametrize("text", ["Rundherd im rechten Unterlappen.", "肺结节", "?!"])
+def test_non_english_snippets_get_an_answer(tiny_engine, tcia, text):
+    volume, encoding = tcia
+    result = localize(tiny_engine, encoding, volume, text)
+    assert 0 <= result.slice_index < volume.shape[2] and 0 <= result.confidence <= 1
+    assert result.profile.sum() == pytest.approx(1.0)

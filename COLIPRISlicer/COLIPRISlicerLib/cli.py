@@ -52,13 +52,14 @@ def analyze(
     heatmaps: Annotated[bool, typer.Option(help="Write heatmaps/<finding>.nii.gz.")] = True,
     report: Annotated[bool, typer.Option(help="Write the draft report.md.")] = True,
     snippet: Annotated[Optional[list[str]], typer.Option("--snippet", help="Report sentence to localise (repeatable).")] = None,
+    snippet_method: Annotated[str, typer.Option(help="auto, reference, zero-shot, anatomy or head.")] = "auto",
     seg_head: Annotated[Optional[Path], typer.Option(exists=True, help="Trained segmentation head folder.")] = None,
     segmentation: Annotated[bool, typer.Option(help="Write segmentation.nii.gz (zero-shot without --seg-head).")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="On-disk embedding cache folder.")] = None,
 ) -> None:
     """Zero-shot findings (likelihoods, heatmaps), draft report, segmentation and snippet locations -> OUT/."""
     _run(lambda: _analyze(scan, out, model, device, precision, findings, finding or [], heatmaps, cache_dir, report,
-                          snippet or [], seg_head if segmentation or seg_head else False))
+                          (snippet or [], snippet_method), seg_head if segmentation or seg_head else False))
 
 
 def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir, report=True, snippets=(),
@@ -77,8 +78,8 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
     for text in extra:
         analyzer.add_finding(result, text)
     writers = [_report_writer(analyzer, result)] if report else []
-    if snippets:
-        writers.append(_localization_writer(analyzer, result, snippets))
+    if snippets and snippets[0]:
+        writers.append(_localization_writer(analyzer, result, *snippets))
     if seg_head is not False:
         writers.append(_segmentation_writer(analyzer, result, seg_head))
     path = write_analysis(result, out, heatmaps="all" if heatmaps else None, extra_writers=writers)
@@ -99,14 +100,25 @@ def _segmentation_writer(analyzer, result, head):
     return lambda folder: write_segmentation(segmented, result.volume, folder)
 
 
-def _localization_writer(analyzer, result, snippets):
+def _localization_writer(analyzer, result, snippets, method: str = "auto"):
     import json
 
-    located = [{"text": text, **analyzer.localize(result, text).as_dict()} for text in snippets]
+    located = [_snippet_entry(text, analyzer.localize(result, text, method=method), result.volume) for text in snippets]
     for entry in located:
-        typer.echo(f"  {entry['text'][:50]!r} -> S {entry['s_mm']:.1f} mm, slice {entry['slice_index']}"
+        typer.echo(f"  {entry['snippet'][:50]!r} -> S {entry['ras'][2]:.1f} mm, slice {entry['slice_index']}"
                    f" ({entry['method']}, confidence {entry['confidence']:.2f})")
-    return lambda folder: (folder / "localization.json").write_text(json.dumps(located, indent=2))
+    document = {"snippets": located}
+    return lambda folder: (folder / "localization.json").write_text(json.dumps(document, indent=2))
+
+
+def _snippet_entry(text: str, located, volume) -> dict:
+    """The ``localization.json`` record of one snippet."""
+    details = located.as_dict()
+    numbers = volume.slices.instance_numbers if volume.slices is not None else None
+    instance = numbers[located.slice_index] if numbers and located.slice_index < len(numbers) else None
+    return {"snippet": text, "method": located.method, "ras": details["point_ras"], "slice_index": located.slice_index,
+            "instance_number": instance, "confidence": details["confidence"], "profile": details["profile"],
+            "profile_s_mm": details["profile_s_mm"], "explanation": located.explanation, "warnings": details["warnings"]}
 
 
 def _print_findings(result) -> None:

@@ -191,7 +191,9 @@ def localize(engine, encoding: ImageEncoding, volume: Volume, text: str, *, meth
     """
     if method not in METHODS:
         raise ValueError(f"Unknown localisation method {method!r}; choose one of {', '.join(METHODS)}.")
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise TypeError(f"A snippet must be text, got {type(text).__name__}: {text!r}.")
+    if not text.strip():
         raise ValueError("Empty snippet: paste a report sentence, e.g. 'Nodule in the right lower lobe (series 2, image 45)'.")
     if method == "head" and head is None:
         raise ValueError("Method 'head' needs a trained localisation head; train one with 'colipri-slicer train-localizer'.")
