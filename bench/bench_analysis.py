@@ -57,7 +57,7 @@ def synthetic_ct(slices: int):
     shape = (512, 512, slices)
     i, j, k = np.ogrid[:512, :512, :slices]
     array = np.full(shape, -1000, np.int16)
-    array[((i - 256) / 230.0) ** 2 + ((j - 256) / 170.0) ** 2 < 1] = 40
+    array[(((i - 256) / 230.0) ** 2 + ((j - 256) / 170.0) ** 2 < 1)[..., 0]] = 40
     for centre in (150, 362):
         array[((i - centre) / 90.0) ** 2 + ((j - 250) / 130.0) ** 2 + ((k - slices / 2) / (slices / 2.2)) ** 2 < 1] = -850
     array += rng.integers(-20, 20, shape, dtype=np.int16)
@@ -128,7 +128,6 @@ def main() -> None:
     work = Path(os.environ.get("COLIPRISLICER_BENCH_DIR", Path.home() / ".cache" / "colipri-slicer" / "bench"))
     vocab = REPO.parent / "shared" / "data" / "cxrbert" / "vocab.txt"
     figures: dict = {"machine": machine()}
-    from COLIPRISlicerLib.analysis import Analyzer
     from COLIPRISlicerLib.engine import Engine
     from COLIPRISlicerLib.outputs import write_volume
 
@@ -162,7 +161,7 @@ def first_analysis(engine, volume) -> dict:
     analyzer = Analyzer(engine)
     start = time.perf_counter()
     result = analyzer.analyze(volume)
-    heatmaps_s = timed(lambda: [heatmap_on_volume(f, result.encoding.grid, volume) for f in result.findings])[1]
+    heatmaps_s = timed(lambda: [heatmap_on_volume(f, result.encoding.grid, volume).shape for f in result.findings])[1]
     report_s = timed(analyzer.report, result)[1]
     localise_s = timed(lambda: [analyzer.localize(result, s) for s in SNIPPETS])[1]
     total = time.perf_counter() - start
