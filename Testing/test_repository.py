@@ -8,7 +8,7 @@ from conftest import REPO
 
 
 def readme_first_code_block() -> list[str]:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     block = re.search(r"```(?:bash)?\n(.*?)```", text, re.S).group(1)
     return [line for line in block.splitlines() if line.strip()]
 
@@ -20,5 +20,5 @@ def test_readme_first_block_has_exactly_two_commands():
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
-    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert readme_first_code_block()[1] in ci

@@ -75,7 +75,7 @@ class Catalogue:
         import yaml
 
         data = {"version": 1, **self.extra, "findings": [f.as_dict() for f in self.findings]}
-        Path(path).write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        Path(path).write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def slugify(name: str) -> str:

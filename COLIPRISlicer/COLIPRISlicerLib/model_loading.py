@@ -159,7 +159,7 @@ def _resolve_folder(folder: Path, source: str = "folder") -> _ResolvedSpec:
 def _load_folder_config(path: Path) -> dict:
     import yaml
 
-    with open(path) as file:
+    with open(path, encoding="utf-8") as file:
         config = yaml.safe_load(file) or {}
     missing = [key for key in ("model", "processor") if key not in config]
     if missing:
