@@ -160,3 +160,12 @@ def test_localization_json_records_each_snippet(analyzed):
     assert len(first["ras"]) == 3 and first["ras"][2] == pytest.approx(-209.0, abs=1e-3)
     assert second["method"] in ("zero-shot", "anatomy", "combined")
     assert sum(second["profile"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_phantom_command_writes_volume_and_truth(tmp_path):
+    result = runner.invoke(app, ["phantom", "--seed", "3", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    truth = json.loads((tmp_path / "truth.json").read_text())
+    assert len(truth["findings"]) == 18 and truth["snippets"]
+    volume = load_volume(tmp_path / "phantom.nii.gz")
+    assert min(volume.shape) > 10

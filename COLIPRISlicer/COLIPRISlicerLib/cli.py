@@ -211,6 +211,42 @@ def eval_report(
     _run(action)
 
 
+@app.command()
+def phantom(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (phantom.nii.gz, truth.json, masks/).")],
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same phantom.")] = 0,
+) -> None:
+    """Write a synthetic chest CT with planted findings and its ground truth."""
+
+    def action() -> None:
+        from .phantom import write_phantom
+
+        path = write_phantom(seed, out)
+        _status(f"Wrote {path}")
+
+    _run(action)
+
+
+@app.command("train-phantom")
+def train_phantom(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    n_train: Annotated[int, typer.Option(min=2, help="Training phantoms.")] = 400,
+    epochs: Annotated[int, typer.Option(min=1)] = 15,
+    seed: int = 0,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")] = None,
+) -> None:
+    """Train the small synthetic teaching model on phantoms (experimental; see issue 8)."""
+
+    def action() -> None:
+        from .phantom_training import train_phantom_model
+
+        metrics = train_phantom_model(out, n_train=n_train, epochs=epochs, seed=seed, max_minutes=max_minutes,
+                                      status_callback=_status)
+        typer.echo(f"Wrote {out}; mean validation AUROC on held-out phantoms: {metrics.get('mean_auroc')}")
+
+    _run(action)
+
+
 @app.command("train-seg-head")
 def train_seg_head(
     images: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Folder of NIfTI/NRRD images.")],
