@@ -78,19 +78,13 @@ def read_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """
     import SimpleITK as sitk
 
-    from .geometry import ijk_to_ras_from_itk
+    from .volume import scalar_array_from_sitk
 
-    image = sitk.ReadImage(str(path))
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        message = (
-            f'Label "{path}" must be a 3-D scalar image, got {image.GetDimension()}-D with'
-            f" {image.GetNumberOfComponentsPerPixel()} component(s)."
-        )
-        raise ValueError(message)
-    array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
+    image = sitk.ReadImage(str(path))  # keeps the memory of the array view alive below
+    array, ijk_to_ras = scalar_array_from_sitk(image, f'Label "{path}"', "a 3-D scalar label map")
     if not np.issubdtype(array.dtype, np.integer) and not np.array_equal(array, np.round(array)):
         raise ValueError(f'Label "{path}" holds non-integer values ({array.dtype}); save it as an integer label map.')
-    return array.astype(np.int32), ijk_to_ras_from_itk(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+    return array.astype(np.int32), ijk_to_ras
 
 
 def check_label_geometry(case: TrainingCase, volume, label: np.ndarray, label_to_ras: np.ndarray) -> None:

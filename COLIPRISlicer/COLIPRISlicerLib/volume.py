@@ -171,16 +171,31 @@ def load_volume(path: TypePath) -> Volume:
         image, slices = _read_dicom_series(path)
     else:
         image = sitk.ReadImage(str(path))
+    array, ijk_to_ras = scalar_array_from_sitk(image, f'"{path}"', "a 3-D scalar CT")
+    name = path.name.split(".")[0] if path.is_file() else path.name
+    return Volume.from_array(array, ijk_to_ras, name=name, slices=slices)
+
+
+def scalar_array_from_sitk(image, what: str, expected: str) -> tuple[np.ndarray, np.ndarray]:
+    """(I, J, K) array view and IJK->RAS of a SimpleITK image; ValueError unless 3-D scalar.
+
+    The array is a view into ``image``'s buffer: keep ``image`` alive while using it.
+
+    Args:
+        image: a ``SimpleITK.Image``.
+        what: how to name the image in the message, e.g. ``'"scan.nii.gz"'``.
+        expected: what it should have been, e.g. ``"a 3-D scalar CT"``.
+    """
+    import SimpleITK as sitk
+
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
         message = (
-            f'"{path}" holds a {image.GetDimension()}-D image with'
-            f" {image.GetNumberOfComponentsPerPixel()} components; expected a 3-D scalar CT."
+            f"{what} holds a {image.GetDimension()}-D image with"
+            f" {image.GetNumberOfComponentsPerPixel()} components; expected {expected}."
         )
         raise ValueError(message)
     array = np.transpose(sitk.GetArrayViewFromImage(image), (2, 1, 0))
-    ijk_to_ras = geometry.ijk_to_ras_from_itk(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
-    name = path.name.split(".")[0] if path.is_file() else path.name
-    return Volume.from_array(array, ijk_to_ras, name=name, slices=slices)
+    return array, geometry.ijk_to_ras_from_itk(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
 
 
 def _read_dicom_series(folder: Path):
