@@ -57,9 +57,12 @@ def score_findings(engine, encoding, findings: Sequence[Finding], volume) -> lis
         findings: what to score.
         volume: the input ``Volume`` (to keep peaks inside its extent).
     """
+    from .zero_shot import pair_logits, pair_probabilities
+
     pairs = [pair for finding in findings for pair in finding.prompts]
-    probabilities = engine.pair_probabilities(encoding, pairs)
-    logit_maps = engine.pair_logit_maps(encoding, pairs)
+    negatives, positives = engine.pair_embeddings(pairs)  # once for the pooled scores and the dense maps
+    probabilities = pair_probabilities(encoding.pooled, negatives, positives, engine.temperature)
+    logit_maps = pair_logits(encoding.dense, negatives, positives, engine.temperature).numpy()
     inside = patches_inside_volume(encoding.grid, volume)
     results, start = [], 0
     for finding in findings:
@@ -128,8 +131,11 @@ def region_likelihoods(engine, encoding, findings: Sequence[Finding], volume, ma
                    f" {encoding.grid.patch_mm.round(1).tolist()} mm); use a larger region.")
         raise ValueError(message)
     pooled = F.normalize(encoding.dense[:, selected].mean(dim=1), dim=0)
-    result = {}
+    negatives, positives = engine.pair_embeddings([pair for finding in findings for pair in finding.prompts])
+    probabilities = pair_probabilities(pooled, negatives, positives, engine.temperature)
+    result, start = {}, 0
     for finding in findings:
-        negatives, positives = engine.pair_embeddings(finding.prompts)
-        result[finding.name] = float(pair_probabilities(pooled, negatives, positives, engine.temperature).mean())
+        stop = start + len(finding.prompts)
+        result[finding.name] = float(probabilities[start:stop].mean())
+        start = stop
     return result

@@ -90,7 +90,6 @@ def load_model(spec: str = defaults.DEFAULT_MODEL, *, device: str = "auto", prec
         RuntimeError: weights not available offline, or a checkpoint that does not match.
         FileNotFoundError: a model folder without ``model.safetensors``.
     """
-    import torch
 
     notify = status_callback or (lambda message: None)
     start = time.perf_counter()
