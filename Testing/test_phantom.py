@@ -155,24 +155,3 @@ def test_landmark_detector_finds_the_planted_carina_within_15_mm(phantoms):
 def test_rejects_a_negative_seed():
     with pytest.raises(ValueError, match="non-negative"):
         generate_phantom(-1)
-
-
-def test_a_short_training_run_writes_a_model_folder_the_engine_loads(tmp_path):
-    from COLIPRISlicerLib.engine import Engine
-    from COLIPRISlicerLib.model_folder import SmallModelSpec
-    from COLIPRISlicerLib.phantom_training import TEACHING_LABEL, TEACHING_MODEL_ID, train_phantom_model
-
-    spec = SmallModelSpec(input_size=32, spacing_mm=12.0, image_embed_dim=48, image_depth=1, image_heads=2,
-                          projection_dim=32, text_layers=1, text_heads=2, text_intermediate=64, seed=3)
-    folder = tmp_path / "teaching"
-    metrics = train_phantom_model(folder, n_train=2, epochs=1, n_val=2, batch_size=2, spec=spec, seed=1)
-    assert {path.name for path in folder.iterdir()} == {"model.safetensors", "config.yaml", "vocab.txt",
-                                                        "validation_metrics.json"}
-    assert metrics["history"][0]["loss"] > 0 and metrics["validation_phantoms"] == 2
-    assert json.loads((folder / "validation_metrics.json").read_text())["label"] == TEACHING_LABEL
-    engine = Engine(str(folder), device="cpu", precision="fp32")
-    assert engine.identity.model_id == TEACHING_MODEL_ID and engine.identity.label == TEACHING_LABEL
-    assert engine.temperature == pytest.approx(0.07)
-    volume, _ = generate_phantom(2, in_plane_mm=3.0, slice_mm=5.0)
-    probabilities = engine.pair_probabilities(engine.encode(volume), [("No pleural effusion.", "Pleural effusion.")])
-    assert probabilities.shape == (1,) and 0.0 < probabilities[0] < 1.0

@@ -230,19 +230,25 @@ def phantom(
 @app.command("train-phantom")
 def train_phantom(
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
-    n_train: Annotated[int, typer.Option(min=2, help="Training phantoms.")] = 400,
-    epochs: Annotated[int, typer.Option(min=1)] = 15,
+    vocab: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False,
+                                                  help="BERT vocab.txt (default: the bundled model's CXR-BERT vocabulary).")] = None,
+    n_train: Annotated[int, typer.Option(min=2, help="Training phantoms.")] = 800,
+    epochs: Annotated[int, typer.Option(min=1, help="Image-phase epochs.")] = 45,
+    text_epochs: Annotated[int, typer.Option(min=1, help="Text-phase epochs.")] = 30,
     seed: int = 0,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop the image phase after this many minutes.")] = None,
 ) -> None:
-    """Train the small synthetic teaching model on phantoms (experimental; see issue 8)."""
+    """Train the small synthetic teaching model on phantoms (seeded; the config is recorded in the folder)."""
 
     def action() -> None:
-        from .phantom_training import train_phantom_model
+        from dataclasses import replace
 
-        metrics = train_phantom_model(out, n_train=n_train, epochs=epochs, seed=seed, max_minutes=max_minutes,
-                                      status_callback=_status)
-        typer.echo(f"Wrote {out}; mean validation AUROC on held-out phantoms: {metrics.get('mean_auroc')}")
+        from .phantom_training import TrainingConfig, default_vocabulary, train_phantom_model
+
+        config = replace(TrainingConfig(), n_train=n_train, epochs=epochs, text_epochs=text_epochs, seed=seed,
+                         max_minutes=max_minutes)
+        record = train_phantom_model(out, vocab or default_vocabulary(), config, status_callback=_status)
+        typer.echo(f"Wrote {out} after {record['train_minutes']} min; evaluate it with `colipri-slicer eval-phantom --model {out}`.")
 
     _run(action)
 

@@ -21,6 +21,8 @@ CXR_BERT_REVISION = "5157bdba1437a3aed316dacb1a5b68edf96b9902"
 DEFAULT_MODEL = COLIPRI_REPO_ID
 #: Model spec that selects the bundled, untrained demonstration model.
 DEMO_MODEL = "demo"
+#: Model spec that selects the bundled synthetic teaching model (trained on phantoms).
+PHANTOM_MODEL = "phantom"
 
 #: Most text embeddings kept in memory (VoxTell keeps 256).
 TEXT_CACHE_SIZE = 1024

@@ -29,6 +29,7 @@ class SmallModelSpec:
     text_heads: int = 2
     text_intermediate: int = 64
     seed: int = 0
+    pool_heads: int | None = None  # image attention pool; default image_heads
 
 
 def small_model_config(spec: SmallModelSpec, vocab_size: int) -> dict:
@@ -41,7 +42,7 @@ def small_model_config(spec: SmallModelSpec, vocab_size: int) -> dict:
         f"image_embed_dim={spec.image_embed_dim}", f"projection_dim={spec.projection_dim}",
         f"model.image_encoder.backbone.eva_depth={spec.image_depth}",
         f"model.image_encoder.backbone.eva_numheads={spec.image_heads}",
-        f"model.image_encoder.pooler.num_heads={spec.image_heads}",
+        f"model.image_encoder.pooler.num_heads={spec.pool_heads or spec.image_heads}",
         f"model.text_encoder.pooler.num_heads={spec.text_heads}",
     ]
     config = OmegaConf.to_container(_load_config(overrides=overrides), resolve=True)

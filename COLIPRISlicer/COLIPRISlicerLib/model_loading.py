@@ -50,6 +50,21 @@ class ModelIdentity:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ModelExtras:
+    """What a model folder brings besides its weights (config.yaml ``colipri_slicer`` record).
+
+    Attributes:
+        folder: the model folder (None for hub models).
+        thresholds: {finding name: calibrated likelihood threshold}.
+        segmentation_head: a head folder shipped inside the model folder, if any.
+    """
+
+    folder: Path | None = None
+    thresholds: dict = field(default_factory=dict)
+    segmentation_head: Path | None = None
+
+
 @dataclass
 class LoadedModel:
     """A colipri ``Model`` in eval mode plus what is needed to feed it."""
@@ -60,6 +75,7 @@ class LoadedModel:
     identity: ModelIdentity
     processor_signature: str
     dense_pooler: object = field(repr=False, default=None)  # nn.Sequential of 1x1x1 convs
+    extras: ModelExtras = field(default_factory=ModelExtras)
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -74,6 +90,7 @@ class _ResolvedSpec:
     weights: Path
     config: dict  # {"model": ..., "processor": ...} plain containers, paths resolved
     label: str = ""
+    extras: ModelExtras = field(default_factory=ModelExtras)
 
 
 def load_model(spec: str = defaults.DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
@@ -81,7 +98,8 @@ def load_model(spec: str = defaults.DEFAULT_MODEL, *, device: str = "auto", prec
     """Load a model spec onto a device.
 
     Args:
-        spec: ``microsoft/colipri``, a model folder, or ``demo``.
+        spec: ``microsoft/colipri``, a model folder, ``phantom`` (the bundled synthetic
+            teaching model) or ``demo`` (untrained).
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         precision: ``auto`` (bf16 autocast for the image encoder where the hardware
             supports it), ``bf16`` or ``fp32``. The text encoder always runs in fp32.
@@ -116,7 +134,7 @@ def _assemble(model, resolved: _ResolvedSpec, identity: ModelIdentity) -> Loaded
     signature = hashlib.sha256(json.dumps(resolved.config["processor"]["image_transform"], sort_keys=True,
                                           default=str).encode()).hexdigest()[:16]
     dense_pooler = model.image_encoder.pooler.to_dense().eval()
-    return LoadedModel(model, image_transform, tokenizer, identity, signature, dense_pooler)
+    return LoadedModel(model, image_transform, tokenizer, identity, signature, dense_pooler, resolved.extras)
 
 
 def resolve_spec(spec: TypePath, notify: TypeStatusCallback) -> _ResolvedSpec:
@@ -126,6 +144,8 @@ def resolve_spec(spec: TypePath, notify: TypeStatusCallback) -> _ResolvedSpec:
         from .demo_model import ensure_demo_model
 
         return _resolve_folder(ensure_demo_model(), source="demo")
+    if text == defaults.PHANTOM_MODEL:
+        return _resolve_folder(_bundled_phantom_model(), source="phantom")
     if Path(text).expanduser().exists():
         return _resolve_folder(Path(text).expanduser())
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
@@ -152,7 +172,21 @@ def _resolve_folder(folder: Path, source: str = "folder") -> _ResolvedSpec:
         config = colipri_config(_cxr_bert_file(folder, "config.json"), _cxr_bert_file(folder, "vocab.txt"))
     meta = config.pop("colipri_slicer", {}) or {}
     model_id = str(meta.get("model_id", folder.resolve()))
-    return _ResolvedSpec(model_id, meta.get("revision"), source, weights, config, str(meta.get("label", "")))
+    head = folder / "segmentation_head"
+    extras = ModelExtras(folder, {str(k): float(v) for k, v in (meta.get("thresholds") or {}).items()},
+                         head if head.is_dir() else None)
+    return _ResolvedSpec(model_id, meta.get("revision"), source, weights, config, str(meta.get("label", "")), extras)
+
+
+def _bundled_phantom_model() -> Path:
+    folder = defaults.resources_dir() / "Models" / "phantom"
+    if not (folder / defaults.WEIGHTS_FILENAME).is_file():
+        message = (
+            f'The phantom teaching model is missing from "{folder}". Reinstall COLIPRISlicer, or train it'
+            " with `colipri-slicer train-phantom --out <folder>` and pass that folder as the model."
+        )
+        raise FileNotFoundError(message)
+    return folder
 
 
 def _load_folder_config(path: Path) -> dict:

@@ -1,0 +1,158 @@
+"""Teaching-model training: samples on the model grid, each loss against its inference form, a short run."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CXR_BERT_VOCAB, require
+from COLIPRISlicerLib import phantom_objectives as objectives
+from COLIPRISlicerLib.phantom import generate_phantom
+from COLIPRISlicerLib.phantom_dataset import PLANTED_FINDINGS, make_sample
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_model_folder):
+    from COLIPRISlicerLib.model_loading import load_model
+
+    return load_model(str(tiny_model_folder), device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def sample(tiny_loaded):
+    return make_sample(3, tiny_loaded.image_transform, tiny_loaded.patch_size, coarse=True)
+
+
+def test_sample_targets_match_the_phantom_truth_on_the_model_grid(sample, tiny_loaded):
+    from COLIPRISlicerLib.localization import strip_references
+    from COLIPRISlicerLib.preprocessing import preprocess
+
+    volume, truth = generate_phantom(3, **_coarse_options(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        processed = preprocess(volume, tiny_loaded.image_transform)
+    assert torch.equal(sample.image, processed.tensor.half())
+    grid = processed.patch_grid(tiny_loaded.patch_size)
+    levels = grid.level_s_mm()
+    step = levels[1] - levels[0]
+    for text, level, entry in zip(sample.snippets, sample.snippet_levels, truth["snippets"]):
+        assert text == strip_references(entry["text"]) and "series" not in text
+        assert levels[0] + level * step == pytest.approx(entry["ras_s"], abs=1e-3)
+    patch_ml = float(np.prod(grid.patch_mm)) / 1000
+    for row, name in enumerate(PLANTED_FINDINGS):
+        fractions = sample.patch_fractions[row].astype(np.float64)
+        if name not in truth["mask_arrays"]:
+            assert not fractions.any()
+            continue
+        mask_ml = truth["mask_arrays"][name].sum() * abs(np.linalg.det(volume.ijk_to_ras[:3, :3])) / 1000
+        if mask_ml >= 5:  # nearest-neighbour sampling at 6 mm: only sizeable masks keep their volume
+            assert fractions.sum() * patch_ml == pytest.approx(mask_ml, rel=0.25), name
+
+
+def _coarse_options(seed: int) -> dict:
+    rng = np.random.default_rng([seed, 7])
+    return {"in_plane_mm": float(rng.uniform(2.5, 3.0)), "slice_mm": float(rng.choice([2.0, 2.5, 3.0, 5.0]))}
+
+
+def test_training_embeddings_equal_the_engine_inference_path(tiny_loaded, sample):
+    from COLIPRISlicerLib.encoding import run_image_encoder
+
+    pooled, dense, weights = objectives.encode_pooled_and_dense(tiny_loaded.model, sample.image[None].float())
+    reference_pooled, reference_dense, _, _ = run_image_encoder(tiny_loaded, sample.image.float(), precision="fp32")
+    torch.testing.assert_close(pooled[0], reference_pooled, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dense[0].T.reshape(reference_dense.shape), reference_dense, atol=1e-5, rtol=0)
+    assert weights.shape == (1, dense.shape[1]) and float(weights.sum()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_snippet_loss_is_cross_entropy_of_the_engine_depth_profile(tiny_loaded, sample):
+    from COLIPRISlicerLib.localization import depth_profile
+    from COLIPRISlicerLib.localization_head import blurred_target
+    from COLIPRISlicerLib.preprocessing import PreprocessedImage
+
+    grid = PreprocessedImage(sample.image, np.diag([6.0, 6.0, 6.0, 1.0]), (0, 0, 0)).patch_grid(tiny_loaded.patch_size)
+    generator = torch.Generator().manual_seed(0)
+    dense = torch.nn.functional.normalize(torch.randn(1, math.prod(grid.shape), 32, generator=generator), dim=-1)
+    snippet = torch.nn.functional.normalize(torch.randn(1, 32, generator=generator), dim=-1)
+    inside = torch.ones(1, dense.shape[1], dtype=torch.bool)
+    level, temperature = 3, 0.07
+    loss = objectives.snippet_loss(dense, inside, grid.shape, snippet, torch.tensor([0]),
+                                   torch.tensor([float(level)]), grid.level_mm, temperature)
+    similarities = (dense[0] @ snippet[0]).reshape(grid.shape).numpy()
+    profile = depth_profile(similarities, grid, temperature=temperature, top_k=objectives.SNIPPET_TOP_K)
+    target = blurred_target(grid.shape[2], level, grid.level_mm).numpy()
+    expected = -(target * np.log(profile.probabilities)).sum()
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+
+
+def test_focus_loss_is_minus_log_of_the_attention_mass_on_findings():
+    weights = torch.full((2, 10), 0.1)
+    fractions = torch.zeros(2, 3, 10)
+    fractions[0, 1, :4] = 0.5  # 4 abnormal patches in phantom 0; phantom 1 has none and is ignored
+    assert float(objectives.focus_loss(weights, fractions)) == pytest.approx(-math.log(0.4), rel=1e-5)
+
+
+def test_dense_pair_loss_weights_positive_patches_up():
+    dense = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (B=1, N=2, D=2)
+    direction = torch.tensor([[1.0, 0.0]])
+    fractions = torch.tensor([[[0.5, 0.0]]])
+    logits = torch.tensor([1.0, 0.0]) / 0.5
+    positive = torch.tensor([1.0, 0.0])
+    terms = torch.nn.functional.binary_cross_entropy_with_logits(logits, positive, reduction="none")
+    expected = (terms * torch.tensor([objectives.DENSE_POSITIVE_WEIGHT, 1.0])).mean()
+    assert float(objectives.dense_pair_loss(dense, direction, fractions, 0.5)) == pytest.approx(float(expected))
+
+
+def test_centring_makes_phantoms_pooled_embeddings_differ(tmp_path):
+    from COLIPRISlicerLib.phantom_training import TrainingConfig, _new_model, centre_tokens
+
+    vocab = require(CXR_BERT_VOCAB)
+    config = _tiny_config()
+    loaded = _new_model(tmp_path / "model", vocab, config)
+    samples = [make_sample(seed, loaded.image_transform, loaded.patch_size, coarse=True) for seed in (11, 12, 13, 14)]
+    images = torch.stack([s.image for s in samples]).float()
+
+    def mean_cosine() -> float:
+        with torch.no_grad():
+            pooled = objectives.encode_pooled_and_dense(loaded.model, images)[0]
+        return float((pooled @ pooled.T)[np.triu_indices(4, 1)].mean())
+
+    before = mean_cosine()
+    centre_tokens(loaded.model, samples, torch.Generator().manual_seed(0), count=4)
+    after = mean_cosine()
+    assert before > 0.99 and after < before - 0.1, (before, after)
+    assert isinstance(config, TrainingConfig)
+
+
+def _tiny_config():
+    from COLIPRISlicerLib.model_folder import SmallModelSpec
+    from COLIPRISlicerLib.phantom_training import TrainingConfig
+
+    spec = SmallModelSpec(input_size=32, spacing_mm=12.0, image_embed_dim=48, image_depth=1, image_heads=2,
+                          projection_dim=32, text_layers=1, text_heads=2, text_intermediate=64, seed=3, pool_heads=4)
+    return replace(TrainingConfig(), n_train=4, epochs=1, text_epochs=1, batch_size=2, spec=spec, seed=1)
+
+
+def test_a_short_training_run_writes_a_model_folder_the_engine_loads(tmp_path):
+    import yaml
+
+    from COLIPRISlicerLib.engine import Engine
+    from COLIPRISlicerLib.phantom_training import TEACHING_LABEL, TEACHING_MODEL_ID, train_phantom_model
+
+    folder = tmp_path / "teaching"
+    record = train_phantom_model(folder, require(CXR_BERT_VOCAB), _tiny_config(), workers=1)
+    assert {path.name for path in folder.iterdir()} == {"model.safetensors", "config.yaml", "vocab.txt"}
+    assert [entry["phase"] for entry in record["history"]] == ["image", "text"]
+    assert all(entry["loss"] > 0 for entry in record["history"])
+    stored = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))["colipri_slicer"]
+    assert stored["training"]["n_train"] == 4 and stored["label"] == TEACHING_LABEL
+    engine = Engine(str(folder), device="cpu", precision="fp32")
+    assert engine.identity.model_id == TEACHING_MODEL_ID and engine.identity.label == TEACHING_LABEL
+    assert engine.temperature == pytest.approx(0.07)
+    volume, _ = generate_phantom(2, in_plane_mm=3.0, slice_mm=5.0)
+    probabilities = engine.pair_probabilities(engine.encode(volume), [("No pleural effusion.", "Pleural effusion.")])
+    assert probabilities.shape == (1,) and 0.0 < probabilities[0] < 1.0
