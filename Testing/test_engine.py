@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import RAS_NIFTI, TCIA_SERIES, official_pipeline, require, write_oblique_permuted_copy
+from conftest import RAS_NIFTI, TCIA_SERIES, official_pipeline, require, synthetic_chest, write_oblique_permuted_copy
 
 from COLIPRISlicerLib.engine import Engine
 from COLIPRISlicerLib.volume import Volume, load_volume
@@ -134,3 +134,21 @@ def test_dense_map_matches_official_patch_similarities(tiny_engine, tiny_model_f
     ours = tiny_engine.pair_logit_maps(encoding, [PAIRS[0]])[0]
     reference = ((expected[1] - expected[0]) / model.softmax_temperature).numpy()
     np.testing.assert_allclose(ours, reference, atol=1e-4)
+
+
+def test_reopening_a_cached_scan_scores_without_building_the_model(tiny_model_folder, tmp_path):
+    from COLIPRISlicerLib.analysis import Analyzer
+
+    array, ijk_to_ras = synthetic_chest()
+    volume = Volume.from_array(array, ijk_to_ras, name="reopen")
+    first = Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path)
+    expected = Analyzer(first).analyze(volume)
+    reopened = Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path)
+    result = Analyzer(reopened).analyze(volume)
+    assert not reopened.model_is_loaded and reopened.image_forward_count == 0
+    assert reopened.temperature == pytest.approx(first.temperature, abs=0)
+    for mine, theirs in zip(result.findings, expected.findings):
+        assert mine.likelihood == theirs.likelihood
+        np.testing.assert_array_equal(mine.logit_map, theirs.logit_map)
+    Analyzer(reopened).add_finding(result, "rib fracture")  # a prompt never seen: the model is built now
+    assert reopened.model_is_loaded and reopened.image_forward_count == 0

@@ -68,10 +68,17 @@ class Analyzer:
 
     def __init__(self, engine, catalogue: Catalogue | None = None):
         self.engine = engine
-        self.catalogue = catalogue if catalogue is not None else load_catalogue()
+        self._catalogue = catalogue
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(engine={self.engine!r}, findings={len(self.catalogue)})"
+        return f"{type(self).__name__}(engine={self.engine!r}, catalogue={'default' if self._catalogue is None else len(self._catalogue)})"
+
+    @property
+    def catalogue(self) -> Catalogue:
+        """The catalogue given, else the bundled one with the model folder's calibrated thresholds."""
+        if self._catalogue is None:
+            self._catalogue = load_catalogue().with_thresholds(self.engine.extras.thresholds)
+        return self._catalogue
 
     def analyze(self, volume: Volume, *, cancel: threading.Event | None = None,
                 status_callback: TypeStatusCallback | None = None) -> AnalysisResult:
@@ -120,10 +127,12 @@ class Analyzer:
         return build_report(self.engine, result)
 
     def segment(self, result: AnalysisResult, head=None):
-        """Segmentation with a trained head folder, or zero-shot from the finding heatmaps."""
+        """Segmentation with a trained head folder (default: the one shipped with the model, if any),
+        or zero-shot from the finding heatmaps."""
         from .segmentation_head import predict, zero_shot_segmentation
         from .segmentation_head_io import SegmentationResult, load_head
 
+        head = head if head is not None else self.engine.extras.segmentation_head
         if head is None:
             present = [f for f in result.findings if f.present]
             if not present:

@@ -112,3 +112,69 @@ class EncodingCache:
             removed = len(list(self.folder.glob("*.safetensors")))
             shutil.rmtree(self.folder)
         return removed
+
+
+class PromptStore:
+    """Prompt embeddings on disk, one safetensors file per model (``<folder>/prompts/<sha256[:16]>``).
+
+    With it, reopening a cached scan scores the catalogue without building the text encoder.
+    Keys are SHA-1 digests of the prompt text; a damaged file is ignored and rewritten.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder) / "prompts"
+        self._tables: dict[str, dict[str, object]] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(folder={self.folder})"
+
+    def get(self, model_sha256: str, prompts):
+        """(N, embed_dim) stored embeddings of ``prompts``, or None unless every one is stored."""
+        import torch
+
+        table = self._table(model_sha256)
+        keys = [_prompt_key(prompt) for prompt in prompts]
+        if not keys or any(key not in table for key in keys):
+            return None
+        return torch.stack([table[key] for key in keys])
+
+    def put(self, model_sha256: str, prompts, embeddings) -> None:
+        """Store (N, embed_dim) embeddings of ``prompts``; rewrites the file only when something is new."""
+        from safetensors.torch import save_file
+
+        table = self._table(model_sha256)
+        new = {_prompt_key(p): e.contiguous() for p, e in zip(prompts, embeddings) if _prompt_key(p) not in table}
+        if not new:
+            return
+        table.update(new)
+        path = self._path(model_sha256)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        save_file(table, str(partial))
+        partial.replace(path)
+
+    def _path(self, model_sha256: str) -> Path:
+        return self.folder / f"{model_sha256[:16]}.safetensors"
+
+    def _table(self, model_sha256: str) -> dict:
+        if model_sha256 not in self._tables:
+            self._tables[model_sha256] = self._read(self._path(model_sha256))
+        return self._tables[model_sha256]
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        if not path.is_file():
+            return {}
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as error:  # noqa: BLE001 - a damaged store is rebuilt
+            logger.warning("Ignoring unreadable prompt store %s (%s).", path, error)
+            return {}
+
+
+def _prompt_key(prompt: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(prompt.encode("utf-8")).hexdigest()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import defaults
-from .cache import EncodingCache
+from .cache import EncodingCache, PromptStore
 from .encoding import ImageEncoding, run_image_encoder
 from .types import TypeStatusCallback
 from .volume import Volume
@@ -45,8 +45,10 @@ class Engine:
         self.status_callback = status_callback
         self.cache = EncodingCache(defaults.IMAGE_CACHE_SIZE, Path(cache_dir) if cache_dir else None)
         self.image_forward_count = 0
+        self._description = None
         self._loaded = None
         self._prompts = None
+        self._prompt_store = PromptStore(Path(cache_dir)) if cache_dir else None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.spec!r}, device={self.device!r}, precision={self.precision!r})"
@@ -57,29 +59,51 @@ class Engine:
             self.status_callback(message)
 
     @property
+    def description(self):
+        """The ``ModelDescription`` (identity, preprocessing signature, temperature) without building the model."""
+        if self._description is None:
+            from .model_loading import describe_model
+
+            self._description = describe_model(self.spec, device=self.device, precision=self.precision,
+                                               status_callback=self.status_callback)
+        return self._description
+
+    @property
     def loaded(self):
-        """The ``LoadedModel`` (loaded on first access)."""
+        """The ``LoadedModel`` (built and loaded on first access: only when something is not cached)."""
         if self._loaded is None:
             from .model_loading import load_model
             from .text import PromptEncoder
 
-            self._loaded = load_model(self.spec, device=self.device, precision=self.precision,
-                                      status_callback=self.status_callback)
+            self._loaded = load_model(self.spec, status_callback=self.status_callback, description=self.description)
             self._prompts = PromptEncoder(self._loaded.model, self._loaded.tokenizer)
         return self._loaded
 
     @property
+    def model_is_loaded(self) -> bool:
+        """Whether the model has been built (a re-opened cached scan with cached prompts never needs it)."""
+        return self._loaded is not None
+
+    @property
     def identity(self):
-        return self.loaded.identity
+        return self._loaded.identity if self._loaded is not None else self.description.identity
+
+    @property
+    def extras(self):
+        """What the model folder brings besides weights (calibrated thresholds, a segmentation head)."""
+        return self.description.resolved.extras
 
     @property
     def temperature(self) -> float:
-        return float(self.loaded.model.softmax_temperature)
+        if self._loaded is not None:
+            return float(self._loaded.model.softmax_temperature)
+        return self.description.temperature
 
     def cache_key(self, volume: Volume) -> str:
         """Everything that changes an encoding: voxels, geometry, weights, preprocessing, device, dtype."""
         identity = self.identity
-        parts = (volume.content_hash(), identity.sha256, self.loaded.processor_signature, identity.device, identity.dtype)
+        parts = (volume.content_hash(), identity.sha256, self.description.processor_signature, identity.device,
+                 identity.dtype)
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     def encode(self, volume: Volume) -> ImageEncoding:
@@ -129,9 +153,16 @@ class Engine:
         loaded.identity = dataclasses.replace(loaded.identity, device="cpu", dtype=select_precision(self.precision, cpu))
 
     def embed_prompts(self, prompts: Sequence[str]):
-        """(N, embed_dim) float32 normalised prompt embeddings (cached)."""
+        """(N, embed_dim) float32 normalised prompt embeddings (memory cache, then disk, then the text encoder)."""
+        if self._prompt_store is not None and self._prompts is None:
+            stored = self._prompt_store.get(self.identity.sha256, prompts)
+            if stored is not None:
+                return stored
         _ = self.loaded
-        return self._prompts.embed(prompts)
+        embeddings = self._prompts.embed(prompts)
+        if self._prompt_store is not None:
+            self._prompt_store.put(self.identity.sha256, prompts, embeddings)
+        return embeddings
 
     @property
     def text_forward_count(self) -> int:

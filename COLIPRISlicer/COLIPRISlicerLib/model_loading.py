@@ -93,8 +93,58 @@ class _ResolvedSpec:
     extras: ModelExtras = field(default_factory=ModelExtras)
 
 
+@dataclass(frozen=True)
+class ModelDescription:
+    """What identifies a model and its preprocessing, known without building it (cheap).
+
+    Attributes:
+        identity: as recorded in every output.
+        processor_signature: hash of the image transform config (part of every cache key).
+        temperature: the checkpoint's ``softmax_temperature`` (read from the weights file alone).
+    """
+
+    resolved: _ResolvedSpec
+    identity: ModelIdentity
+    processor_signature: str
+    temperature: float
+    device: object = None
+
+
+def describe_model(spec: str = defaults.DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
+                   status_callback: TypeStatusCallback | None = None) -> ModelDescription:
+    """Resolve a spec (downloading when needed) and describe it without building the model.
+
+    Args and Raises: as :func:`load_model`.
+    """
+    notify = status_callback or (lambda message: None)
+    resolved = resolve_spec(spec, notify)
+    torch_device = select_device(device)
+    dtype = select_precision(precision, torch_device)
+    identity = ModelIdentity(resolved.model_id, resolved.revision, file_sha256(resolved.weights), resolved.source,
+                             str(resolved.weights), str(torch_device), dtype, resolved.label)
+    signature = hashlib.sha256(json.dumps(resolved.config["processor"]["image_transform"], sort_keys=True,
+                                          default=str).encode()).hexdigest()[:16]
+    temperature = _checkpoint_temperature(resolved.weights, resolved.config["model"].get("temperature", 1))
+    return ModelDescription(resolved, identity, signature, temperature, torch_device)
+
+
+def _checkpoint_temperature(weights: Path, default: float) -> float:
+    """``softmax_temperature`` from the safetensors file (the config's value when absent)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as file:
+            if "softmax_temperature" in file.keys():
+                return float(file.get_tensor("softmax_temperature"))
+    except Exception as error:  # safetensors raises several types for corrupt files
+        message = f'Cannot read weights "{weights}" ({error}). The file is corrupt or incomplete: download it again.'
+        raise RuntimeError(message) from error
+    return float(default)
+
+
 def load_model(spec: str = defaults.DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
-               status_callback: TypeStatusCallback | None = None) -> LoadedModel:
+               status_callback: TypeStatusCallback | None = None,
+               description: ModelDescription | None = None) -> LoadedModel:
     """Load a model spec onto a device.
 
     Args:
@@ -103,38 +153,36 @@ def load_model(spec: str = defaults.DEFAULT_MODEL, *, device: str = "auto", prec
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         precision: ``auto`` (bf16 autocast for the image encoder where the hardware
             supports it), ``bf16`` or ``fp32``. The text encoder always runs in fp32.
+        description: the spec already described by :func:`describe_model` (skips that step).
 
     Raises:
         RuntimeError: weights not available offline, or a checkpoint that does not match.
         FileNotFoundError: a model folder without ``model.safetensors``.
     """
-
-    notify = status_callback or (lambda message: None)
     start = time.perf_counter()
-    resolved = resolve_spec(spec, notify)
-    notify("Loading model")
-    torch_device = select_device(device)
-    dtype = select_precision(precision, torch_device)
-    model = _build_and_load(resolved)
-    model.to(torch_device)
-    identity = ModelIdentity(resolved.model_id, resolved.revision, file_sha256(resolved.weights), resolved.source,
-                             str(resolved.weights), str(torch_device), dtype, resolved.label)
-    loaded = _assemble(model, resolved, identity)
-    logger.info("Loaded %s in %.2f s (%s, %s).", resolved.model_id, time.perf_counter() - start, torch_device, dtype)
+    if description is None:
+        description = describe_model(spec, device=device, precision=precision, status_callback=status_callback)
+    if status_callback is not None:
+        status_callback("Loading model")
+    model = _build_and_load(description.resolved)
+    model.to(description.device)
+    loaded = _assemble(model, description)
+    logger.info("Loaded %s in %.2f s (%s, %s).", description.identity.model_id, time.perf_counter() - start,
+                description.device, description.identity.dtype)
     return loaded
 
 
-def _assemble(model, resolved: _ResolvedSpec, identity: ModelIdentity) -> LoadedModel:
+def _assemble(model, description: ModelDescription) -> LoadedModel:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    resolved = description.resolved
     processor_config = OmegaConf.create(resolved.config["processor"])
     image_transform = instantiate(processor_config["image_transform"])
     tokenizer = instantiate(processor_config["tokenizer"])
-    signature = hashlib.sha256(json.dumps(resolved.config["processor"]["image_transform"], sort_keys=True,
-                                          default=str).encode()).hexdigest()[:16]
     dense_pooler = model.image_encoder.pooler.to_dense().eval()
-    return LoadedModel(model, image_transform, tokenizer, identity, signature, dense_pooler, resolved.extras)
+    return LoadedModel(model, image_transform, tokenizer, description.identity, description.processor_signature,
+                       dense_pooler, resolved.extras)
 
 
 def resolve_spec(spec: TypePath, notify: TypeStatusCallback) -> _ResolvedSpec:

@@ -124,7 +124,7 @@ def label_values(facts: list[dict], label_names: dict[int, str]) -> list[int]:
 def _cache_path(case: TrainingCase, engine, cache_dir: Path) -> Path:
     """Cache file named by everything that changes its content (files, weights, preprocessing, dtype)."""
     identity = engine.identity
-    parts = [identity.sha256, engine.loaded.processor_signature, identity.dtype]
+    parts = [identity.sha256, engine.description.processor_signature, identity.dtype]
     for path in (case.image_path, case.label_path):
         stat = path.stat()
         parts.append(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
