@@ -12,13 +12,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from .defaults import DEFAULT_MODEL, DEMO_MODEL
+from .defaults import DEFAULT_MODEL, DEMO_MODEL, PHANTOM_MODEL
+
+#: Phantom of the demo: a validation seed, never seen in training.
+DEMO_PHANTOM_SEED = 10_000_007
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="COLIPRI chest-CT zero-shot analysis: findings, heatmaps, report, snippet localisation, segmentation.")
 cache_app = typer.Typer(help="List or clear the on-disk embedding cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help=f'"{DEFAULT_MODEL}", "{DEMO_MODEL}", or a model folder.')]
+ModelOption = Annotated[str, typer.Option("--model", "-m", help=f'"{DEFAULT_MODEL}", "{PHANTOM_MODEL}" (synthetic teaching model), "{DEMO_MODEL}" (untrained), or a model folder.')]
 DeviceOption = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")]
 PrecisionOption = Annotated[str, typer.Option(help="auto (bf16 where supported), bf16 or fp32.")]
 
@@ -63,7 +66,7 @@ def analyze(
 
 
 def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir, report=True, snippets=(),
-             seg_head=None) -> None:
+             seg_head=None, summary: bool = True, truth: dict | None = None) -> None:
     from .analysis import Analyzer
     from .catalogue import load_catalogue
     from .engine import Engine
@@ -80,8 +83,13 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
     writers = [_report_writer(analyzer, result)] if report else []
     if snippets and snippets[0]:
         writers.append(_localization_writer(analyzer, result, *snippets))
+    segmented = None
     if seg_head is not False:
-        writers.append(_segmentation_writer(analyzer, result, seg_head))
+        _status("Segmenting" + (f" with head {seg_head}" if seg_head else ""))
+        segmented = analyzer.segment(result, seg_head)
+        writers.append(_segmentation_writer(segmented, result))
+    if summary:
+        writers.append(_summary_writer(result, segmented, truth))
     path = write_analysis(result, out, heatmaps="all" if heatmaps else None, extra_writers=writers)
     _print_findings(result)
     _status(f"Wrote {path}")
@@ -92,12 +100,16 @@ def _report_writer(analyzer, result):
     return lambda folder: (folder / "report.md").write_text(draft.to_markdown(), encoding="utf-8")
 
 
-def _segmentation_writer(analyzer, result, head):
+def _segmentation_writer(segmented, result):
     from .segmentation_head_io import write_segmentation
 
-    _status("Segmenting" + (f" with head {head}" if head else " (zero-shot from the heatmaps)"))
-    segmented = analyzer.segment(result, head)
     return lambda folder: write_segmentation(segmented, result.volume, folder)
+
+
+def _summary_writer(result, segmented, truth: dict | None):
+    from .summary_figure import write_summary_png
+
+    return lambda folder: write_summary_png(result, folder / "summary.png", truth=truth, segmentation=segmented)
 
 
 def _localization_writer(analyzer, result, snippets, method: str = "auto"):
@@ -134,21 +146,34 @@ def _print_findings(result) -> None:
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-output"),
     device: DeviceOption = "cpu",
+    seed: Annotated[int, typer.Option(help="Phantom seed (default: one never used in training).")] = DEMO_PHANTOM_SEED,
 ) -> None:
-    """Offline demo: synthesise a chest CT, analyse it with the untrained demo model."""
-    _run(lambda: _demo(out, device))
+    """Offline demo: generate a phantom chest CT with ground truth and analyse it with the teaching model."""
+    _run(lambda: _demo(out, device, seed))
 
 
-def _demo(out: Path, device: str) -> None:
-    from .outputs import write_volume
-    from .sample_volume import synthetic_chest_ct
+def _demo(out: Path, device: str, seed: int) -> None:
+    import json
 
-    out.mkdir(parents=True, exist_ok=True)
-    volume = synthetic_chest_ct()
-    scan = out / "synthetic_chest.nii.gz"
-    write_volume(volume.array, volume.ijk_to_ras, scan)
-    _status(f"Wrote sample volume {scan}; analysing with the {DEMO_MODEL!r} model (random weights, not COLIPRI)")
-    _analyze(scan, out, DEMO_MODEL, device, "fp32", None, [], True, None, True)
+    from .phantom import write_phantom
+
+    model = _demo_model_spec()
+    truth_path = write_phantom(seed, out / "phantom")
+    truth = json.loads(truth_path.read_text(encoding="utf-8"))
+    _status(f"Wrote phantom {seed} to {truth_path.parent}; analysing it with the {model!r} model (not COLIPRI)")
+    snippets = [entry["text"] for entry in truth["snippets"]]
+    _analyze(truth_path.parent / "phantom.nii.gz", out, model, device, "fp32", None, [], True, None, True,
+             (snippets, "auto"), None, True, truth["findings"])
+
+
+def _demo_model_spec() -> str:
+    """The bundled teaching model, or the untrained demo model where it is not installed."""
+    from .defaults import PHANTOM_MODEL, WEIGHTS_FILENAME, resources_dir
+
+    if (resources_dir() / "Models" / "phantom" / WEIGHTS_FILENAME).is_file():
+        return PHANTOM_MODEL
+    _status("The phantom teaching model is not installed; using the untrained demo model (random weights)")
+    return DEMO_MODEL
 
 
 @app.command()

@@ -1,0 +1,99 @@
+"""Finish a trained teaching model folder: calibrated thresholds and a segmentation head.
+
+Both use phantoms outside the validation seeds: thresholds come from calibration phantoms
+(:data:`.phantom_training.CALIBRATION_SEED_BASE` + i), the head from training phantoms. The
+thresholds go into config.yaml (``colipri_slicer.thresholds``), where the engine reads them;
+the head goes into ``<folder>/segmentation_head``, which ``analyze`` uses by default.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .types import TypePath, TypeStatusCallback
+
+#: Findings the bundled head segments, with their label values.
+HEAD_LABELS = {1: "Lung nodule", 2: "Pleural effusion", 3: "Consolidation", 4: "Pericardial effusion",
+               5: "Lymphadenopathy"}
+
+
+def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None = None, method: str = "youden",
+                         status_callback: TypeStatusCallback | None = None) -> dict[str, float]:
+    """Choose per-finding thresholds on calibration phantoms and store them in the folder's config.yaml."""
+    import yaml
+
+    from .analysis import Analyzer
+    from .calibration import choose_threshold
+    from .catalogue import load_catalogue
+    from .defaults import CONFIG_FILENAME
+    from .engine import Engine
+    from .phantom import generate_phantom
+    from .phantom_training import CALIBRATION_SEED_BASE
+
+    analyzer = Analyzer(Engine(str(folder), device="cpu", precision="fp32"), load_catalogue())
+    scores, labels = [], []
+    for index in range(n):
+        volume, truth = generate_phantom((CALIBRATION_SEED_BASE if seed_base is None else seed_base) + index)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = analyzer.analyze(volume)
+        scores.append({f.name: f.likelihood for f in result.findings})
+        labels.append(truth["findings"])
+        if status_callback is not None and (index + 1) % 20 == 0:
+            status_callback(f"Calibrated on {index + 1}/{n} phantoms")
+    thresholds = {}
+    for name in scores[0]:
+        truth = np.array([row[name] for row in labels], float)
+        values = np.array([row[name] for row in scores])
+        # findings never planted get a threshold above every score seen (never reported present)
+        thresholds[name] = round(float(choose_threshold(truth, values, method) if truth.min() != truth.max()
+                                       else min(1.0, values.max() + 1e-3)), 6)
+    path = Path(folder) / CONFIG_FILENAME
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    document.setdefault("colipri_slicer", {})["thresholds"] = thresholds
+    document["colipri_slicer"]["calibration"] = {"phantoms": n, "method": method,
+                                                 "seeds": f"{CALIBRATION_SEED_BASE if seed_base is None else seed_base} + i"}
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return thresholds
+
+
+def train_head_on_phantoms(folder: TypePath, *, n: int = 40, seed_base: int = 100_000, epochs: int = 30,
+                           max_minutes: float | None = None) -> dict:
+    """Train the segmentation head on phantoms and install it as ``<folder>/segmentation_head``."""
+    from .engine import Engine
+    from .outputs import write_volume
+    from .phantom import generate_phantom
+    from .phantom_findings import LABELS
+    from .segmentation_training import train_segmentation_head
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="phantom-seg-") as work:
+        images, labels = Path(work) / "images", Path(work) / "labels"
+        images.mkdir()
+        labels.mkdir()
+        for seed in range(seed_base, seed_base + n):
+            volume, truth = generate_phantom(seed)
+            labelmap = np.zeros(volume.shape, np.uint8)
+            for value, name in HEAD_LABELS.items():
+                if name in truth["mask_arrays"]:
+                    labelmap[truth["label_array"] == LABELS[name]] = value
+            write_volume(volume.array, volume.ijk_to_ras, images / f"phantom_{seed}.nii.gz")
+            write_volume(labelmap, volume.ijk_to_ras, labels / f"phantom_{seed}.nii.gz")
+        engine = Engine(str(folder), device="cpu", precision="fp32")
+        staging = Path(work) / "head"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            summary = train_segmentation_head(images, labels, engine, staging, epochs=epochs, max_minutes=max_minutes,
+                                              progress=False, label_names=HEAD_LABELS)
+        for leftover in ("feature_cache", "checkpoint.pt"):
+            path = staging / leftover
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        target = folder / "segmentation_head"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(staging, target)
+    return {"epochs": summary.epochs, "validation_dice": summary.validation_dice, "seconds": round(summary.seconds, 1)}
