@@ -36,7 +36,7 @@ class COLIPRISlicer(ScriptedLoadableModule):
 
 @parameterPack
 class COLIPRISlicerSettings:
-    modelSource: Annotated[str, Choice(["hub", "folder", "demo"])] = "hub"
+    modelSource: Annotated[str, Choice(["hub", "folder", "phantom", "demo"])] = "hub"
     modelFolder: Path = Path()
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
@@ -152,7 +152,7 @@ class COLIPRISlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.findingsTableWidget, self.ui.addFindingButton, self.ui.segmentButton,
                        self.ui.localizeButton):
             widget.enabled = not busy and self.logic.result is not None
-        self.ui.clearWeightsButton.enabled = not busy and self._parameterNode.settings.modelSource != "folder"
+        self.ui.clearWeightsButton.enabled = not busy and self._parameterNode.settings.modelSource in ("hub", "demo")
 
     def onStatus(self, message: str) -> None:
         self.runState.on_status(message, self.cancelEvent.is_set())

@@ -169,3 +169,24 @@ def test_phantom_command_writes_volume_and_truth(tmp_path):
     assert len(truth["findings"]) == 18 and truth["snippets"]
     volume = load_volume(tmp_path / "phantom.nii.gz")
     assert min(volume.shape) > 10
+
+
+def test_demo_analyses_a_phantom_and_its_references_land_on_the_right_slice(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {"findings.json", "report.md", "segmentation.nii.gz", "segmentation.json", "localization.json",
+            "summary.png", "heatmaps", "phantom"} <= {path.name for path in out.iterdir()}
+    truth = json.loads((out / "phantom" / "truth.json").read_text(encoding="utf-8"))
+    located = json.loads((out / "localization.json").read_text(encoding="utf-8"))["snippets"]
+    assert [entry["snippet"] for entry in located] == [entry["text"] for entry in truth["snippets"]]
+    slice_mm = max(truth["geometry"]["spacing_mm"])
+    for entry, expected in zip(located, truth["snippets"]):
+        if expected["image"] is not None:  # "series 1, image N": exact up to half a slice
+            assert entry["method"] == "reference"
+            assert abs(entry["ras"][2] - expected["ras_s"]) <= slice_mm / 2 + 1e-3, entry
+    model = json.loads((out / "findings.json").read_text())["model"]
+    assert "not COLIPRI" in model["label"]
+    assert Image.open(out / "summary.png").size == (1300, 650)

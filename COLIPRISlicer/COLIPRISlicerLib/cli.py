@@ -262,20 +262,52 @@ def train_phantom(
     text_epochs: Annotated[int, typer.Option(min=1, help="Text-phase epochs.")] = 30,
     seed: int = 0,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop the image phase after this many minutes.")] = None,
+    n_val: Annotated[int, typer.Option(min=2, help="Held-out phantoms for the validation figures.")] = 60,
 ) -> None:
-    """Train the small synthetic teaching model on phantoms (seeded; the config is recorded in the folder)."""
+    """Train the synthetic teaching model on phantoms, calibrate it, add a segmentation head, validate.
+
+    Seeded end to end; the config is recorded in the folder's config.yaml and the held-out
+    figures in validation_metrics.json.
+    """
 
     def action() -> None:
         from dataclasses import replace
 
+        from .phantom_bundle import calibrate_thresholds, train_head_on_phantoms
         from .phantom_training import TrainingConfig, default_vocabulary, train_phantom_model
 
         config = replace(TrainingConfig(), n_train=n_train, epochs=epochs, text_epochs=text_epochs, seed=seed,
                          max_minutes=max_minutes)
         record = train_phantom_model(out, vocab or default_vocabulary(), config, status_callback=_status)
-        typer.echo(f"Wrote {out} after {record['train_minutes']} min; evaluate it with `colipri-slicer eval-phantom --model {out}`.")
+        _status(f"Trained in {record['train_minutes']} min; calibrating thresholds")
+        calibrate_thresholds(out, status_callback=_status)
+        _status("Training the segmentation head")
+        train_head_on_phantoms(out)
+        _evaluate_phantom_model(str(out), n_val, out / "validation_metrics.json")
 
     _run(action)
+
+
+@app.command("eval-phantom")
+def eval_phantom(
+    model: ModelOption = PHANTOM_MODEL,
+    n_val: Annotated[int, typer.Option(min=2, help="Held-out phantoms (validation seeds 10000000 + i).")] = 60,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON.")] = None,
+) -> None:
+    """Acceptance figures on held-out phantoms: AUROC, snippet MAE vs middle slice, head Dice, report F1."""
+    _run(lambda: _evaluate_phantom_model(model, n_val, json_out))
+
+
+def _evaluate_phantom_model(model: str, n_val: int, json_out: Path | None) -> None:
+    import json
+
+    from .phantom_evaluation import evaluate_on_phantoms, format_summary
+
+    figures = evaluate_on_phantoms(model, n_val=n_val, status_callback=_status)
+    typer.echo(format_summary(figures))
+    if json_out is not None:
+        json_out.write_text(json.dumps(figures, indent=2), encoding="utf-8")
+        _status(f"Wrote {json_out}")
 
 
 @app.command("train-seg-head")

@@ -14,7 +14,7 @@ from COLIPRISlicerLib import defaults
 
 logger = logging.getLogger(__name__)
 
-MODEL_SOURCES = ("hub", "folder", "demo")
+MODEL_SOURCES = ("hub", "folder", "phantom", "demo")
 DEVICES = ("auto", "cuda", "cpu")
 PRECISIONS = ("auto", "fp32", "bf16")
 #: Free GPU memory below which "auto"/"cuda" falls back to the CPU with a warning. A
@@ -66,6 +66,8 @@ def model_spec(source: str, folder: str | os.PathLike | None = None) -> str:
         return defaults.DEFAULT_MODEL
     if source == "demo":
         return defaults.DEMO_MODEL
+    if source == "phantom":
+        return defaults.PHANTOM_MODEL
     if source != "folder":
         raise ValueError(f'Unknown model source "{source}"; use one of {MODEL_SOURCES}.')
     if not folder or str(folder) in ("", ".") or not Path(folder).is_dir():
@@ -129,6 +131,8 @@ def weights_folder(source: str, folder: str | os.PathLike | None = None) -> Path
         from COLIPRISlicerLib.demo_model import demo_model_folder
 
         return demo_model_folder()
+    if source == "phantom":
+        return defaults.resources_dir() / "Models" / "phantom"
     return Path(folder or ".")
 
 
