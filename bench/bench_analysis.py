@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--skip-official", action="store_true")
     args = parser.parse_args()
     work = Path(os.environ.get("COLIPRISLICER_BENCH_DIR", Path.home() / ".cache" / "colipri-slicer" / "bench"))
+    work.mkdir(parents=True, exist_ok=True)
     vocab = REPO.parent / "shared" / "data" / "cxrbert" / "vocab.txt"
     figures: dict = {"machine": machine()}
     from COLIPRISlicerLib.engine import Engine
@@ -151,7 +152,9 @@ def main() -> None:
     engine = Engine(model, device="cpu", precision="fp32", cache_dir=cache_dir)
     _, figures["model_load_s"] = timed(lambda: engine.loaded)
     figures.update(first_analysis(engine, volume))
-    figures.update(requery(engine, figures.pop("_result")))
+    pair = figures.pop("_result")
+    figures.update(requery(engine, pair))
+    figures.update(mrml_import_timing(pair, scan))
     figures.update(text_timing(engine))
     figures["peak_rss_gb"] = peak_rss_gb()
     if args.bf16:
@@ -194,6 +197,33 @@ def requery(engine, pair) -> dict:
     assert engine.image_forward_count == count, "a re-query ran the image encoder"
     return {"requery_ms": 1000 * finding_s, "requery_snippet_ms": 1000 * snippet_s,
             "requery_heatmap_resample_ms": 1000 * resample_s}
+
+
+def mrml_import_timing(pair, scan: Path) -> dict:
+    """Import the results into a real MRML scene (``slicer-core``): table, chart, report, one
+    heatmap, the segmentation. Skipped (empty) when slicer-core is not installed."""
+    try:
+        sys.path.insert(0, str(REPO / "Testing"))
+        import slicer_harness
+    except ImportError:
+        return {}
+    analyzer, result = pair
+    segmentation = analyzer.segment(result)
+    report = analyzer.report(result).to_markdown()
+    saved = slicer_harness.install_module_stubs()
+    try:
+        from COLIPRISlicerNodes import importer
+
+        with slicer_harness.SlicerTestScene():
+            node = slicer_harness.load_volume_file(scan, "bench_ct")
+            start = time.perf_counter()
+            importer.import_analysis(node, result.findings, report, result.model)
+            importer.import_heatmap(node, result.heatmap(result.findings[0].name), result.findings[0].name)
+            importer.import_segmentation(node, segmentation)
+            seconds = time.perf_counter() - start
+    finally:
+        slicer_harness.remove_module_stubs(saved)
+    return {"mrml_import_s": seconds}
 
 
 def bf16_difference(model: str, volume, fp32_likelihoods: np.ndarray) -> dict:
