@@ -12,7 +12,7 @@ from COLIPRISlicerLib.volume import Volume
 @pytest.mark.parametrize("diagonal, expected", [((1.0, 1.0, 1.0), (3, 0)), ((-1.0, -1.0, 1.0), (0, 2))])
 def test_axial_slice_puts_patient_right_on_the_left_and_anterior_up(diagonal, expected):
     """Display axes: 0 runs from the patient's right (image left) to left, 1 from posterior up to anterior."""
-    array = np.zeros((4, 3, 2), np.int16)
+    array = np.full((4, 3, 2), -1000, np.int16)
     array[0, 0, :] = 1  # RAS storage: most left and posterior voxel; LPS storage: most right and anterior
     volume = Volume.from_array(array, np.diag([*diagonal, 1.0]), name="orientation")
     plane = _in_display_order(volume, volume.array[:, :, 0], array_axis=2)
@@ -20,7 +20,7 @@ def test_axial_slice_puts_patient_right_on_the_left_and_anterior_up(diagonal, ex
 
 
 def test_permuted_storage_is_transposed_into_display_order():
-    array = np.zeros((3, 5, 4), np.int16)  # stored axes: A, R, S
+    array = np.full((3, 5, 4), -1000, np.int16)  # stored axes: A, R, S
     array[2, 0, :] = 1
     ijk_to_ras = np.array([[0, -1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
     volume = Volume.from_array(array, ijk_to_ras, name="permuted")

@@ -96,4 +96,4 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = 40, seed_base: int = 10
         target = folder / "segmentation_head"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(staging, target)
-    return {"epochs": summary.epochs, "validation_dice": summary.validation_dice, "seconds": round(summary.seconds, 1)}
+    return {"epochs": summary.epochs_completed, "validation_dice": summary.validation_dice, "seconds": round(summary.seconds, 1)}

@@ -1,0 +1,51 @@
+"""Finishing a teaching-model folder: calibrated thresholds and a bundled head are what the analysis uses."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import yaml
+
+from COLIPRISlicerLib.analysis import Analyzer
+from COLIPRISlicerLib.engine import Engine
+from COLIPRISlicerLib.phantom import generate_phantom
+from COLIPRISlicerLib.phantom_bundle import HEAD_LABELS, calibrate_thresholds, train_head_on_phantoms
+
+
+@pytest.fixture()
+def model_copy(tiny_model_folder, tmp_path):
+    return shutil.copytree(tiny_model_folder, tmp_path / "teaching")
+
+
+def test_calibrated_thresholds_are_stored_and_used_by_the_analysis(model_copy):
+    thresholds = calibrate_thresholds(model_copy, n=4, seed_base=20_000_100)
+    stored = yaml.safe_load((model_copy / "config.yaml").read_text(encoding="utf-8"))["colipri_slicer"]
+    assert stored["thresholds"] == thresholds and stored["calibration"]["phantoms"] == 4
+    assert set(thresholds) >= {"Lung nodule", "Bronchiectasis"} and all(0 <= t <= 1 for t in thresholds.values())
+    volume, _ = generate_phantom(20_000_100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = Analyzer(Engine(str(model_copy), device="cpu", precision="fp32")).analyze(volume)
+    assert {f.name: f.threshold for f in result.findings} == pytest.approx(thresholds)
+    # Bronchiectasis is never planted: its threshold lies above every calibration score
+    assert not result.finding("Bronchiectasis").present or result.finding("Bronchiectasis").likelihood > thresholds[
+        "Bronchiectasis"]
+
+
+def test_a_bundled_head_is_the_default_segmentation(model_copy):
+    summary = train_head_on_phantoms(model_copy, n=3, seed_base=100_500, epochs=1)
+    assert summary["epochs"] == 1
+    assert {path.name for path in (model_copy / "segmentation_head").iterdir()} == {"head.json", "head.safetensors"}
+    engine = Engine(str(model_copy), device="cpu", precision="fp32")
+    assert engine.extras.segmentation_head == model_copy / "segmentation_head"
+    volume, _ = generate_phantom(100_501)
+    analyzer = Analyzer(engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        segmented = analyzer.segment(analyzer.analyze(volume))
+    assert segmented.source == "head"
+    assert [label.name for label in segmented.labels] == list(HEAD_LABELS.values())
+    assert segmented.labelmap.shape == volume.shape and np.array_equal(segmented.ijk_to_ras, volume.ijk_to_ras)
