@@ -91,7 +91,7 @@ def _localization_summary(rows: list[dict]) -> dict:
     for subset, keep in (("all_snippets", lambda method: True), ("without_reference", lambda m: m != "reference")):
         chosen = [e for e in entries if keep(e[2])]
         if chosen:
-            true_s, found_s, _, middle = (np.array(column, float) for column in zip(*chosen))
+            true_s, found_s, middle = (np.array([entry[i] for entry in chosen], float) for i in (0, 1, 3))
             summary[subset] = {"snippets": len(chosen), "mae_mm": round(float(np.abs(found_s - true_s).mean()), 2),
                                "middle_slice_mae_mm": round(float(np.abs(middle - true_s).mean()), 2)}
     return summary
