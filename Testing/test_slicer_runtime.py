@@ -57,6 +57,8 @@ def test_stale_or_missing_settings_are_ignored():
 def test_model_spec_per_source(tmp_path):
     assert runtime.model_spec("hub") == "microsoft/colipri"
     assert runtime.model_spec("demo") == "demo"
+    assert runtime.model_spec("phantom") == "phantom"
+    assert (runtime.weights_folder("phantom") / "model.safetensors").is_file()  # bundled in Resources/Models
     assert runtime.model_spec("folder", tmp_path) == str(tmp_path)
     with pytest.raises(FileNotFoundError, match="Model folder"):
         runtime.model_spec("folder", Path())

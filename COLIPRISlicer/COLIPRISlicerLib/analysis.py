@@ -102,6 +102,7 @@ class Analyzer:
         start = time.perf_counter()
         notify("Scoring")
         findings = score_findings(self.engine, encoding, list(self.catalogue), volume)
+        self.engine.save_prompt_embeddings()  # a later reopen scores the catalogue without the text encoder
         timings["scoring_s"] = time.perf_counter() - start
         _check(cancel)
         return AnalysisResult(volume, encoding, findings, identity.as_dict(), timings)

@@ -124,6 +124,7 @@ class PromptStore:
     def __init__(self, folder: Path):
         self.folder = Path(folder) / "prompts"
         self._tables: dict[str, dict[str, object]] = {}
+        self._dirty: set[str] = set()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(folder={self.folder})"
@@ -139,19 +140,24 @@ class PromptStore:
         return torch.stack([table[key] for key in keys])
 
     def put(self, model_sha256: str, prompts, embeddings) -> None:
-        """Store (N, embed_dim) embeddings of ``prompts``; rewrites the file only when something is new."""
-        from safetensors.torch import save_file
-
+        """Keep (N, embed_dim) embeddings of ``prompts``; :meth:`flush` writes them (not on the re-query path)."""
         table = self._table(model_sha256)
         new = {_prompt_key(p): e.contiguous() for p, e in zip(prompts, embeddings) if _prompt_key(p) not in table}
-        if not new:
-            return
-        table.update(new)
-        path = self._path(model_sha256)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        save_file(table, str(partial))
-        partial.replace(path)
+        if new:
+            table.update(new)
+            self._dirty.add(model_sha256)
+
+    def flush(self) -> None:
+        """Write the tables that gained prompts since the last flush (atomically)."""
+        from safetensors.torch import save_file
+
+        for model_sha256 in sorted(self._dirty):
+            path = self._path(model_sha256)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            save_file(self._tables[model_sha256], str(partial))
+            partial.replace(path)
+        self._dirty.clear()
 
     def _path(self, model_sha256: str) -> Path:
         return self.folder / f"{model_sha256[:16]}.safetensors"

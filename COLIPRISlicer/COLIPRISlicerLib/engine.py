@@ -164,6 +164,11 @@ class Engine:
             self._prompt_store.put(self.identity.sha256, prompts, embeddings)
         return embeddings
 
+    def save_prompt_embeddings(self) -> None:
+        """Write the prompt embeddings computed so far to the on-disk cache (when there is one)."""
+        if self._prompt_store is not None:
+            self._prompt_store.flush()
+
     @property
     def text_forward_count(self) -> int:
         return 0 if self._prompts is None else self._prompts.forward_count

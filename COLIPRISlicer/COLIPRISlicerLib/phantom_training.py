@@ -52,7 +52,7 @@ class TrainingConfig:
     """Everything that determines a training run (recorded in config.yaml)."""
 
     n_train: int = 800
-    epochs: int = 20
+    epochs: int = 45
     text_epochs: int = 30
     seed: int = 0
     batch_size: int = 8
