@@ -13,7 +13,7 @@ import torch
 from conftest import CXR_BERT_VOCAB, require
 from COLIPRISlicerLib import phantom_objectives as objectives
 from COLIPRISlicerLib.phantom import generate_phantom
-from COLIPRISlicerLib.phantom_dataset import PLANTED_FINDINGS, make_sample
+from COLIPRISlicerLib.phantom_dataset import PLANTED_FINDINGS, coarse_geometry, make_sample
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_sample_targets_match_the_phantom_truth_on_the_model_grid(sample, tiny_l
     from COLIPRISlicerLib.localization import strip_references
     from COLIPRISlicerLib.preprocessing import preprocess
 
-    volume, truth = generate_phantom(3, **_coarse_options(3))
+    volume, truth = generate_phantom(3, **coarse_geometry(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         processed = preprocess(volume, tiny_loaded.image_transform)
@@ -52,11 +52,6 @@ def test_sample_targets_match_the_phantom_truth_on_the_model_grid(sample, tiny_l
         mask_ml = truth["mask_arrays"][name].sum() * abs(np.linalg.det(volume.ijk_to_ras[:3, :3])) / 1000
         if mask_ml >= 5:  # nearest-neighbour sampling at 6 mm: only sizeable masks keep their volume
             assert fractions.sum() * patch_ml == pytest.approx(mask_ml, rel=0.25), name
-
-
-def _coarse_options(seed: int) -> dict:
-    rng = np.random.default_rng([seed, 7])
-    return {"in_plane_mm": float(rng.uniform(2.5, 3.0)), "slice_mm": float(rng.choice([2.0, 2.5, 3.0, 5.0]))}
 
 
 def test_training_embeddings_equal_the_engine_inference_path(tiny_loaded, sample):

@@ -142,7 +142,8 @@ class PromptStore:
     def put(self, model_sha256: str, prompts, embeddings) -> None:
         """Keep (N, embed_dim) embeddings of ``prompts``; :meth:`flush` writes them (not on the re-query path)."""
         table = self._table(model_sha256)
-        new = {_prompt_key(p): e.contiguous() for p, e in zip(prompts, embeddings) if _prompt_key(p) not in table}
+        keyed = {_prompt_key(prompt): embedding for prompt, embedding in zip(prompts, embeddings)}
+        new = {key: embedding.contiguous() for key, embedding in keyed.items() if key not in table}
         if new:
             table.update(new)
             self._dirty.add(model_sha256)

@@ -168,9 +168,9 @@ def _demo(out: Path, device: str, seed: int) -> None:
 
 def _demo_model_spec() -> str:
     """The bundled teaching model, or the untrained demo model where it is not installed."""
-    from .defaults import PHANTOM_MODEL, WEIGHTS_FILENAME, resources_dir
+    from .defaults import WEIGHTS_FILENAME, phantom_model_folder
 
-    if (resources_dir() / "Models" / "phantom" / WEIGHTS_FILENAME).is_file():
+    if (phantom_model_folder() / WEIGHTS_FILENAME).is_file():
         return PHANTOM_MODEL
     _status("The phantom teaching model is not installed; using the untrained demo model (random weights)")
     return DEMO_MODEL

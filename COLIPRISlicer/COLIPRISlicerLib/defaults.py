@@ -62,6 +62,11 @@ def resources_dir() -> Path:
     raise FileNotFoundError(message)
 
 
+def phantom_model_folder() -> Path:
+    """Where the bundled synthetic teaching model (spec ``phantom``) lives."""
+    return resources_dir() / "Models" / "phantom"
+
+
 def user_cache_dir() -> Path:
     """Folder for the on-disk embedding cache and the demo model (``$COLIPRISLICER_CACHE``)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "colipri-slicer"

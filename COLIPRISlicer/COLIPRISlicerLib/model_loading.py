@@ -56,12 +56,10 @@ class ModelExtras:
     """What a model folder brings besides its weights (config.yaml ``colipri_slicer`` record).
 
     Attributes:
-        folder: the model folder (None for hub models).
         thresholds: {finding name: calibrated likelihood threshold}.
         segmentation_head: a head folder shipped inside the model folder, if any.
     """
 
-    folder: Path | None = None
     thresholds: dict = field(default_factory=dict)
     segmentation_head: Path | None = None
 
@@ -76,7 +74,6 @@ class LoadedModel:
     identity: ModelIdentity
     processor_signature: str
     dense_pooler: object = field(repr=False, default=None)  # nn.Sequential of 1x1x1 convs
-    extras: ModelExtras = field(default_factory=ModelExtras)
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
@@ -183,7 +180,7 @@ def _assemble(model, description: ModelDescription) -> LoadedModel:
     tokenizer = instantiate(processor_config["tokenizer"])
     dense_pooler = model.image_encoder.pooler.to_dense().eval()
     return LoadedModel(model, image_transform, tokenizer, description.identity, description.processor_signature,
-                       dense_pooler, resolved.extras)
+                       dense_pooler)
 
 
 def resolve_spec(spec: TypePath, notify: TypeStatusCallback) -> _ResolvedSpec:
@@ -222,13 +219,13 @@ def _resolve_folder(folder: Path, source: str = "folder") -> _ResolvedSpec:
     meta = config.pop("colipri_slicer", {}) or {}
     model_id = str(meta.get("model_id", folder.resolve()))
     head = folder / "segmentation_head"
-    extras = ModelExtras(folder, {str(k): float(v) for k, v in (meta.get("thresholds") or {}).items()},
+    extras = ModelExtras({str(k): float(v) for k, v in (meta.get("thresholds") or {}).items()},
                          head if head.is_dir() else None)
     return _ResolvedSpec(model_id, meta.get("revision"), source, weights, config, str(meta.get("label", "")), extras)
 
 
 def _bundled_phantom_model() -> Path:
-    folder = defaults.resources_dir() / "Models" / "phantom"
+    folder = defaults.phantom_model_folder()
     if not (folder / defaults.WEIGHTS_FILENAME).is_file():
         message = (
             f'The phantom teaching model is missing from "{folder}". Reinstall COLIPRISlicer, or train it'

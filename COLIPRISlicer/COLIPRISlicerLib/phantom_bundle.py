@@ -35,10 +35,11 @@ def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None
     from .phantom import generate_phantom
     from .phantom_training import CALIBRATION_SEED_BASE
 
+    seed_base = CALIBRATION_SEED_BASE if seed_base is None else seed_base
     analyzer = Analyzer(Engine(str(folder), device="cpu", precision="fp32"), load_catalogue())
     scores, labels = [], []
     for index in range(n):
-        volume, truth = generate_phantom((CALIBRATION_SEED_BASE if seed_base is None else seed_base) + index)
+        volume, truth = generate_phantom(seed_base + index)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             result = analyzer.analyze(volume)
@@ -56,8 +57,7 @@ def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None
     path = Path(folder) / CONFIG_FILENAME
     document = yaml.safe_load(path.read_text(encoding="utf-8"))
     document.setdefault("colipri_slicer", {})["thresholds"] = thresholds
-    document["colipri_slicer"]["calibration"] = {"phantoms": n, "method": method,
-                                                 "seeds": f"{CALIBRATION_SEED_BASE if seed_base is None else seed_base} + i"}
+    document["colipri_slicer"]["calibration"] = {"phantoms": n, "method": method, "seeds": f"{seed_base} + i"}
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return thresholds
 

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .phantom_findings import LABELS as PLANTED
+from .report_bank import CT_RATE_FINDINGS
 
 #: Planted findings in a fixed order (rows of ``PhantomSample.patch_fractions``).
 PLANTED_FINDINGS: tuple[str, ...] = tuple(PLANTED)
+#: Their positions in the 18 CT-RATE labels.
+PLANTED_LABEL_INDICES: tuple[int, ...] = tuple(CT_RATE_FINDINGS.index(name) for name in PLANTED_FINDINGS)
 _REFERENCE = re.compile(r"\s*\(series \d+, image \d+\)")
 
 
@@ -53,6 +56,12 @@ def strip_references(text: str) -> str:
     return _REFERENCE.sub("", text)
 
 
+def coarse_geometry(seed: int) -> dict[str, float]:
+    """Voxel sizes of a coarse training phantom (2.5-3 mm in-plane, 2-5 mm slices), drawn from its seed."""
+    rng = np.random.default_rng([seed, 7])
+    return {"in_plane_mm": float(rng.uniform(2.5, 3.0)), "slice_mm": float(rng.choice([2.0, 2.5, 3.0, 5.0]))}
+
+
 def make_sample(seed: int, image_transform, patch_size: tuple[int, int, int], *, coarse: bool) -> PhantomSample:
     """Generate phantom ``seed`` and reduce it to a :class:`PhantomSample`.
 
@@ -69,9 +78,7 @@ def make_sample(seed: int, image_transform, patch_size: tuple[int, int, int], *,
     from .phantom import CT_RATE_FINDINGS, generate_phantom
     from .preprocessing import preprocess
 
-    rng = np.random.default_rng([seed, 7])
-    options = {"in_plane_mm": float(rng.uniform(2.5, 3.0)), "slice_mm": float(rng.choice([2.0, 2.5, 3.0, 5.0]))}
-    volume, truth = generate_phantom(seed, **(options if coarse else {}))
+    volume, truth = generate_phantom(seed, **(coarse_geometry(seed) if coarse else {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # wide fields of view are cropped, as at inference
         processed = preprocess(volume, image_transform)

@@ -166,10 +166,9 @@ def image_terms(pooled, dense, weights, directions, labels, fractions, temperatu
     Args:
         labels: (B, 18) CT-RATE labels. fractions: (B, 10, N) planted-finding patch fractions.
     """
-    from .phantom import CT_RATE_FINDINGS
-    from .phantom_dataset import PLANTED_FINDINGS
+    from .phantom_dataset import PLANTED_LABEL_INDICES
 
-    planted = [CT_RATE_FINDINGS.index(name) for name in PLANTED_FINDINGS]
+    planted = list(PLANTED_LABEL_INDICES)
     return {"pooled": pooled_pair_loss(pooled, directions, labels, temperature),
             "dense": dense_pair_loss(dense, directions[planted], fractions, temperature),
             "focus": focus_loss(weights, fractions)}

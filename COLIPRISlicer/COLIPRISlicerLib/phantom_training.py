@@ -73,15 +73,11 @@ class TrainingConfig:
         return list(range(base, base + self.n_train))
 
 
-def default_output_folder() -> Path:
-    from .defaults import resources_dir
-
-    return resources_dir() / "Models" / "phantom"
-
-
 def default_vocabulary() -> Path:
     """The CXR-BERT ``vocab.txt`` shipped in the bundled teaching model's folder."""
-    path = default_output_folder() / "vocab.txt"
+    from .defaults import phantom_model_folder
+
+    path = phantom_model_folder() / "vocab.txt"
     if not path.is_file():
         raise FileNotFoundError(f'No vocabulary at "{path}"; pass --vocab with a CXR-BERT vocab.txt.')
     return path

@@ -132,7 +132,7 @@ def weights_folder(source: str, folder: str | os.PathLike | None = None) -> Path
 
         return demo_model_folder()
     if source == "phantom":
-        return defaults.resources_dir() / "Models" / "phantom"
+        return defaults.phantom_model_folder()
     return Path(folder or ".")
 
 
