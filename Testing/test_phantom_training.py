@@ -61,7 +61,9 @@ def test_training_embeddings_equal_the_engine_inference_path(tiny_loaded, sample
     reference_pooled, reference_dense, _, _ = run_image_encoder(tiny_loaded, sample.image.float(), precision="fp32")
     torch.testing.assert_close(pooled[0], reference_pooled, atol=1e-5, rtol=0)
     torch.testing.assert_close(dense[0].T.reshape(reference_dense.shape), reference_dense, atol=1e-5, rtol=0)
-    assert weights.shape == (1, dense.shape[1]) and float(weights.detach().sum()) == pytest.approx(1.0, abs=1e-5)
+    heads = tiny_loaded.model.image_encoder.pooler.attn.num_heads
+    assert weights.shape == (1, heads, dense.shape[1])
+    torch.testing.assert_close(weights.detach().sum(dim=-1), torch.ones(1, heads))
 
 
 def test_snippet_loss_is_cross_entropy_of_the_engine_depth_profile(tiny_loaded, sample):
@@ -84,22 +86,27 @@ def test_snippet_loss_is_cross_entropy_of_the_engine_depth_profile(tiny_loaded, 
     assert float(loss) == pytest.approx(expected, rel=1e-4)
 
 
-def test_focus_loss_is_minus_log_of_the_attention_mass_on_findings():
-    weights = torch.full((2, 10), 0.1)
+def test_focus_loss_is_minus_log_of_the_best_heads_mass_on_each_finding():
+    weights = torch.full((2, 2, 10), 0.1)  # (B, H, N)
+    weights[0, 1] = torch.tensor([0.3, 0.3, 0.1, 0.1] + [0.2 / 6] * 6)  # head 1 looks at finding 1's patches
     fractions = torch.zeros(2, 3, 10)
-    fractions[0, 1, :4] = 0.5  # 4 abnormal patches in phantom 0; phantom 1 has none and is ignored
-    assert float(objectives.focus_loss(weights, fractions)) == pytest.approx(-math.log(0.4), rel=1e-5)
+    fractions[0, 1, :2] = 0.5  # finding 1 in patches 0-1 of phantom 0
+    fractions[0, 2, 9] = 0.002  # finding 2: a few voxels in patch 9 (above DENSE_MIN_FRACTION)
+    fractions[1, 0, 5] = 0.0005  # below DENSE_MIN_FRACTION: not a positive patch, phantom 1 is ignored
+    expected = -(math.log(0.6) + math.log(0.1)) / 2
+    assert float(objectives.focus_loss(weights, fractions)) == pytest.approx(expected, rel=1e-5)
 
 
-def test_dense_pair_loss_weights_positive_patches_up():
-    dense = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (B=1, N=2, D=2)
-    direction = torch.tensor([[1.0, 0.0]])
-    fractions = torch.tensor([[[0.5, 0.0]]])
-    logits = torch.tensor([1.0, 0.0]) / 0.5
-    positive = torch.tensor([1.0, 0.0])
-    terms = torch.nn.functional.binary_cross_entropy_with_logits(logits, positive, reduction="none")
-    expected = (terms * torch.tensor([objectives.DENSE_POSITIVE_WEIGHT, 1.0])).mean()
-    assert float(objectives.dense_pair_loss(dense, direction, fractions, 0.5)) == pytest.approx(float(expected))
+def test_dense_pair_loss_balances_positive_and_negative_patches_per_finding():
+    dense = torch.nn.functional.normalize(torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]]), dim=-1)
+    directions = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    fractions = torch.tensor([[[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])  # finding 1 absent
+    logits = dense[0] @ directions.T / 0.5  # (N, P)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    finding_0 = bce(logits[:1, 0], torch.ones(1)) + bce(logits[1:, 0], torch.zeros(3))
+    finding_1 = bce(logits[:, 1], torch.zeros(4))
+    expected = (finding_0 + finding_1) / 3  # three means: positives and negatives of 0, negatives of 1
+    assert float(objectives.dense_pair_loss(dense, directions, fractions, 0.5)) == pytest.approx(float(expected))
 
 
 def test_centring_makes_phantoms_pooled_embeddings_differ(tmp_path):

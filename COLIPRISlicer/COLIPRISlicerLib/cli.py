@@ -258,7 +258,7 @@ def train_phantom(
     vocab: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False,
                                                   help="BERT vocab.txt (default: the bundled model's CXR-BERT vocabulary).")] = None,
     n_train: Annotated[int, typer.Option(min=2, help="Training phantoms.")] = 800,
-    epochs: Annotated[int, typer.Option(min=1, help="Image-phase epochs.")] = 45,
+    epochs: Annotated[int, typer.Option(min=1, help="Image-phase epochs.")] = 65,
     text_epochs: Annotated[int, typer.Option(min=1, help="Text-phase epochs.")] = 30,
     seed: int = 0,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop the image phase after this many minutes.")] = None,

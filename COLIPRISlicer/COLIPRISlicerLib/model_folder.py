@@ -30,6 +30,7 @@ class SmallModelSpec:
     text_intermediate: int = 64
     seed: int = 0
     pool_heads: int | None = None  # image attention pool; default image_heads
+    drop_path_rate: float | None = None  # Primus stochastic depth in training; default colipri's
 
 
 def small_model_config(spec: SmallModelSpec, vocab_size: int) -> dict:
@@ -45,6 +46,8 @@ def small_model_config(spec: SmallModelSpec, vocab_size: int) -> dict:
         f"model.image_encoder.pooler.num_heads={spec.pool_heads or spec.image_heads}",
         f"model.text_encoder.pooler.num_heads={spec.text_heads}",
     ]
+    if spec.drop_path_rate is not None:
+        overrides.append(f"model.image_encoder.backbone.drop_path_rate={spec.drop_path_rate}")
     config = OmegaConf.to_container(_load_config(overrides=overrides), resolve=True)
     config["model"]["text_encoder"]["backbone"] = {
         "_target_": "transformers.BertModel",

@@ -4,7 +4,8 @@
   on ``(s_pos - s_neg) / T`` of the pooled embedding (the zero-shot likelihood, exactly as
   :mod:`.zero_shot` scores it).
 - :func:`dense_pair_loss`: the same logit per patch of the dense grid against "this patch
-  holds the finding" (mask fraction >= ``DENSE_MIN_FRACTION``): the heatmaps.
+  holds the finding" (mask fraction >= ``DENSE_MIN_FRACTION``), balanced per finding: the heatmaps.
+- :func:`focus_loss`: the attention pool's heads look at every present finding.
 - :func:`snippet_loss`: RadFinder's loss on the engine's zero-shot depth profile (top-k mean
   of snippet-patch cosine similarities per level, softmax over levels with the checkpoint
   temperature) against a one-hot target at the snippet's level blurred by 24 mm.
@@ -22,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-#: A patch is positive for a finding when at least this share of it lies in the finding's mask.
-DENSE_MIN_FRACTION = 0.02
-#: Positive patches are rare: their loss is weighted up by this factor.
-DENSE_POSITIVE_WEIGHT = 10.0
+#: A patch is positive for a finding when at least this share of it lies in the finding's mask:
+#: half a model-grid voxel of an 8^3 patch, so a 6 mm nodule or a calcified plaque counts too.
+DENSE_MIN_FRACTION = 1e-3
 #: RadFinder's target blur (mm) and the engine's top-k for depth profiles.
 SNIPPET_SIGMA_MM = 24.0
 SNIPPET_TOP_K = 5
@@ -33,7 +33,7 @@ SNIPPET_TOP_K = 5
 
 def encode_pooled_and_dense(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One backbone pass, differentiable: (B, D) pooled and (B, N, D) per-patch embeddings,
-    normalised, and the pool's (B, N) attention weights (mean over heads).
+    normalised, and the pool's (B, H, N) attention weights per head.
 
     The pooled embedding is colipri's ``AttentionPool1D`` (query = mean token); the dense
     path is the pool's value and output projections applied to every token, which is what
@@ -42,26 +42,28 @@ def encode_pooled_and_dense(model, images: torch.Tensor) -> tuple[torch.Tensor, 
     encoder = model.image_encoder
     tokens = rearrange(encoder.projector(encoder.backbone(images)), "b c x y z -> b (x y z) c")
     attention = encoder.pooler.attn
-    pooled, weights = attention(tokens.mean(dim=1, keepdim=True), tokens, tokens, need_weights=True)
+    pooled, weights = attention(tokens.mean(dim=1, keepdim=True), tokens, tokens, need_weights=True,
+                                average_attn_weights=False)
     size = attention.in_proj_weight.shape[1]
     values = F.linear(tokens, attention.in_proj_weight[2 * size:], attention.in_proj_bias[2 * size:])
     dense = F.linear(values, attention.out_proj.weight, attention.out_proj.bias)
-    return F.normalize(pooled[:, 0], dim=-1), F.normalize(dense, dim=-1), weights[:, 0]
+    return F.normalize(pooled[:, 0], dim=-1), F.normalize(dense, dim=-1), weights[:, :, 0]
 
 
 def focus_loss(weights: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
-    """-log of the pool's attention mass on patches holding any finding, for phantoms with one.
+    """Mean over (phantom, present finding) of -log of the best pool head's attention mass on
+    that finding's patches: every finding, however small, gets a head that looks at it.
 
     Args:
-        weights: (B, N) attention weights of the pool.
+        weights: (B, H, N) attention weights of the pool's heads.
         fractions: (B, F, N) share of each patch inside each finding's mask.
     """
-    abnormal = (fractions >= DENSE_MIN_FRACTION).any(dim=1)
-    has_finding = abnormal.any(dim=1)
-    if not has_finding.any():
+    positive = (fractions >= DENSE_MIN_FRACTION).to(weights.dtype)
+    present = positive.any(dim=-1)
+    if not present.any():
         return weights.sum() * 0.0
-    mass = (weights * abnormal).sum(dim=1)[has_finding]
-    return -(mass + 1e-6).log().mean()
+    mass = torch.einsum("bhn,bfn->bfh", weights, positive).amax(dim=-1)
+    return -(mass[present] + 1e-6).log().mean()
 
 
 def pooled_pair_loss(pooled: torch.Tensor, directions: torch.Tensor, targets: torch.Tensor, temperature: float):
@@ -70,7 +72,9 @@ def pooled_pair_loss(pooled: torch.Tensor, directions: torch.Tensor, targets: to
 
 
 def dense_pair_loss(dense: torch.Tensor, directions: torch.Tensor, fractions: torch.Tensor, temperature: float):
-    """Weighted BCE of per-patch logits.
+    """Per-patch BCE, balanced: for each finding the mean over its positive patches plus the
+    mean over its negative ones, averaged over findings, so a nodule's two patches weigh as
+    much as an effusion's forty.
 
     Args:
         dense: (B, N, D) normalised patch embeddings.
@@ -78,9 +82,12 @@ def dense_pair_loss(dense: torch.Tensor, directions: torch.Tensor, fractions: to
         fractions: (B, P, N) share of each patch inside each finding's mask.
     """
     logits = torch.einsum("bnd,pd->bpn", dense, directions) / temperature
-    positive = (fractions >= DENSE_MIN_FRACTION).float()
-    weights = 1.0 + (DENSE_POSITIVE_WEIGHT - 1.0) * positive
-    return F.binary_cross_entropy_with_logits(logits, positive, weight=weights)
+    positive = (fractions >= DENSE_MIN_FRACTION).to(logits.dtype)
+    terms = F.binary_cross_entropy_with_logits(logits, positive, reduction="none")
+    positives, negatives = positive.sum(dim=(0, 2)), (1 - positive).sum(dim=(0, 2))
+    on_positive = (terms * positive).sum(dim=(0, 2)) / positives.clamp(min=1)
+    on_negative = (terms * (1 - positive)).sum(dim=(0, 2)) / negatives.clamp(min=1)
+    return (on_positive.sum() + on_negative.sum()) / ((positives > 0).sum() + (negatives > 0).sum()).clamp(min=1)
 
 
 def snippet_loss(dense: torch.Tensor, inside: torch.Tensor, grid_shape: tuple[int, int, int], snippets: torch.Tensor,

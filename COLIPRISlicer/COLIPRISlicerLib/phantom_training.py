@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 TEACHING_MODEL_ID = "colipri-slicer/phantom-teaching"
 TEACHING_LABEL = "synthetic teaching model - not COLIPRI, not for clinical use"
-TEACHING_VERSION = "v2"
+TEACHING_VERSION = "v3"
 #: Validation phantoms: seeds VALIDATION_SEED_BASE + i; calibration: CALIBRATION_SEED_BASE + i.
 VALIDATION_SEED_BASE = 10_000_000
 CALIBRATION_SEED_BASE = 20_000_000
@@ -52,7 +52,7 @@ class TrainingConfig:
     """Everything that determines a training run (recorded in config.yaml)."""
 
     n_train: int = 800
-    epochs: int = 45
+    epochs: int = 65
     text_epochs: int = 30
     seed: int = 0
     batch_size: int = 8
@@ -64,7 +64,7 @@ class TrainingConfig:
     weights: LossWeights = field(default_factory=LossWeights)
     spec: SmallModelSpec = field(default_factory=lambda: SmallModelSpec(
         input_size=80, spacing_mm=5.0, image_embed_dim=96, image_depth=3, image_heads=2, projection_dim=64,
-        text_layers=2, text_heads=2, text_intermediate=128, pool_heads=8))
+        text_layers=2, text_heads=2, text_intermediate=128, pool_heads=8, drop_path_rate=0.0))
 
     def training_seeds(self) -> list[int]:
         base = 100_000 * (self.seed + 1)
@@ -303,7 +303,7 @@ def write_record(folder: Path, config: TrainingConfig, record: dict, extra: dict
         **document.get("colipri_slicer", {}),
         "model_id": TEACHING_MODEL_ID, "revision": TEACHING_VERSION, "label": TEACHING_LABEL,
         "training": {**training, "spec": asdict(config.spec), "loss_weights": asdict(config.weights),
-                     "objectives": "image phase: pooled + dense pair BCE, pool focus; text phase: pair BCE, alignment, "
+                     "objectives": "image phase: pooled + per-finding balanced dense pair BCE, per-finding pool focus; text phase: pair BCE, alignment, "
                                      "snippet depth CE, report InfoNCE",
                      "training_seeds": "100000 * (seed + 1) + i", **record},
         **(extra or {}),

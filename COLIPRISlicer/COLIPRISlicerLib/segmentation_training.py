@@ -242,7 +242,10 @@ class _TrainingRun:
         from tqdm.auto import tqdm
 
         network, device = self.head.network, next(self.head.network.parameters()).device
-        loss_fn, first = DiceCELoss(to_onehot_y=True, softmax=True), self.epoch
+        # Dice over the foreground labels only: with the background in it, predicting
+        # background everywhere already scores well on small findings.
+        loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
+        first = self.epoch
         with tqdm(total=epochs, initial=first, desc="Training head", unit="epoch", disable=not progress) as bar:
             while self.epoch < epochs:
                 if _out_of_time(max_minutes, start, self.history[first:]):
@@ -266,7 +269,7 @@ class _TrainingRun:
         metadata.training.update({
             "images_dir": str(images_dir), "labels_dir": str(labels_dir), "train_cases": self.setup["train"],
             "validation_cases": self.setup["validation"], "epochs": self.epoch, "final_loss": last["loss"],
-            "seconds": round(self.seconds_before + seconds, 1), "loss": "DiceCELoss",
+            "seconds": round(self.seconds_before + seconds, 1), "loss": "DiceCELoss (Dice on foreground labels)",
             "optimizer": f"AdamW(lr={self.setup['learning_rate']})", "augmentation": "none",
             "dice_evaluated_on": "model grid, labels resampled by nearest neighbour",
         })
