@@ -41,6 +41,7 @@ class COLIPRISlicerSettings:
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
     offline: bool = False
+    diskCache: bool = False
 
 
 @parameterNodeWrapper
@@ -179,7 +180,7 @@ class COLIPRISlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings = self._parameterNode.settings
         self.saveSettings()
         self.logic.configure(settings.modelSource, settings.modelFolder, settings.device, settings.precision,
-                             settings.offline)
+                             settings.offline, settings.diskCache)
         try:
             nodes = self.logic.run(self._parameterNode.inputVolume, self.cancelEvent, self.onStatus)
         except AnalysisCancelled:
@@ -259,12 +260,14 @@ class COLIPRISlicerLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return COLIPRISlicerParameterNode(super().getParameterNode())
 
-    def configure(self, modelSource="demo", modelFolder=None, device="auto", precision="auto", offline=False) -> None:
-        """Choose the model and device; a change (or ``modelSource=None``) unloads the model and its results."""
+    def configure(self, modelSource="demo", modelFolder=None, device="auto", precision="auto", offline=False,
+                  diskCache=False) -> None:
+        """Choose the model and device; a change (or ``modelSource=None``) unloads the model and its results.
+        ``diskCache``: keep encodings in the user cache folder (size-bounded) so a scan reopens fast."""
         from COLIPRISlicerNodes.session import EngineOptions
         options = None
         if modelSource is not None:
-            options = EngineOptions(modelSource, str(modelFolder or ""), device, precision, offline)
+            options = EngineOptions(modelSource, str(modelFolder or ""), device, precision, offline, diskCache)
         if self.session.configure(options):
             self.clearResults()
 

@@ -79,6 +79,29 @@ def test_disk_cache_serves_a_new_engine_without_forward_pass(tiny_model_folder, 
     assert second.cache.clear() == 1 and second.cache.entries() == []
 
 
+def test_disk_cache_stays_below_its_size_bound_least_recently_used_first(tiny_model_folder, tmp_path):
+    import os
+
+    volumes = [Volume.from_array(*synthetic_chest(seed=seed)) for seed in range(3)]
+    probe = Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path / "probe")
+    probe.encode(volumes[0])
+    size = probe.cache.entries()[0].size_bytes
+
+    def engine():  # a new process each time: nothing in memory, only the disk cache
+        return Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path / "bounded",
+                      cache_max_bytes=int(2.5 * size))
+
+    keys = [engine().encode(volume).key for volume in volumes[:2]]
+    for path in (tmp_path / "bounded").glob("*.safetensors"):
+        os.utime(path, (1, 1 if path.stem == keys[0] else 2))  # volume 0 written first
+    reader = engine()
+    reader.encode(volumes[0])  # a hit: volume 0 becomes the most recently used
+    assert reader.image_forward_count == 0
+    keys.append(engine().encode(volumes[2]).key)  # a third file does not fit: volume 1 goes
+    assert {entry.key for entry in engine().cache.entries()} == {keys[0], keys[2]}
+    assert sum(entry.size_bytes for entry in engine().cache.entries()) <= 2.5 * size
+
+
 def test_dynamic_padding_equals_pad_to_512(tiny_engine):
     import torch
 

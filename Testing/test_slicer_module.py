@@ -309,3 +309,21 @@ def test_empty_free_text_and_snippet_are_refused_without_adding_nodes(logic, sce
     with pytest.raises(ValueError, match="Empty snippet"):
         logic.localizeSnippet("")
     assert scene.scene.GetNumberOfNodes() == count and nodes["table"].GetNumberOfRows() == 18
+
+
+def test_keeping_encodings_on_disk_lets_a_new_session_reopen_without_encoding(module, logic, tiny_model_folder, scene,
+                                                                             nifti, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLIPRISLICER_CACHE", str(tmp_path))
+    logic.run(nifti)  # the default keeps nothing on disk
+    assert not any(tmp_path.rglob("*.safetensors"))
+    forward_passes = []
+    for _ in range(2):  # two Slicer sessions, one after the other
+        session_logic = module.COLIPRISlicerLogic()
+        session_logic.configure("folder", tiny_model_folder, device="cpu", precision="fp32", diskCache=True)
+        try:
+            session_logic.run(nifti)
+            forward_passes.append(session_logic.session._analyzer.engine.image_forward_count)
+        finally:
+            session_logic.shutdown()
+    assert forward_passes == [1, 0]
+    assert len(list((tmp_path / "embeddings").glob("*.safetensors"))) == 1

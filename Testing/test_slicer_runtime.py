@@ -42,10 +42,10 @@ def test_unknown_state_is_refused():
 
 def test_settings_round_trip_through_strings():
     settings = SimpleNamespace(modelSource="folder", modelFolder=Path("/models/colipri"), device="cpu",
-                               precision="bf16", offline=True)
+                               precision="bf16", offline=True, diskCache=True)
     stored = runtime.settings_to_strings(settings)
     assert stored == {"modelSource": "folder", "modelFolder": "/models/colipri", "device": "cpu",
-                      "precision": "bf16", "offline": "True"}
+                      "precision": "bf16", "offline": "True", "diskCache": "True"}
     assert runtime.settings_from_strings(stored) == vars(settings)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,11 +32,14 @@ class EncodingCache:
     Args:
         max_items: encodings kept in memory.
         folder: on-disk cache folder, or None for memory only.
+        max_disk_bytes: the on-disk encodings are kept below this size: after each write the
+            least recently used files go (a read counts as a use). None: no bound.
     """
 
-    def __init__(self, max_items: int, folder: Path | None = None):
+    def __init__(self, max_items: int, folder: Path | None = None, max_disk_bytes: int | None = None):
         self.max_items = max_items
         self.folder = Path(folder) if folder is not None else None
+        self.max_disk_bytes = max_disk_bytes
         self._memory: OrderedDict[str, ImageEncoding] = OrderedDict()
         self.hits = self.misses = 0
 
@@ -74,6 +78,7 @@ class EncodingCache:
         except Exception as error:  # noqa: BLE001 - a damaged cache file is recomputed
             logger.warning("Ignoring unreadable cache file %s (%s).", path, error)
             return None
+        os.utime(path)  # least recently used goes first
         return ImageEncoding(**tensors, grid=PatchGrid.from_dict(meta["grid"]),
                              cropped_mm=tuple(meta["cropped_mm"]), key=key, encode_seconds=meta["encode_seconds"])
 
@@ -90,6 +95,21 @@ class EncodingCache:
         partial = path.with_suffix(".partial")
         save_file(tensors, str(partial), metadata={"colipri_slicer": json.dumps(meta)})
         partial.replace(path)
+        self._evict(keep=path)
+
+    def _evict(self, keep: Path) -> None:
+        """Delete the least recently used files until the folder fits ``max_disk_bytes`` (never ``keep``)."""
+        if self.max_disk_bytes is None:
+            return
+        paths = sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in paths)
+        for path in paths:
+            if total <= self.max_disk_bytes:
+                break
+            if path != keep:
+                total -= path.stat().st_size
+                path.unlink(missing_ok=True)
+                logger.info("Removed %s from the encoding cache (over %.1f GB).", path.name, self.max_disk_bytes / 1e9)
 
     def entries(self) -> list[CacheEntry]:
         """Encodings stored on disk, newest first."""

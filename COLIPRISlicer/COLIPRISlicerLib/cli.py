@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .defaults import DEFAULT_MODEL, DEMO_MODEL, PHANTOM_MODEL
+from .defaults import DEFAULT_MODEL, DEMO_MODEL, PHANTOM_MODEL, embedding_cache_dir
 
 #: Phantom of the demo: a validation seed, never seen in training.
 DEMO_PHANTOM_SEED = 10_000_007
@@ -372,7 +372,7 @@ def cache_list(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> N
     """Show cached encodings."""
     from .cache import EncodingCache
 
-    folder = cache_dir or _default_embedding_cache()
+    folder = cache_dir or embedding_cache_dir()
     entries = EncodingCache(0, folder).entries()
     typer.echo(f"{len(entries)} cached encoding(s) in {folder}")
     for entry in entries:
@@ -384,15 +384,9 @@ def cache_clear(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> 
     """Delete cached encodings."""
     from .cache import EncodingCache
 
-    folder = cache_dir or _default_embedding_cache()
+    folder = cache_dir or embedding_cache_dir()
     removed = EncodingCache(0, folder).clear()
     typer.echo(f"Removed {removed} cached encoding(s) from {folder}")
-
-
-def _default_embedding_cache() -> Path:
-    from .defaults import user_cache_dir
-
-    return user_cache_dir() / "embeddings"
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ PHANTOM_MODEL = "phantom"
 TEXT_CACHE_SIZE = 1024
 #: Most image encodings kept in memory (each is about 90 MB for the full model).
 IMAGE_CACHE_SIZE = 4
+#: Size bound of the on-disk encoding cache (least recently used encodings are removed first).
+DISK_CACHE_MAX_BYTES = 2 * 1024**3
 #: Longest prompt accepted, in tokens (BERT's position limit).
 MAX_PROMPT_TOKENS = 512
 
@@ -71,3 +73,8 @@ def user_cache_dir() -> Path:
     """Folder for the on-disk embedding cache and the demo model (``$COLIPRISLICER_CACHE``)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "colipri-slicer"
     return Path(os.environ.get("COLIPRISLICER_CACHE", default))
+
+
+def embedding_cache_dir() -> Path:
+    """The default on-disk encoding cache (CLI ``--cache-dir``, the module's "Keep encodings")."""
+    return user_cache_dir() / "embeddings"

@@ -29,6 +29,7 @@ class Engine:
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         precision: ``auto``, ``bf16`` or ``fp32`` (image encoder only).
         cache_dir: folder for the on-disk encoding cache, or None for memory only.
+        cache_max_bytes: size bound of that folder's encodings (least recently used go first).
         status_callback: receives one line per long step.
 
     Example:
@@ -38,12 +39,13 @@ class Engine:
     """
 
     def __init__(self, model: str = defaults.DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
-                 cache_dir: str | Path | None = None, status_callback: TypeStatusCallback | None = None):
+                 cache_dir: str | Path | None = None, cache_max_bytes: int | None = defaults.DISK_CACHE_MAX_BYTES,
+                 status_callback: TypeStatusCallback | None = None):
         self.spec = str(model)
         self.device = device
         self.precision = precision
         self.status_callback = status_callback
-        self.cache = EncodingCache(defaults.IMAGE_CACHE_SIZE, Path(cache_dir) if cache_dir else None)
+        self.cache = EncodingCache(defaults.IMAGE_CACHE_SIZE, Path(cache_dir) if cache_dir else None, cache_max_bytes)
         self.image_forward_count = 0
         self._description = None
         self._loaded = None

@@ -201,7 +201,7 @@ def eval_localizer_command(csv: TypePath, model: str, head: TypePath | None = No
 
 
 def _engine(model: str, device: str, cache_dir: TypePath | None):
-    from .defaults import user_cache_dir
+    from .defaults import embedding_cache_dir
     from .engine import Engine
 
-    return Engine(model, device=device, cache_dir=cache_dir or user_cache_dir() / "embeddings")
+    return Engine(model, device=device, cache_dir=cache_dir or embedding_cache_dir())

@@ -25,7 +25,7 @@ MIN_FREE_GPU_GIB = 4.0
 
 #: Settings kept across Slicer sessions (QSettings under ``COLIPRISlicer/``), with their choices.
 SETTINGS_CHOICES = {"modelSource": MODEL_SOURCES, "device": DEVICES, "precision": PRECISIONS,
-                    "modelFolder": None, "offline": None}
+                    "modelFolder": None, "offline": None, "diskCache": None}
 
 
 def settings_to_strings(settings) -> dict[str, str]:
@@ -40,7 +40,7 @@ def settings_from_strings(stored: dict) -> dict:
         if key not in SETTINGS_CHOICES or value in (None, ""):
             continue
         choices, text = SETTINGS_CHOICES[key], str(value)
-        if key == "offline":
+        if key in ("offline", "diskCache"):
             settings[key] = text.lower() in ("1", "true", "yes")
         elif key == "modelFolder":
             settings[key] = Path(text)

@@ -30,6 +30,7 @@ class EngineOptions:
     device: str = "auto"
     precision: str = "auto"
     offline: bool = False
+    disk_cache: bool = False  # encodings in the user cache folder (size-bounded), else memory only
 
 
 class EngineSession:
@@ -64,7 +65,7 @@ class EngineSession:
     def analyzer(self):
         """The ``Analyzer`` (worker thread only: loading the model happens here)."""
         if self._analyzer is None:
-            from COLIPRISlicerLib import Engine
+            from COLIPRISlicerLib import Engine, defaults
             from COLIPRISlicerLib.analysis import Analyzer
 
             options = self.options
@@ -73,7 +74,9 @@ class EngineSession:
             if warning:
                 warnings.warn(warning, RuntimeWarning, stacklevel=2)
             spec = runtime.model_spec(options.model_source, options.model_folder)
-            engine = Engine(spec, device=device, precision=options.precision, status_callback=self.messages.put)
+            cache_dir = defaults.embedding_cache_dir() if options.disk_cache else None
+            engine = Engine(spec, device=device, precision=options.precision, cache_dir=cache_dir,
+                            status_callback=self.messages.put)
             self._analyzer = Analyzer(engine)
         return self._analyzer
 
