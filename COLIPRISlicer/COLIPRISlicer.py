@@ -153,7 +153,8 @@ class COLIPRISlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.findingsTableWidget, self.ui.addFindingButton, self.ui.segmentButton,
                        self.ui.localizeButton):
             widget.enabled = not busy and self.logic.result is not None
-        self.ui.clearWeightsButton.enabled = not busy and self._parameterNode.settings.modelSource in ("hub", "demo")
+        settings = self._parameterNode.settings
+        self.ui.clearWeightsButton.enabled = not busy and (settings.modelSource in ("hub", "demo") or settings.diskCache)
 
     def onStatus(self, message: str) -> None:
         self.runState.on_status(message, self.cancelEvent.is_set())

@@ -97,7 +97,13 @@ def test_disk_cache_stays_below_its_size_bound_least_recently_used_first(tiny_mo
     reader = engine()
     reader.encode(volumes[0])  # a hit: volume 0 becomes the most recently used
     assert reader.image_forward_count == 0
+    stale, fresh = tmp_path / "bounded" / "crashed.1.partial", tmp_path / "bounded" / "writing.2.partial"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (3, 3))
     keys.append(engine().encode(volumes[2]).key)  # a third file does not fit: volume 1 goes
+    assert not stale.exists() and fresh.exists()  # a crashed writer's leftover goes, another writer's file stays
+    fresh.unlink()
     assert {entry.key for entry in engine().cache.entries()} == {keys[0], keys[2]}
     assert sum(entry.size_bytes for entry in engine().cache.entries()) <= 2.5 * size
 

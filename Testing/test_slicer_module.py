@@ -311,19 +311,22 @@ def test_empty_free_text_and_snippet_are_refused_without_adding_nodes(logic, sce
     assert scene.scene.GetNumberOfNodes() == count and nodes["table"].GetNumberOfRows() == 18
 
 
-def test_keeping_encodings_on_disk_lets_a_new_session_reopen_without_encoding(module, logic, tiny_model_folder, scene,
-                                                                             nifti, tmp_path, monkeypatch):
+def test_keeping_encodings_on_disk_lets_a_new_session_reopen_without_encoding(module, tiny_model_folder, scene, nifti,
+                                                                             tmp_path, monkeypatch):
+    from COLIPRISlicerLib import defaults
+
     monkeypatch.setenv("COLIPRISLICER_CACHE", str(tmp_path))
-    logic.run(nifti)  # the default keeps nothing on disk
-    assert not any(tmp_path.rglob("*.safetensors"))
-    forward_passes = []
-    for _ in range(2):  # two Slicer sessions, one after the other
+    forward_passes, folders = [], []
+    for disk_cache in (False, True, True):  # three Slicer sessions, one after the other
         session_logic = module.COLIPRISlicerLogic()
-        session_logic.configure("folder", tiny_model_folder, device="cpu", precision="fp32", diskCache=True)
+        session_logic.configure("folder", tiny_model_folder, device="cpu", precision="fp32", diskCache=disk_cache)
         try:
             session_logic.run(nifti)
-            forward_passes.append(session_logic.session._analyzer.engine.image_forward_count)
+            engine = session_logic.session._analyzer.engine
+            forward_passes.append(engine.image_forward_count)
+            folders.append((engine.cache.folder, engine.cache.max_disk_bytes))
         finally:
             session_logic.shutdown()
-    assert forward_passes == [1, 0]
+    assert forward_passes == [1, 1, 0]  # the default kept nothing; the second session's encoding served the third
+    assert folders[0][0] is None and folders[2] == (tmp_path / "embeddings", defaults.DISK_CACHE_MAX_BYTES)
     assert len(list((tmp_path / "embeddings").glob("*.safetensors"))) == 1

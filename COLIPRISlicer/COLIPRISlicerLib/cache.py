@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import shutil
+import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,9 @@ class EncodingCache:
         folder: on-disk cache folder, or None for memory only.
         max_disk_bytes: the on-disk encodings are kept below this size: after each write the
             least recently used files go (a read counts as a use). None: no bound.
+
+    Several processes may share a folder: writes go to a private temporary file that is
+    renamed into place, and files another process removed meanwhile are skipped.
     """
 
     def __init__(self, max_items: int, folder: Path | None = None, max_disk_bytes: int | None = None):
@@ -56,6 +61,7 @@ class EncodingCache:
         else:
             self.hits += 1
             logger.debug("Encoding cache hit %s", key)
+            self._touch(key)
         self._memory[key] = encoding
         self._memory.move_to_end(key)
         while len(self._memory) > self.max_items:
@@ -78,7 +84,6 @@ class EncodingCache:
         except Exception as error:  # noqa: BLE001 - a damaged cache file is recomputed
             logger.warning("Ignoring unreadable cache file %s (%s).", path, error)
             return None
-        os.utime(path)  # least recently used goes first
         return ImageEncoding(**tensors, grid=PatchGrid.from_dict(meta["grid"]),
                              cropped_mm=tuple(meta["cropped_mm"]), key=key, encode_seconds=meta["encode_seconds"])
 
@@ -92,27 +97,49 @@ class EncodingCache:
                 "encode_seconds": encoding.encode_seconds, **metadata}
         tensors = {name: getattr(encoding, name).contiguous() for name in TENSOR_NAMES}
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
         save_file(tensors, str(partial), metadata={"colipri_slicer": json.dumps(meta)})
         partial.replace(path)
         self._evict(keep=path)
 
+    def _touch(self, key: str) -> None:
+        """Mark an encoding as used now (eviction removes the least recently used first)."""
+        path = self._path(key)
+        if path is not None:
+            try:
+                os.utime(path)
+            except OSError:  # read-only cache, or removed by another process: nothing to mark
+                pass
+
     def _evict(self, keep: Path) -> None:
-        """Delete the least recently used files until the folder fits ``max_disk_bytes`` (never ``keep``)."""
+        """Delete the least recently used files until the folder fits ``max_disk_bytes`` (never
+        ``keep``), and temporary files a crashed writer left more than an hour ago."""
         if self.max_disk_bytes is None:
             return
-        paths = sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in paths)
-        for path in paths:
-            if total <= self.max_disk_bytes:
-                break
-            if path != keep:
-                total -= path.stat().st_size
-                path.unlink(missing_ok=True)
-                logger.info("Removed %s from the encoding cache (over %.1f GB).", path.name, self.max_disk_bytes / 1e9)
+        stats = []
+        for path in [*self.folder.glob("*.safetensors"), *self.folder.glob("*.partial")]:
+            try:
+                stats.append((path, path.stat()))
+            except OSError:  # removed by another process meanwhile
+                continue
+        total = sum(stat.st_size for _, stat in stats)
+        for path, stat in sorted(stats, key=lambda item: item[1].st_mtime_ns):
+            if path == keep:
+                continue
+            if path.suffix == ".partial":
+                if time.time() - stat.st_mtime < 3600:  # another writer's file, still being written
+                    continue
+            elif total <= self.max_disk_bytes:
+                continue
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            total -= stat.st_size
+            logger.info("Removed %s from the encoding cache (bound %.1f GB).", path.name, self.max_disk_bytes / 1e9)
 
     def entries(self) -> list[CacheEntry]:
-        """Encodings stored on disk, newest first."""
+        """Encodings stored on disk, most recently used first."""
         if self.folder is None or not self.folder.is_dir():
             return []
         from safetensors import safe_open

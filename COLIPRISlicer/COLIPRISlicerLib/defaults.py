@@ -29,7 +29,7 @@ TEXT_CACHE_SIZE = 1024
 #: Most image encodings kept in memory (each is about 90 MB for the full model).
 IMAGE_CACHE_SIZE = 4
 #: Size bound of the on-disk encoding cache (least recently used encodings are removed first).
-DISK_CACHE_MAX_BYTES = 2 * 1024**3
+DISK_CACHE_MAX_BYTES = 2 * 10**9
 #: Longest prompt accepted, in tokens (BERT's position limit).
 MAX_PROMPT_TOKENS = 512
 

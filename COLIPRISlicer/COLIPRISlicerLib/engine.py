@@ -29,7 +29,7 @@ class Engine:
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         precision: ``auto``, ``bf16`` or ``fp32`` (image encoder only).
         cache_dir: folder for the on-disk encoding cache, or None for memory only.
-        cache_max_bytes: size bound of that folder's encodings (least recently used go first).
+        cache_max_bytes: size bound of that folder's encodings (least recently used go first); None: none.
         status_callback: receives one line per long step.
 
     Example:
@@ -39,7 +39,7 @@ class Engine:
     """
 
     def __init__(self, model: str = defaults.DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
-                 cache_dir: str | Path | None = None, cache_max_bytes: int | None = defaults.DISK_CACHE_MAX_BYTES,
+                 cache_dir: str | Path | None = None, cache_max_bytes: int | None = None,
                  status_callback: TypeStatusCallback | None = None):
         self.spec = str(model)
         self.device = device

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 #: A patch is positive for a finding when at least this share of it lies in the finding's mask:
-#: half a model-grid voxel of an 8^3 patch, so a 6 mm nodule or a calcified plaque counts too.
+#: with 8^3 patches (fractions are multiples of 1/512) one model-grid voxel of the mask, so a
+#: 6 mm nodule or a calcified plaque counts too.
 DENSE_MIN_FRACTION = 1e-3
 #: RadFinder's target blur (mm) and the engine's top-k for depth profiles.
 SNIPPET_SIGMA_MM = 24.0
@@ -72,9 +73,9 @@ def pooled_pair_loss(pooled: torch.Tensor, directions: torch.Tensor, targets: to
 
 
 def dense_pair_loss(dense: torch.Tensor, directions: torch.Tensor, fractions: torch.Tensor, temperature: float):
-    """Per-patch BCE, balanced: for each finding the mean over its positive patches plus the
-    mean over its negative ones, averaged over findings, so a nodule's two patches weigh as
-    much as an effusion's forty.
+    """Per-patch BCE, balanced: the mean over each finding's positive patches and the mean over
+    its negative patches (pooled over the batch), averaged over the means that exist, so a
+    nodule's two patches weigh as much as an effusion's forty.
 
     Args:
         dense: (B, N, D) normalised patch embeddings.

@@ -30,7 +30,7 @@ class EngineOptions:
     device: str = "auto"
     precision: str = "auto"
     offline: bool = False
-    disk_cache: bool = False  # encodings in the user cache folder (size-bounded), else memory only
+    disk_cache: bool = False  # encodings in the user cache folder (at most DISK_CACHE_MAX_BYTES), else memory only
 
 
 class EngineSession:
@@ -76,7 +76,7 @@ class EngineSession:
             spec = runtime.model_spec(options.model_source, options.model_folder)
             cache_dir = defaults.embedding_cache_dir() if options.disk_cache else None
             engine = Engine(spec, device=device, precision=options.precision, cache_dir=cache_dir,
-                            status_callback=self.messages.put)
+                            cache_max_bytes=defaults.DISK_CACHE_MAX_BYTES, status_callback=self.messages.put)
             self._analyzer = Analyzer(engine)
         return self._analyzer
 
