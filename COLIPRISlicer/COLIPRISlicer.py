@@ -312,6 +312,7 @@ class COLIPRISlicerLogic(ScriptedLoadableModuleLogic):
         result, reportText = self.session.call(work, statusCallback)
         if cancel.is_set():
             raise AnalysisCancelled("Analysis cancelled; no results were produced.")
+        self.session.prepare(lambda: self.session.analyzer().prepare_queries(result))  # in the background
         if statusCallback is not None:
             statusCallback("Importing results")
         nodes = importer.import_analysis(inputVolumeNode, result.findings, reportText, result.model)

@@ -181,3 +181,19 @@ def test_reopening_a_cached_scan_scores_without_building_the_model(tiny_model_fo
         np.testing.assert_array_equal(mine.logit_map, theirs.logit_map)
     Analyzer(reopened).add_finding(result, "rib fracture")  # a prompt never seen: the model is built now
     assert reopened.model_is_loaded and reopened.image_forward_count == 0
+
+
+def test_preparing_queries_builds_what_the_first_re_query_needs(tiny_model_folder, tmp_path):
+    from COLIPRISlicerLib import localization
+    from COLIPRISlicerLib.analysis import Analyzer
+
+    volume = Volume.from_array(*synthetic_chest(seed=7), name="prepare")
+    Analyzer(Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path)).analyze(volume)
+    reopened = Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path)
+    analyzer = Analyzer(reopened)
+    result = analyzer.analyze(volume)
+    key = (volume.content_hash(), result.encoding.key)
+    assert not reopened.model_is_loaded and key not in localization._BODY_PATCHES and not result._landmarks
+    analyzer.prepare_queries(result)
+    assert reopened.model_is_loaded and key in localization._BODY_PATCHES and result._landmarks
+    assert reopened.image_forward_count == 0

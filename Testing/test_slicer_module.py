@@ -324,6 +324,8 @@ def test_keeping_encodings_on_disk_lets_a_new_session_reopen_without_encoding(mo
             session_logic.run(nifti)
             engine = session_logic.session._analyzer.engine
             forward_passes.append(engine.image_forward_count)
+            session_logic.session.call(lambda: None)  # queued behind the background preparation
+            assert engine.model_is_loaded  # even when the cached scan was scored without it
             folders.append((engine.cache.folder, engine.cache.max_disk_bytes))
         finally:
             session_logic.shutdown()

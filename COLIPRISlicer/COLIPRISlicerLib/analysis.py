@@ -107,6 +107,15 @@ class Analyzer:
         _check(cancel)
         return AnalysisResult(volume, encoding, findings, identity.as_dict(), timings)
 
+    def prepare_queries(self, result: AnalysisResult) -> None:
+        """Do now what the first re-query would otherwise wait for: build the model (reopening a
+        cached scan skips it), find the landmarks and the body patches snippets are scored on."""
+        from .localization import body_patches
+
+        _ = self.engine.loaded
+        _ = result.landmarks
+        body_patches(result.volume, result.encoding)
+
     def add_finding(self, result: AnalysisResult, text: str, **kwargs) -> FindingResult:
         """Score a free-text finding on the cached encoding and append it (replacing a namesake)."""
         finding = free_text_finding(text, **kwargs)

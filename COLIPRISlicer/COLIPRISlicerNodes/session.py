@@ -103,5 +103,16 @@ class EngineSession:
                         logger.warning("%s", warning.message)
                         self.messages.put(f"Warning: {warning.message}")
 
+    def prepare(self, function: Callable[[], object]) -> None:
+        """Run ``function`` on the worker without waiting (later calls queue behind it); a failure is logged."""
+
+        def guarded() -> None:
+            try:
+                function()
+            except Exception:  # noqa: BLE001 - preparation is optional; the query itself will report
+                logger.exception("Preparing for queries failed")
+
+        self.worker.submit(guarded)
+
     def shutdown(self) -> None:
         self.worker.shutdown()
