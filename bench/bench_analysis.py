@@ -2,6 +2,7 @@
 colipri's official pipeline, in one process, on a synthetic 512 x 512 x 300 CT.
 
 Usage: .venv/bin/python bench/bench_analysis.py [--json FILE] [--bf16] [--slices 300] [--requery-only]
+       [--device cpu|cuda]
 
 ``--requery-only`` measures the re-query latencies alone, on an encoding kept in
 ``<bench dir>/requery-cache`` (encoded on the first such run, read from disk afterwards).
@@ -45,8 +46,10 @@ def machine() -> dict:
     import torch
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available()}
+            "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available(),
+            "gpu": gpu}
 
 
 def full_size_model(folder: Path, vocab: Path) -> Path:
@@ -106,7 +109,7 @@ def official_timing(model_folder: Path, scan: Path) -> dict:
             "official_effusion_probability": result[1]["score"]}
 
 
-def reopen_timing(model: str, scan: Path, cache_dir: Path) -> dict:
+def reopen_timing(model: str, scan: Path, cache_dir: Path, device: str) -> dict:
     """Same scan in a new process with the on-disk cache: imports, reading the file, analysis call -> results.
 
     ``reopen_s`` runs from the analysis call to the scored findings (what a user waits for
@@ -123,7 +126,7 @@ import torch
 t1 = time.perf_counter()
 volume = load_volume({str(scan)!r})
 t2 = time.perf_counter()
-engine = Engine({model!r}, device="cpu", precision="fp32", cache_dir={str(cache_dir)!r})
+engine = Engine({model!r}, device={device!r}, precision="fp32", cache_dir={str(cache_dir)!r})
 result = Analyzer(engine).analyze(volume)
 t3 = time.perf_counter()
 heavy = [name for name in ("colipri", "transformers", "torchio") if name in sys.modules]
@@ -143,6 +146,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="also encode with bf16 autocast (another encode)")
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--requery-only", action="store_true", help="only the re-query latencies (cached encoding)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine runs")
     args = parser.parse_args()
     work = Path(os.environ.get("COLIPRISLICER_BENCH_DIR", Path.home() / ".cache" / "colipri-slicer" / "bench"))
     work.mkdir(parents=True, exist_ok=True)
@@ -157,14 +161,14 @@ def main() -> None:
     if not scan.exists():
         write_volume(volume.array, volume.ijk_to_ras, scan)
     if args.requery_only:
-        figures.update(requery_only(Engine(model, device="cpu", precision="fp32", cache_dir=work / "requery-cache"),
-                                    volume))
+        figures.update(requery_only(Engine(model, device=args.device, precision="fp32",
+                                           cache_dir=work / "requery-cache"), volume))
         print(format_table(figures))
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))
         return
     cache_dir = Path(tempfile.mkdtemp(prefix="bench-cache-", dir=work))
-    engine = Engine(model, device="cpu", precision="fp32", cache_dir=cache_dir)
+    engine = Engine(model, device=args.device, precision="fp32", cache_dir=cache_dir)
     _, figures["model_load_s"] = timed(lambda: engine.loaded)
     figures.update(first_analysis(engine, volume))
     pair = figures.pop("_result")
@@ -174,9 +178,9 @@ def main() -> None:
     figures.update(mrml_import_timing(pair, scan))
     figures["peak_rss_with_mrml_scene_gb"] = peak_rss_gb()
     if args.bf16:
-        figures.update(bf16_difference(model, volume, figures["_likelihoods"]))
+        figures.update(bf16_difference(model, volume, figures["_likelihoods"], args.device))
     figures.pop("_likelihoods")
-    figures.update(reopen_timing(model, scan, cache_dir))
+    figures.update(reopen_timing(model, scan, cache_dir, args.device))
     if not args.skip_official and not args.model:
         figures.update(official_timing(Path(model), scan))
     print(format_table(figures))
@@ -260,11 +264,11 @@ def mrml_import_timing(pair, scan: Path) -> dict:
     return {"mrml_import_s": seconds}
 
 
-def bf16_difference(model: str, volume, fp32_likelihoods: np.ndarray) -> dict:
+def bf16_difference(model: str, volume, fp32_likelihoods: np.ndarray, device: str) -> dict:
     from COLIPRISlicerLib.analysis import Analyzer
     from COLIPRISlicerLib.engine import Engine
 
-    engine = Engine(model, device="cpu", precision="bf16")
+    engine = Engine(model, device=device, precision="bf16")
     result, seconds = timed(Analyzer(engine).analyze, volume)
     bf16 = np.array([f.likelihood for f in result.findings])
     return {"bf16_encoder_s": result.encoding.encode_seconds, "bf16_max_abs_likelihood_diff": float(np.abs(bf16 - fp32_likelihoods).max())}
