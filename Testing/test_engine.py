@@ -197,3 +197,15 @@ def test_preparing_queries_builds_what_the_first_re_query_needs(tiny_model_folde
     analyzer.prepare_queries(result)
     assert reopened.model_is_loaded and key in localization._BODY_PATCHES and result._landmarks
     assert reopened.image_forward_count == 0
+
+
+def test_bf16_precision_runs_the_text_encoder_in_bf16_within_tolerance(tiny_model_folder):
+    volume = Volume.from_array(*synthetic_chest(seed=3), name="bf16")
+    engines = {dtype: Engine(str(tiny_model_folder), device="cpu", precision=dtype) for dtype in ("fp32", "bf16")}
+    prompts = [text for pair in PAIRS for text in pair]
+    fp32, bf16 = (engines[dtype].embed_prompts(prompts) for dtype in ("fp32", "bf16"))
+    assert not np.array_equal(fp32.numpy(), bf16.numpy())  # bf16 is really used ...
+    np.testing.assert_allclose(bf16.numpy(), fp32.numpy(), atol=2e-2)  # ... and close
+    likelihoods = {dtype: engine.pair_probabilities(engine.encode(volume), PAIRS) for dtype, engine in engines.items()}
+    np.testing.assert_allclose(likelihoods["bf16"], likelihoods["fp32"], atol=0.01)
+    assert engines["fp32"]._prompt_table() != engines["bf16"]._prompt_table()  # stored apart on disk

@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--requery-only", action="store_true", help="only the re-query latencies (cached encoding)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the engine runs")
+    parser.add_argument("--requery-precision", default="fp32", choices=["fp32", "bf16"],
+                        help="precision of the --requery-only engine (bf16: image and text encoders)")
     args = parser.parse_args()
     work = Path(os.environ.get("COLIPRISLICER_BENCH_DIR", Path.home() / ".cache" / "colipri-slicer" / "bench"))
     work.mkdir(parents=True, exist_ok=True)
@@ -161,7 +163,7 @@ def main() -> None:
     if not scan.exists():
         write_volume(volume.array, volume.ijk_to_ras, scan)
     if args.requery_only:
-        figures.update(requery_only(Engine(model, device=args.device, precision="fp32",
+        figures.update(requery_only(Engine(model, device=args.device, precision=args.requery_precision,
                                            cache_dir=work / "requery-cache"), volume))
         print(format_table(figures))
         if args.json:

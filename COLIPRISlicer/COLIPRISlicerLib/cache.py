@@ -162,7 +162,8 @@ class EncodingCache:
 
 
 class PromptStore:
-    """Prompt embeddings on disk, one safetensors file per model (``<folder>/prompts/<sha256[:16]>``).
+    """Prompt embeddings on disk, one safetensors file per table, i.e. per model weights and text
+    precision (``<folder>/prompts/<sha256(table)[:16]>``, table e.g. ``"<weights sha256>:fp32"``).
 
     With it, reopening a cached scan scores the catalogue without building the text encoder.
     Keys are SHA-1 digests of the prompt text; a damaged file is ignored and rewritten.
@@ -176,44 +177,46 @@ class PromptStore:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(folder={self.folder})"
 
-    def get(self, model_sha256: str, prompts):
+    def get(self, table: str, prompts):
         """(N, embed_dim) stored embeddings of ``prompts``, or None unless every one is stored."""
         import torch
 
-        table = self._table(model_sha256)
+        stored = self._table(table)
         keys = [_prompt_key(prompt) for prompt in prompts]
-        if not keys or any(key not in table for key in keys):
+        if not keys or any(key not in stored for key in keys):
             return None
-        return torch.stack([table[key] for key in keys])
+        return torch.stack([stored[key] for key in keys])
 
-    def put(self, model_sha256: str, prompts, embeddings) -> None:
+    def put(self, table: str, prompts, embeddings) -> None:
         """Keep (N, embed_dim) embeddings of ``prompts``; :meth:`flush` writes them (not on the re-query path)."""
-        table = self._table(model_sha256)
+        stored = self._table(table)
         keyed = {_prompt_key(prompt): embedding for prompt, embedding in zip(prompts, embeddings)}
-        new = {key: embedding.contiguous() for key, embedding in keyed.items() if key not in table}
+        new = {key: embedding.contiguous() for key, embedding in keyed.items() if key not in stored}
         if new:
-            table.update(new)
-            self._dirty.add(model_sha256)
+            stored.update(new)
+            self._dirty.add(table)
 
     def flush(self) -> None:
         """Write the tables that gained prompts since the last flush (atomically)."""
         from safetensors.torch import save_file
 
-        for model_sha256 in sorted(self._dirty):
-            path = self._path(model_sha256)
+        for table in sorted(self._dirty):
+            path = self._path(table)
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(".partial")
-            save_file(self._tables[model_sha256], str(partial))
+            save_file(self._tables[table], str(partial))
             partial.replace(path)
         self._dirty.clear()
 
-    def _path(self, model_sha256: str) -> Path:
-        return self.folder / f"{model_sha256[:16]}.safetensors"
+    def _path(self, table: str) -> Path:
+        import hashlib
 
-    def _table(self, model_sha256: str) -> dict:
-        if model_sha256 not in self._tables:
-            self._tables[model_sha256] = self._read(self._path(model_sha256))
-        return self._tables[model_sha256]
+        return self.folder / f"{hashlib.sha256(table.encode()).hexdigest()[:16]}.safetensors"
+
+    def _table(self, table: str) -> dict:
+        if table not in self._tables:
+            self._tables[table] = self._read(self._path(table))
+        return self._tables[table]
 
     @staticmethod
     def _read(path: Path) -> dict:

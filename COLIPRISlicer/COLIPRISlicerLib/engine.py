@@ -27,7 +27,7 @@ class Engine:
     Args:
         model: model spec (``microsoft/colipri``, a model folder, or ``demo``).
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
-        precision: ``auto``, ``bf16`` or ``fp32`` (image encoder only).
+        precision: ``auto``, ``bf16`` or ``fp32`` (image and text encoders).
         cache_dir: folder for the on-disk encoding cache, or None for memory only.
         cache_max_bytes: size bound of that folder's encodings (least recently used go first); None: none.
         status_callback: receives one line per long step.
@@ -153,18 +153,23 @@ class Engine:
         torch.cuda.empty_cache()
         cpu = torch.device("cpu")
         loaded.identity = dataclasses.replace(loaded.identity, device="cpu", dtype=select_precision(self.precision, cpu))
+        self._prompts.clear()  # embedded in the GPU's precision
 
     def embed_prompts(self, prompts: Sequence[str]):
         """(N, embed_dim) float32 normalised prompt embeddings (memory cache, then disk, then the text encoder)."""
         if self._prompt_store is not None and self._prompts is None:
-            stored = self._prompt_store.get(self.identity.sha256, prompts)
+            stored = self._prompt_store.get(self._prompt_table(), prompts)
             if stored is not None:
                 return stored
         _ = self.loaded
-        embeddings = self._prompts.embed(prompts)
+        embeddings = self._prompts.embed(prompts, precision=self.identity.dtype)
         if self._prompt_store is not None:
-            self._prompt_store.put(self.identity.sha256, prompts, embeddings)
+            self._prompt_store.put(self._prompt_table(), prompts, embeddings)
         return embeddings
+
+    def _prompt_table(self) -> str:
+        """Stored prompt embeddings belong to one set of weights and one text precision."""
+        return f"{self.identity.sha256}:{self.identity.dtype}"
 
     def save_prompt_embeddings(self) -> None:
         """Write the prompt embeddings computed so far to the on-disk cache (when there is one)."""

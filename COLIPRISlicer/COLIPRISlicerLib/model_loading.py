@@ -150,7 +150,7 @@ def load_model(spec: str = defaults.DEFAULT_MODEL, *, device: str = "auto", prec
             teaching model) or ``demo`` (untrained).
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         precision: ``auto`` (bf16 autocast for the image encoder where the hardware
-            supports it), ``bf16`` or ``fp32``. The text encoder always runs in fp32.
+            supports it), ``bf16`` or ``fp32``; the text encoder follows (bf16 autocast).
         description: the spec already described by :func:`describe_model` (skips that step).
 
     Raises:

@@ -41,15 +41,22 @@ class PromptEncoder:
         encodings = self._tokenizer(list(prompts), padding="longest", truncation=False, return_tensors="pt")
         return encodings["input_ids"], encodings["attention_mask"]
 
-    def embed(self, prompts: Sequence[str]):
-        """(N, embed_dim) float32 CPU tensor of L2-normalised prompt embeddings."""
+    def embed(self, prompts: Sequence[str], precision: str = "fp32"):
+        """(N, embed_dim) float32 CPU tensor of L2-normalised prompt embeddings.
+
+        Args:
+            precision: ``bf16`` runs the text encoder under bf16 autocast (about 1.5x faster on
+                CPUs with native bf16; the engine passes its resolved precision), else fp32.
+                The cache holds one precision: :meth:`clear` when it changes.
+        """
         import torch
 
         validate_prompts(prompts)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
             token_ids, attention_mask = self.tokenize(missing)
-            with torch.no_grad():
+            device = next(self._model.parameters()).device
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 embeddings = self._model.encode_text(token_ids, attention_mask).float().cpu()
             self.forward_count += 1
             for prompt, embedding in zip(missing, embeddings):
