@@ -332,3 +332,21 @@ def test_keeping_encodings_on_disk_lets_a_new_session_reopen_without_encoding(mo
     assert forward_passes == [1, 1, 0]  # the default kept nothing; the second session's encoding served the third
     assert folders[0][0] is None and folders[2] == (tmp_path / "embeddings", defaults.DISK_CACHE_MAX_BYTES)
     assert len(list((tmp_path / "embeddings").glob("*.safetensors"))) == 1
+
+
+def test_switching_the_disk_cache_keeps_the_model_and_the_results(module, tiny_model_folder, scene, nifti, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("COLIPRISLICER_CACHE", str(tmp_path))
+    session_logic = module.COLIPRISlicerLogic()
+    try:
+        session_logic.configure("folder", tiny_model_folder, device="cpu", precision="fp32")
+        session_logic.run(nifti)
+        analyzer, result = session_logic.session._analyzer, session_logic.result
+        session_logic.configure("folder", tiny_model_folder, device="cpu", precision="fp32", diskCache=True)
+        assert session_logic.session._analyzer is analyzer and session_logic.result is result
+        assert analyzer.engine.cache.folder == tmp_path / "embeddings"
+        session_logic.addFinding("rib fracture")  # the prompt store is in use: written on the next analysis
+        session_logic.configure("folder", tiny_model_folder, device="cpu", precision="bf16", diskCache=True)
+        assert session_logic.result is None  # any other change unloads the model and its results
+    finally:
+        session_logic.shutdown()

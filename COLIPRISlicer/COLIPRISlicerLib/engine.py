@@ -55,6 +55,12 @@ class Engine:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.spec!r}, device={self.device!r}, precision={self.precision!r})"
 
+    def use_cache_dir(self, cache_dir: str | Path | None, cache_max_bytes: int | None = None) -> None:
+        """Keep encodings and prompt embeddings in ``cache_dir`` from now on (None: memory only)."""
+        self.cache.folder = Path(cache_dir) if cache_dir else None
+        self.cache.max_disk_bytes = cache_max_bytes
+        self._prompt_store = PromptStore(Path(cache_dir)) if cache_dir else None
+
     def _notify(self, message: str) -> None:
         logger.debug(message)
         if self.status_callback is not None:

@@ -8,12 +8,14 @@ CPU") come back through a queue and are delivered on the calling thread, between
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from COLIPRISlicerLib import defaults
 from COLIPRISlicerLib.slicer_worker import Worker, wait_for
 
 from . import runtime
@@ -56,6 +58,12 @@ class EngineSession:
         Returns:
             True when the model was unloaded (analyses made with it no longer match).
         """
+        if options is not None and self._analyzer is not None and options != self.options and \
+                dataclasses.replace(options, disk_cache=self.options.disk_cache) == self.options:
+            engine = self._analyzer.engine  # only where encodings are kept changed: keep model and results
+            self.call(lambda: engine.use_cache_dir(_cache_dir(options), defaults.DISK_CACHE_MAX_BYTES))
+            self.options = options
+            return False
         changed = options is None or options != self.options
         if changed:
             self._analyzer = None
@@ -65,7 +73,7 @@ class EngineSession:
     def analyzer(self):
         """The ``Analyzer`` (worker thread only: loading the model happens here)."""
         if self._analyzer is None:
-            from COLIPRISlicerLib import Engine, defaults
+            from COLIPRISlicerLib import Engine
             from COLIPRISlicerLib.analysis import Analyzer
 
             options = self.options
@@ -74,8 +82,7 @@ class EngineSession:
             if warning:
                 warnings.warn(warning, RuntimeWarning, stacklevel=2)
             spec = runtime.model_spec(options.model_source, options.model_folder)
-            cache_dir = defaults.embedding_cache_dir() if options.disk_cache else None
-            engine = Engine(spec, device=device, precision=options.precision, cache_dir=cache_dir,
+            engine = Engine(spec, device=device, precision=options.precision, cache_dir=_cache_dir(options),
                             cache_max_bytes=defaults.DISK_CACHE_MAX_BYTES, status_callback=self.messages.put)
             self._analyzer = Analyzer(engine)
         return self._analyzer
@@ -116,3 +123,8 @@ class EngineSession:
 
     def shutdown(self) -> None:
         self.worker.shutdown()
+
+
+def _cache_dir(options: EngineOptions):
+    """The on-disk encoding cache the options ask for (None: memory only)."""
+    return defaults.embedding_cache_dir() if options.disk_cache else None
