@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -91,15 +92,10 @@ class EncodingCache:
         path = self._path(encoding.key)
         if path is None:
             return
-        from safetensors.torch import save_file
-
         meta = {"grid": encoding.grid.as_dict(), "cropped_mm": list(encoding.cropped_mm),
                 "encode_seconds": encoding.encode_seconds, **metadata}
         tensors = {name: getattr(encoding, name).contiguous() for name in TENSOR_NAMES}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-        save_file(tensors, str(partial), metadata={"colipri_slicer": json.dumps(meta)})
-        partial.replace(path)
+        _save_atomically(tensors, path, metadata={"colipri_slicer": json.dumps(meta)})
         self._evict(keep=path)
 
     def _touch(self, key: str) -> None:
@@ -198,19 +194,11 @@ class PromptStore:
 
     def flush(self) -> None:
         """Write the tables that gained prompts since the last flush (atomically)."""
-        from safetensors.torch import save_file
-
         for table in sorted(self._dirty):
-            path = self._path(table)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
-            save_file(self._tables[table], str(partial))
-            partial.replace(path)
+            _save_atomically(self._tables[table], self._path(table))
         self._dirty.clear()
 
     def _path(self, table: str) -> Path:
-        import hashlib
-
         return self.folder / f"{hashlib.sha256(table.encode()).hexdigest()[:16]}.safetensors"
 
     def _table(self, table: str) -> dict:
@@ -231,7 +219,16 @@ class PromptStore:
             return {}
 
 
-def _prompt_key(prompt: str) -> str:
-    import hashlib
+def _save_atomically(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors file written under a name private to this writer, then renamed into place:
+    readers never see a partial file, and two processes writing the same path do not mix."""
+    from safetensors.torch import save_file
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    partial.replace(path)
+
+
+def _prompt_key(prompt: str) -> str:
     return hashlib.sha1(prompt.encode("utf-8")).hexdigest()

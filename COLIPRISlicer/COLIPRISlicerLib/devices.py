@@ -1,4 +1,4 @@
-"""Device and precision choice for the image encoder (CUDA, then MPS, then CPU; bf16 where native)."""
+"""Device and precision choice for the encoders (CUDA, then MPS, then CPU; bf16 where native)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def select_device(device: str = "auto"):
 
 
 def select_precision(precision: str, device) -> str:
-    """Return ``bf16`` or ``fp32`` for the image encoder."""
+    """Return ``bf16`` or ``fp32`` for the image and text encoders."""
     import torch
 
     if precision not in ("auto", "bf16", "fp32"):

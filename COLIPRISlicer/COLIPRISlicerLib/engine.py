@@ -45,12 +45,13 @@ class Engine:
         self.device = device
         self.precision = precision
         self.status_callback = status_callback
-        self.cache = EncodingCache(defaults.IMAGE_CACHE_SIZE, Path(cache_dir) if cache_dir else None, cache_max_bytes)
+        self.cache = EncodingCache(defaults.IMAGE_CACHE_SIZE)
         self.image_forward_count = 0
         self._description = None
         self._loaded = None
         self._prompts = None
-        self._prompt_store = PromptStore(Path(cache_dir)) if cache_dir else None
+        self._prompt_store = None
+        self.use_cache_dir(cache_dir, cache_max_bytes)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.spec!r}, device={self.device!r}, precision={self.precision!r})"

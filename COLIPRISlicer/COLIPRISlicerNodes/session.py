@@ -61,7 +61,7 @@ class EngineSession:
         if options is not None and self._analyzer is not None and options != self.options and \
                 dataclasses.replace(options, disk_cache=self.options.disk_cache) == self.options:
             engine = self._analyzer.engine  # only where encodings are kept changed: keep model and results
-            self.call(lambda: engine.use_cache_dir(_cache_dir(options), defaults.DISK_CACHE_MAX_BYTES))
+            self.call(lambda: engine.use_cache_dir(**_cache_options(options)))
             self.options = options
             return False
         changed = options is None or options != self.options
@@ -82,8 +82,8 @@ class EngineSession:
             if warning:
                 warnings.warn(warning, RuntimeWarning, stacklevel=2)
             spec = runtime.model_spec(options.model_source, options.model_folder)
-            engine = Engine(spec, device=device, precision=options.precision, cache_dir=_cache_dir(options),
-                            cache_max_bytes=defaults.DISK_CACHE_MAX_BYTES, status_callback=self.messages.put)
+            engine = Engine(spec, device=device, precision=options.precision, **_cache_options(options),
+                            status_callback=self.messages.put)
             self._analyzer = Analyzer(engine)
         return self._analyzer
 
@@ -125,6 +125,7 @@ class EngineSession:
         self.worker.shutdown()
 
 
-def _cache_dir(options: EngineOptions):
-    """The on-disk encoding cache the options ask for (None: memory only)."""
-    return defaults.embedding_cache_dir() if options.disk_cache else None
+def _cache_options(options: EngineOptions) -> dict:
+    """The engine's on-disk encoding cache the options ask for (folder None: memory only)."""
+    return {"cache_dir": defaults.embedding_cache_dir() if options.disk_cache else None,
+            "cache_max_bytes": defaults.DISK_CACHE_MAX_BYTES}
