@@ -435,3 +435,54 @@ def test_zero_shot_refuses_a_map_off_the_patch_grid():
 
     with pytest.raises(ValueError, match=r'"Nodule" has shape \(4, 4, 4\), expected the patch grid \(8, 8, 8\)'):
         zero_shot_segmentation({"Nodule": np.zeros((4, 4, 4))}, small_grid(), oblique_volume())
+
+
+def test_random_patch_crop_keeps_features_and_voxels_of_the_same_patches_and_finds_the_foreground():
+    import torch
+
+    from COLIPRISlicerLib.segmentation_training import random_patch_crop
+
+    features = torch.arange(5 * 6 * 4, dtype=torch.float32).reshape(1, 5, 6, 4).expand(3, 5, 6, 4)
+    # every voxel holds the number of the patch it lies in (patch size 4)
+    image = features[:1].repeat_interleave(4, 1).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    target = torch.zeros(1, 20, 24, 16, dtype=torch.long)
+    target[0, 17, 2, 13] = 2  # one foreground voxel in patch (4, 0, 3)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        f, i, t = random_patch_crop(features, image, target, 3, rng, foreground_share=1.0)
+        assert tuple(f.shape) == (3, 3, 3, 3) and tuple(i.shape) == tuple(t.shape) == (1, 12, 12, 12)
+        assert torch.equal(i[0, ::4, ::4, ::4], f[0]) and torch.equal(i[0, 3::4, 3::4, 3::4], f[0])
+        assert int(t.sum()) == 2
+    cropped_axis = random_patch_crop(features, image, target, 5, rng)[0]
+    assert tuple(cropped_axis.shape) == (3, 5, 5, 4)  # an axis shorter than the crop is kept whole
+    starts = {int(random_patch_crop(features, image, target, 3, rng, foreground_share=0.0)[0][0, 0, 0, 0])
+              for _ in range(60)}
+    assert len(starts) > 6  # without the foreground pull, crops start anywhere
+
+
+def test_training_on_crops_is_recorded_and_keeps_the_checkpoint_setup_apart(small_training, tmp_path):
+    summary = train_again(small_training, tmp_path / "head", epochs=1, crop_patches=2)
+    metadata = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert summary.epochs_completed == 1 and metadata["training"]["augmentation"] == "random 2-patch crops"
+    with pytest.raises(ValueError, match=r"another training run \(crop_patches differ\)"):
+        train_again(small_training, tmp_path / "head", epochs=2, crop_patches=3)
+
+
+def test_output_layer_starts_at_the_class_prior_of_the_training_voxels(small_training):
+    import torch
+
+    from COLIPRISlicerLib.segmentation_data import load_cached
+    from COLIPRISlicerLib.segmentation_head import HeadConfig, SegmentationDecoder
+    from COLIPRISlicerLib.segmentation_training import class_frequencies, set_output_prior
+
+    paths = sorted((small_training["out"] / "feature_cache").glob("*.safetensors"))
+    values = torch.tensor([0, 1], dtype=torch.int32)
+    frequencies = class_frequencies(paths, values)
+    targets = [load_cached(path, values, "cpu")[2] for path in paths]
+    foreground = sum(int(t.sum()) for t in targets) / sum(t.numel() for t in targets)
+    assert frequencies == pytest.approx([1 - foreground, foreground]) and 0 < foreground < 0.5
+    decoder = SegmentationDecoder(HeadConfig(in_channels=4, num_classes=2, patch_size=2, base_channels=2))
+    set_output_prior(decoder, np.array([0.99, 0.01]))
+    assert decoder.output.conv.conv.bias.softmax(0).tolist() == pytest.approx([0.99, 0.01], abs=1e-6)
+    set_output_prior(decoder, np.array([1.0, 0.0]))  # an absent class gets a finite, very negative bias
+    assert decoder.output.conv.conv.bias[1].item() == pytest.approx(np.log(1e-6))

@@ -62,12 +62,23 @@ def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None
     return thresholds
 
 
-def train_head_on_phantoms(folder: TypePath, *, n: int = 40, seed_base: int = 100_000, epochs: int = 30,
-                           max_minutes: float | None = None) -> dict:
-    """Train the segmentation head on phantoms and install it as ``<folder>/segmentation_head``."""
+#: Head training: phantoms, epochs, crop edge (patches) and decoder width of the bundled head.
+HEAD_PHANTOMS, HEAD_EPOCHS, HEAD_CROP_PATCHES, HEAD_BASE_CHANNELS = 80, 20, 4, 8
+
+
+def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_base: int = 100_000,
+                           epochs: int = HEAD_EPOCHS, crop_patches: int | None = HEAD_CROP_PATCHES,
+                           base_channels: int = HEAD_BASE_CHANNELS, max_minutes: float | None = None) -> dict:
+    """Train the segmentation head on phantoms and install it as ``<folder>/segmentation_head``.
+
+    The phantoms have the training set's coarse geometry (2.5-3 mm in-plane; the model
+    grid is 5 mm, so finer voxels would only cost generation time); the head trains on
+    random crops of ``crop_patches`` patches (:func:`.segmentation_training.random_patch_crop`).
+    """
     from .engine import Engine
     from .outputs import write_volume
     from .phantom import generate_phantom
+    from .phantom_dataset import coarse_geometry
     from .phantom_findings import LABELS
     from .segmentation_training import train_segmentation_head
 
@@ -77,7 +88,7 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = 40, seed_base: int = 10
         images.mkdir()
         labels.mkdir()
         for seed in range(seed_base, seed_base + n):
-            volume, truth = generate_phantom(seed)
+            volume, truth = generate_phantom(seed, **coarse_geometry(seed))
             labelmap = np.zeros(volume.shape, np.uint8)
             for value, name in HEAD_LABELS.items():
                 if name in truth["mask_arrays"]:
@@ -89,7 +100,8 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = 40, seed_base: int = 10
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             summary = train_segmentation_head(images, labels, engine, staging, epochs=epochs, max_minutes=max_minutes,
-                                              progress=False, label_names=HEAD_LABELS)
+                                              progress=False, label_names=HEAD_LABELS, crop_patches=crop_patches,
+                                              base_channels=base_channels)
         for leftover in ("feature_cache", "checkpoint.pt"):
             path = staging / leftover
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
