@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 TEACHING_MODEL_ID = "colipri-slicer/phantom-teaching"
 TEACHING_LABEL = "synthetic teaching model - not COLIPRI, not for clinical use"
-TEACHING_VERSION = "v4"
+TEACHING_VERSION = "v3"
 #: Validation phantoms: seeds VALIDATION_SEED_BASE + i; calibration: CALIBRATION_SEED_BASE + i.
 VALIDATION_SEED_BASE = 10_000_000
 CALIBRATION_SEED_BASE = 20_000_000
@@ -51,9 +51,9 @@ class LossWeights:
 class TrainingConfig:
     """Everything that determines a training run (recorded in config.yaml)."""
 
-    n_train: int = 3000
-    epochs: int = 16
-    text_epochs: int = 10
+    n_train: int = 800
+    epochs: int = 65
+    text_epochs: int = 30
     seed: int = 0
     batch_size: int = 8
     learning_rate: float = 2e-3
