@@ -136,8 +136,9 @@ def test_train_seg_head_command_and_analyze_with_it(tiny_model_folder, tmp_path)
     head = tmp_path / "head"
     trained = runner.invoke(app, ["train-seg-head", "--images", str(images), "--labels", str(labels), "--model",
                                   str(tiny_model_folder), "--out", str(head), "--epochs", "1", "--device", "cpu",
-                                  "--hide-progress"])
+                                  "--hide-progress", "--crop-patches", "2"])
     assert trained.exit_code == 0, trained.output
+    assert json.loads((head / "head.json").read_text())["training"]["augmentation"] == "random 2-patch crops"
     scan = sorted(images.iterdir())[0]
     out = tmp_path / "out"
     analyzed = runner.invoke(app, ["analyze", str(scan), "--model", str(tiny_model_folder), "--out", str(out),

@@ -320,13 +320,15 @@ def train_seg_head(
     epochs: Annotated[int, typer.Option(min=1)] = 40,
     device: DeviceOption = "auto",
     show_progress: Annotated[bool, typer.Option("--show-progress/--hide-progress")] = True,
+    crop_patches: Annotated[Optional[int], typer.Option(min=1, help="Train on random crops of N patches per axis.")] = None,
 ) -> None:
     """Train a segmentation head on frozen encoder features (features cached, resumable)."""
 
     def action() -> None:
         from .segmentation_training import train_seg_head_command
 
-        train_seg_head_command(images, labels, model, out, max_minutes, epochs, device, show_progress)
+        train_seg_head_command(images, labels, model, out, max_minutes, epochs, device, show_progress,
+                               crop_patches)
 
     _run(action)
 

@@ -354,7 +354,7 @@ def _epoch(run: _TrainingRun, loss_fn, device, seed: int) -> dict:
 
 def train_seg_head_command(images: Path, labels: Path, model: str, out: Path, max_minutes: float | None = None,
                            epochs: int = DEFAULT_EPOCHS, device: str = "auto",
-                           progress: bool = True) -> TrainingSummary:
+                           progress: bool = True, crop_patches: int | None = None) -> TrainingSummary:
     """Body of ``colipri-slicer train-seg-head``: train a head, print a one-line summary.
 
     User errors propagate as ``FileNotFoundError``/``ValueError``/``RuntimeError`` with a
@@ -366,7 +366,7 @@ def train_seg_head_command(images: Path, labels: Path, model: str, out: Path, ma
 
     engine = Engine(model, device=device)
     summary = train_segmentation_head(images, labels, engine, out, max_minutes=max_minutes, epochs=epochs,
-                                      progress=progress)
+                                      progress=progress, crop_patches=crop_patches)
     dice = ", ".join(f"{name} {value:.3f}" for name, value in summary.validation_dice.items() if value is not None)
     typer.echo(f"Head written to {out} after {summary.epochs_completed} epochs"
                f" ({summary.seconds / 60:.1f} min); validation Dice: {dice or 'n/a (no validation cases)'}.")
