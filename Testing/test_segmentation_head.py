@@ -460,12 +460,52 @@ def test_random_patch_crop_keeps_features_and_voxels_of_the_same_patches_and_fin
     assert len(starts) > 6  # without the foreground pull, crops start anywhere
 
 
-def test_training_on_crops_is_recorded_and_keeps_the_checkpoint_setup_apart(small_training, tmp_path):
+def test_training_on_crops_feeds_crops_records_them_and_keeps_the_checkpoint_setup_apart(small_training, tmp_path,
+                                                                                         monkeypatch):
+    from COLIPRISlicerLib import segmentation_training
+
+    shapes = []
+    crop = segmentation_training.random_patch_crop
+
+    def recording_crop(*args, **kwargs):
+        cropped = crop(*args, **kwargs)
+        shapes.append(tuple(cropped[1].shape))
+        return cropped
+
+    monkeypatch.setattr(segmentation_training, "random_patch_crop", recording_crop)
     summary = train_again(small_training, tmp_path / "head", epochs=1, crop_patches=2)
     metadata = json.loads((tmp_path / "head" / "head.json").read_text())
     assert summary.epochs_completed == 1 and metadata["training"]["augmentation"] == "random 2-patch crops"
+    assert len(shapes) == len(summary.train_cases) and all(shape[1:] == shapes[0][1:] for shape in shapes)
+    assert shapes[0][1] < metadata["preprocessing"]["model_shape"][0]
     with pytest.raises(ValueError, match=r"another training run \(crop_patches differ\)"):
         train_again(small_training, tmp_path / "head", epochs=2, crop_patches=3)
+    with pytest.raises(ValueError, match="crop_patches must be None or at least 1, got 0"):
+        train_again(small_training, tmp_path / "other", epochs=1, crop_patches=0)
+
+
+def test_a_checkpoint_from_before_crops_existed_still_resumes(small_training, tmp_path):
+    import torch
+
+    out = copy_of_head_folder(small_training, tmp_path)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    del checkpoint["setup"]["crop_patches"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    summary = train_again(small_training, out, epochs=3)
+    assert (summary.resumed_from_epoch, summary.epochs_completed) == (2, 3)
+
+
+def test_a_new_run_starts_at_the_prior_of_its_training_cases_only(small_training):
+    from COLIPRISlicerLib.segmentation_data import cached_facts
+    from COLIPRISlicerLib.segmentation_training import _TrainingRun, class_frequencies
+
+    paths = {path.name: path for path in (small_training["out"] / "feature_cache").glob("*.safetensors")}
+    facts = {name: cached_facts(path) for name, path in paths.items()}
+    first, second = sorted(paths)
+    run = _TrainingRun.create(small_training["engine"], paths, facts, [first], [second], SPHERE_LABELS, 2, 1e-2, 0)
+    prior = run.head.network.output.conv.conv.bias.softmax(0).tolist()
+    assert prior == pytest.approx(class_frequencies([paths[first]], run.values).tolist(), abs=1e-6)
+    assert prior != pytest.approx(class_frequencies([paths[second]], run.values).tolist(), abs=1e-4)
 
 
 def test_output_layer_starts_at_the_class_prior_of_the_training_voxels(small_training):

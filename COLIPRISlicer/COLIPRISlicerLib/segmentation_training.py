@@ -68,7 +68,9 @@ def random_patch_crop(features, image, target, patches: int, rng: np.random.Gene
     """A random crop of ``patches`` patches per axis, on the patch grid so features and voxels stay aligned.
 
     With probability ``foreground_share`` (when the target has foreground) the crop holds a
-    random foreground voxel, so small findings are not cropped away most of the time.
+    random foreground voxel, so large findings are in most crops and small ones in some.
+    (Drawing the class first, each present class equally likely, lowered the phantom head's
+    held-out effusion Dice from 0.76 to 0.53 and did not help nodules: 0.01.)
 
     Args:
         features: (C, gx, gy, gz) backbone features.
@@ -77,7 +79,8 @@ def random_patch_crop(features, image, target, patches: int, rng: np.random.Gene
         patches: crop edge in patches; the whole axis when the grid is smaller.
 
     Returns:
-        The three tensors cropped to (C, k, k, k), (1, kP, kP, kP) and (1, kP, kP, kP).
+        The three tensors cropped to (C, k1, k2, k3) and (1, k1 P, k2 P, k3 P) twice, with
+        ``ki = min(patches, gi)``.
     """
     grid = np.array(features.shape[1:])
     patch = image.shape[1] // int(grid[0])
@@ -103,7 +106,7 @@ def class_frequencies(paths: list[Path], values) -> np.ndarray:
 def set_output_prior(network, frequencies: np.ndarray, floor: float = 1e-6) -> None:
     """Start the output layer at the class prior (bias = log frequency, as in focal loss's init).
 
-    With findings covering < 1 % of the grid, a zero bias spends the first thousand steps
+    With findings covering < 1 % of the grid, a zero bias spends the first few hundred steps
     only learning that most voxels are background, and the Dice of every finding stays 0 meanwhile.
     """
     import torch
@@ -162,8 +165,9 @@ def _resume(path: Path, setup: dict, network, optimizer) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises several types for corrupt files
         raise RuntimeError(f'Checkpoint "{path}" is corrupt ({error}). Delete it to start again.') from error
-    if checkpoint["setup"] != setup:
-        changed = sorted(key for key in setup if checkpoint["setup"].get(key) != setup[key])
+    stored = {"crop_patches": None, **checkpoint["setup"]}  # checkpoints from before crops existed
+    if stored != setup:
+        changed = sorted(key for key in setup if stored.get(key) != setup[key])
         message = (
             f'Checkpoint "{path}" belongs to another training run ({", ".join(changed)} differ). Choose another'
             " output folder, or delete the checkpoint to start again."
@@ -223,6 +227,8 @@ def train_segmentation_head(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}.")
+    if crop_patches is not None and crop_patches < 1:
+        raise ValueError(f"crop_patches must be None or at least 1, got {crop_patches}.")
     start, out_dir = time.perf_counter(), Path(out_dir)
     forwards = engine.image_forward_count
     names = {int(value): str(name) for value, name in (label_names or {}).items()}
@@ -332,11 +338,15 @@ class _TrainingRun:
             "images_dir": str(images_dir), "labels_dir": str(labels_dir), "train_cases": self.setup["train"],
             "validation_cases": self.setup["validation"], "epochs": self.epoch, "final_loss": last["loss"],
             "seconds": round(self.seconds_before + seconds, 1), "loss": "DiceCELoss (Dice on foreground labels)",
-            "optimizer": f"AdamW(lr={self.setup['learning_rate']})", "augmentation": (f"random {self.setup['crop_patches']}-patch crops" if self.setup["crop_patches"]
-                             else "none"),
+            "optimizer": f"AdamW(lr={self.setup['learning_rate']})",
+            "augmentation": _augmentation(self.setup["crop_patches"]),
             "dice_evaluated_on": "model grid, labels resampled by nearest neighbour",
         })
         save_head(self.head, out_dir)
+
+
+def _augmentation(crop_patches: int | None) -> str:
+    return "none" if crop_patches is None else f"random {crop_patches}-patch crops"
 
 
 def _epoch(run: _TrainingRun, loss_fn, device, seed: int) -> dict:
