@@ -158,3 +158,37 @@ def test_a_short_training_run_writes_a_model_folder_the_engine_loads(tmp_path):
     volume, _ = generate_phantom(2, in_plane_mm=3.0, slice_mm=5.0)
     probabilities = engine.pair_probabilities(engine.encode(volume), [("No pleural effusion.", "Pleural effusion.")])
     assert probabilities.shape == (1,) and 0.0 < probabilities[0] < 1.0
+
+
+def test_a_time_budget_shortens_the_image_phase_to_the_epochs_that_fit():
+    from COLIPRISlicerLib.phantom_training import epochs_that_fit
+
+    # 70 min budget, 13 min of generation + one 5-min epoch so far: 52 min left = 10 more epochs.
+    assert epochs_that_fit(9, 1, 300.0, 18 * 60.0, 70) == 9
+    assert epochs_that_fit(16, 1, 300.0, 18 * 60.0, 70) == 11
+    assert epochs_that_fit(16, 4, 1200.0, 33 * 60.0, 40) == 5  # 7 min left, 5-min epochs: one more
+    assert epochs_that_fit(16, 4, 1200.0, 39 * 60.0, 40) == 4  # 1 min left: none, never below done
+    assert epochs_that_fit(16, 1, 300.0, 10**6, None) == 16
+
+
+def test_a_shortened_schedule_anneals_to_zero_at_its_new_end():
+    from COLIPRISlicerLib.phantom_training import WarmupCosine
+
+    factor = WarmupCosine(1000, 0.05)
+    assert factor.warmup == 50 and factor(0) == pytest.approx(1 / 50) and factor(49) == pytest.approx(1.0)
+    assert factor(525) == pytest.approx(0.5)  # half-way through the cosine of the planned run
+    factor.total_steps = 450
+    assert factor(250) == pytest.approx(0.5) and factor(449) < 1e-4 and factor(450) == 0.0 and factor(2000) == 0.0
+    assert factor(49) == pytest.approx(1.0)  # warm-up unchanged
+
+
+def test_a_run_out_of_time_ends_the_image_phase_after_its_first_epoch_with_the_rate_recorded(tmp_path):
+    from COLIPRISlicerLib.phantom_training import train_phantom_model
+
+    config = replace(_tiny_config(), epochs=3, max_minutes=1e-6)
+    messages = []
+    record = train_phantom_model(tmp_path / "teaching", require(CXR_BERT_VOCAB), config, workers=1,
+                                 status_callback=messages.append)
+    image = [entry for entry in record["history"] if entry["phase"] == "image"]
+    assert len(image) == 1 and 0.0 < image[0]["lr"] <= config.learning_rate
+    assert any("ended after 1 of 3 epochs" in message for message in messages), messages

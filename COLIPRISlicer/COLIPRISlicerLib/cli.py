@@ -261,7 +261,7 @@ def train_phantom(
     epochs: Annotated[int, typer.Option(min=1, help="Image-phase epochs.")] = 65,
     text_epochs: Annotated[int, typer.Option(min=1, help="Text-phase epochs.")] = 30,
     seed: int = 0,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop the image phase after this many minutes.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Minutes from the start: the image phase runs the epochs that fit, annealed.")] = None,
     n_val: Annotated[int, typer.Option(min=2, help="Held-out phantoms for the validation figures.")] = 60,
 ) -> None:
     """Train the synthetic teaching model on phantoms, calibrate it, add a segmentation head, validate.

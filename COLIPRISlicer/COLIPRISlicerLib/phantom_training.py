@@ -60,6 +60,7 @@ class TrainingConfig:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     temperature: float = 0.07
+    #: Image-phase budget counted from the start: fewer epochs if needed, the schedule fitted to them.
     max_minutes: float | None = None
     weights: LossWeights = field(default_factory=LossWeights)
     spec: SmallModelSpec = field(default_factory=lambda: SmallModelSpec(
@@ -167,10 +168,12 @@ def fit(loaded, samples: list, config: TrainingConfig, notify, start: float) -> 
 
 
 def _optimiser(parameters, config: TrainingConfig, steps: int):
+    """AdamW and a :class:`WarmupCosine` schedule over ``steps`` (returned too, so it can be shortened)."""
     import torch
 
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, config.warmup_fraction))
+    factor = WarmupCosine(steps, config.warmup_fraction)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), factor
 
 
 def _image_phase(loaded, bank, samples, directions, config: TrainingConfig, generator, notify, start) -> list[dict]:
@@ -180,10 +183,14 @@ def _image_phase(loaded, bank, samples, directions, config: TrainingConfig, gene
 
     encoder = loaded.model.image_encoder
     batches = math.ceil(len(samples) / config.batch_size)
-    optimizer, schedule = _optimiser([{"params": encoder.parameters()}, {"params": [directions], "weight_decay": 0.0}],
-                                     config, config.epochs * batches)
-    history = []
+    optimizer, schedule, factor = _optimiser(
+        [{"params": encoder.parameters()}, {"params": [directions], "weight_decay": 0.0}], config, config.epochs * batches)
+    history, planned, phase_start = [], config.epochs, time.perf_counter()
     for epoch in range(config.epochs):
+        if epoch == planned:
+            notify(f"Image phase ended after {planned} of {config.epochs} epochs, the most that fit in "
+                   f"{config.max_minutes} minutes (learning rate annealed over those).")
+            break
         encoder.train()
         terms = []
         for batch in torch.randperm(len(samples), generator=generator).split(config.batch_size):
@@ -194,11 +201,11 @@ def _image_phase(loaded, bank, samples, directions, config: TrainingConfig, gene
             schedule.step()
             with torch.no_grad():  # the text side can only reach |t_pos - t_neg| < 2
                 directions *= (MAX_DIRECTION_NORM / directions.norm(dim=1, keepdim=True)).clamp(max=1.0)
-        history.append(_epoch_record("image", epoch, terms, start))
+        history.append({**_epoch_record("image", epoch, terms, start), "lr": schedule.get_last_lr()[0]})
         notify(f"Image phase, epoch {epoch + 1}/{config.epochs}: {history[-1]}")
-        if config.max_minutes is not None and time.perf_counter() - start > 60 * config.max_minutes:
-            notify(f"Image phase stopped after {config.max_minutes} minutes.")
-            break
+        now = time.perf_counter()
+        planned = epochs_that_fit(planned, epoch + 1, now - phase_start, now - start, config.max_minutes)
+        factor.total_steps = planned * batches
     encoder.eval()
     return history
 
@@ -214,7 +221,7 @@ def _text_phase(loaded, bank, samples, directions, config: TrainingConfig, gener
         parameter.requires_grad_(False)
     batch_size = 4 * config.batch_size
     batches = math.ceil(len(samples) / batch_size)
-    optimizer, schedule = _optimiser(model.text_encoder.parameters(), config, config.text_epochs * batches)
+    optimizer, schedule, _ = _optimiser(model.text_encoder.parameters(), config, config.text_epochs * batches)
     history = []
     model.text_encoder.train()
     for epoch in range(config.text_epochs):
@@ -275,15 +282,44 @@ def centre_tokens(model, samples: list, generator, count: int = 32) -> None:
         encoder.projector.bias -= shared - spread * shared / shared.norm()
 
 
-def _warmup_cosine(total_steps: int, warmup_fraction: float):
-    warmup = max(1, int(total_steps * warmup_fraction))
+class WarmupCosine:
+    """Learning-rate factor of a step: linear warm-up, then a cosine that reaches 0 at ``total_steps``.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+    ``total_steps`` may be shortened during training (see :func:`epochs_that_fit`); the
+    warm-up length stays the one of the planned run.
+    """
 
-    return factor
+    def __init__(self, total_steps: int, warmup_fraction: float):
+        self.total_steps = total_steps
+        self.warmup = max(1, int(total_steps * warmup_fraction))
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epochs_that_fit(planned: int, done: int, phase_seconds: float, elapsed_seconds: float,
+                    max_minutes: float | None) -> int:
+    """How many epochs the phase can run in all: ``planned``, or fewer if the time budget ends first.
+
+    Args:
+        planned: epochs planned so far.
+        done: epochs finished.
+        phase_seconds: seconds those epochs took.
+        elapsed_seconds: seconds since the run started (phantom generation included).
+        max_minutes: the run's budget, or None for no limit.
+
+    Returns:
+        A number in ``[done, planned]``: no epoch starts that would end past the budget, and
+        the schedule can anneal by the last one instead of being cut mid-way.
+    """
+    if max_minutes is None:
+        return planned
+    per_epoch = phase_seconds / done
+    more = math.floor((60 * max_minutes - elapsed_seconds) / per_epoch)
+    return max(done, min(planned, done + more))
 
 
 def _epoch_record(phase: str, epoch: int, terms: list[dict], start: float) -> dict:
