@@ -526,3 +526,20 @@ def test_output_layer_starts_at_the_class_prior_of_the_training_voxels(small_tra
     assert decoder.output.conv.conv.bias.softmax(0).tolist() == pytest.approx([0.99, 0.01], abs=1e-6)
     set_output_prior(decoder, np.array([1.0, 0.0]))  # an absent class gets a finite, very negative bias
     assert decoder.output.conv.conv.bias[1].item() == pytest.approx(np.log(1e-6))
+
+
+def test_a_label_absent_from_a_crop_adds_a_constant_dice_term_not_a_push_towards_nothing():
+    import torch
+
+    from COLIPRISlicerLib.segmentation_training import head_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 4, 4, 4)
+    logits[:, 2] = -20.0  # label 2 is predicted nowhere, and is absent from the target
+    target = (torch.rand(1, 1, 4, 4, 4) > 0.5).long()
+    p = logits.softmax(dim=1)
+    t1 = (target[:, 0] == 1).float()
+    dice1 = 2 * (p[:, 1] * t1).sum() / (p[:, 1].sum() + t1.sum() + 1e-5)
+    cross_entropy = torch.nn.functional.cross_entropy(logits, target[:, 0])
+    expected = cross_entropy + ((1 - dice1) + 1.0) / 2  # label 2's Dice term is exactly 1
+    assert float(head_loss()(logits, target)) == pytest.approx(float(expected), rel=1e-5)

@@ -71,7 +71,7 @@ def random_patch_crop(features, image, target, patches: int, rng: np.random.Gene
     random foreground voxel, so large findings are in most crops and small ones in some.
     (Drawing the class first, each present class equally likely, tried in one run together
     with unseen head phantoms, lowered the phantom head's held-out effusion Dice from 0.76
-    to 0.53 and did not help nodules: 0.01.)
+    to 0.53 and did not help nodules: 0.01; both with MONAI's default Dice smoothing.)
 
     Args:
         features: (C, gx, gy, gz) backbone features.
@@ -94,6 +94,24 @@ def random_patch_crop(features, image, target, patches: int, rng: np.random.Gene
     f = tuple(slice(int(a), int(a + n)) for a, n in zip(start, size))
     v = tuple(slice(int(a) * patch, int(a + n) * patch) for a, n in zip(start, size))
     return features[(slice(None), *f)], image[(slice(None), *v)], target[(slice(None), *v)]
+
+
+HEAD_LOSS = "DiceCELoss (Dice on foreground labels, smooth_nr 0)"
+
+
+def head_loss():
+    """MONAI's DiceCELoss as the head trains with it: softmax, Dice over the foreground labels only.
+
+    With the background in the Dice, predicting background everywhere already scores well on
+    small findings. The Dice numerator has no smoothing term, so a label absent from a case
+    (or crop) scores a constant 1 and only the cross-entropy acts on it; with MONAI's default
+    (1e-5) such a label is pushed towards predicting nothing at all, in most crops. On the
+    phantom head (same 80 phantoms and recipe) this raised the held-out effusion Dice from
+    0.757 to 0.771 and the head's own pericardial-effusion Dice from 0.68 to 0.73.
+    """
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=0.0, smooth_dr=1e-5)
 
 
 def class_frequencies(paths: list[Path], values) -> np.ndarray:
@@ -307,13 +325,10 @@ class _TrainingRun:
     def train_until(self, epochs: int, max_minutes: float | None, start: float, checkpoint: Path,
                     progress: bool) -> bool:
         """Run epochs up to ``epochs`` (checkpoint after each); True when stopped by time."""
-        from monai.losses import DiceCELoss
         from tqdm.auto import tqdm
 
         network, device = self.head.network, next(self.head.network.parameters()).device
-        # Dice over the foreground labels only: with the background in it, predicting
-        # background everywhere already scores well on small findings.
-        loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
+        loss_fn = head_loss()
         first = self.epoch
         with tqdm(total=epochs, initial=first, desc="Training head", unit="epoch", disable=not progress) as bar:
             while self.epoch < epochs:
@@ -338,7 +353,7 @@ class _TrainingRun:
         metadata.training.update({
             "images_dir": str(images_dir), "labels_dir": str(labels_dir), "train_cases": self.setup["train"],
             "validation_cases": self.setup["validation"], "epochs": self.epoch, "final_loss": last["loss"],
-            "seconds": round(self.seconds_before + seconds, 1), "loss": "DiceCELoss (Dice on foreground labels)",
+            "seconds": round(self.seconds_before + seconds, 1), "loss": HEAD_LOSS,
             "optimizer": f"AdamW(lr={self.setup['learning_rate']})",
             "augmentation": _augmentation(self.setup["crop_patches"]),
             "dice_evaluated_on": "model grid, labels resampled by nearest neighbour",
