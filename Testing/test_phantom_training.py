@@ -161,7 +161,7 @@ def test_a_short_training_run_writes_a_model_folder_the_engine_loads(tmp_path):
 
 
 def test_a_time_budget_shortens_the_image_phase_to_the_epochs_that_fit():
-    from COLIPRISlicerLib.phantom_training import epochs_that_fit
+    from COLIPRISlicerLib.training_budget import epochs_that_fit
 
     # 70 min budget, 13 min of generation + one 5-min epoch so far: 52 min left = 10 more epochs.
     assert epochs_that_fit(9, 1, 300.0, 18 * 60.0, 70) == 9

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .model_folder import SmallModelSpec
+from .training_budget import epochs_that_fit
 from .types import TypePath, TypeStatusCallback
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ def centre_tokens(model, samples: list, generator, count: int = 32) -> None:
 class WarmupCosine:
     """Learning-rate factor of a step: linear warm-up, then a cosine that reaches 0 at ``total_steps``.
 
-    ``total_steps`` may be shortened during training (see :func:`epochs_that_fit`); the
+    ``total_steps`` may be shortened during training (see :func:`.training_budget.epochs_that_fit`); the
     warm-up length stays the one of the planned run.
     """
 
@@ -298,28 +299,6 @@ class WarmupCosine:
             return (step + 1) / self.warmup
         progress = (step - self.warmup) / max(1, self.total_steps - self.warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def epochs_that_fit(planned: int, done: int, phase_seconds: float, elapsed_seconds: float,
-                    max_minutes: float | None) -> int:
-    """How many epochs the phase can run in all: ``planned``, or fewer if the time budget ends first.
-
-    Args:
-        planned: epochs planned so far.
-        done: epochs finished.
-        phase_seconds: seconds those epochs took.
-        elapsed_seconds: seconds since the run started (phantom generation included).
-        max_minutes: the run's budget, or None for no limit.
-
-    Returns:
-        A number in ``[done, planned]``: no epoch starts that would end past the budget, and
-        the schedule can anneal by the last one instead of being cut mid-way.
-    """
-    if max_minutes is None:
-        return planned
-    per_epoch = phase_seconds / done
-    more = math.floor((60 * max_minutes - elapsed_seconds) / per_epoch)
-    return max(done, min(planned, done + more))
 
 
 def _epoch_record(phase: str, epoch: int, terms: list[dict], start: float) -> dict:

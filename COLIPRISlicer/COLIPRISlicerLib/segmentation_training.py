@@ -19,6 +19,7 @@ import numpy as np
 from .segmentation_data import (
     cache_case, cached_facts, find_training_cases, label_values, load_cached, make_sphere_dataset, split_cases,
 )
+from .training_budget import epochs_that_fit
 from .types import TypePath
 
 logger = logging.getLogger(__name__)
@@ -278,8 +279,9 @@ def _out_of_time(max_minutes: float | None, start: float, run_history: list[dict
     """True when one more epoch of average length would end after the budget."""
     if max_minutes is None or not run_history:
         return False
-    per_epoch = float(np.mean([entry["seconds"] for entry in run_history]))
-    return time.perf_counter() - start + per_epoch > max_minutes * 60
+    done = len(run_history)
+    seconds = sum(entry["seconds"] for entry in run_history)
+    return epochs_that_fit(done + 1, done, seconds, time.perf_counter() - start, max_minutes) == done
 
 
 @dataclass
