@@ -169,3 +169,26 @@ def test_patch_grid_levels_run_along_the_axis_closest_to_s():
     assert indices.shape == (5, 25, 3)
     assert (indices[..., 0] == np.arange(5)[:, None]).all()
     np.testing.assert_array_equal(grid.by_level(np.arange(125).reshape(5, 5, 5))[2], np.arange(50, 75))
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_subdivided_grid_splits_each_model_voxel_into_children_centred_on_it(factor):
+    from COLIPRISlicerLib.geometry import PatchGrid, apply_affine, spacing_of
+
+    model_to_ras = np.array([[0.0, -2.0, 0.0, 30.0], [2.5, 0.0, 0.0, -12.0], [0.0, 0.0, -4.0, 80.0], [0, 0, 0, 1]])
+    grid = PatchGrid((6, 4, 8), model_to_ras, (2, 2, 2))
+    shape, fine_to_ras = grid.subdivided(factor)
+    assert shape == (6 * factor, 4 * factor, 8 * factor)
+    np.testing.assert_allclose(spacing_of(fine_to_ras), spacing_of(model_to_ras) / factor)
+    coarse = np.array([3, 1, 5])
+    children = coarse * factor + np.stack(np.meshgrid(*[np.arange(factor)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    np.testing.assert_allclose(apply_affine(fine_to_ras, children).mean(0), apply_affine(model_to_ras, coarse[None])[0])
+    corner = apply_affine(model_to_ras, np.full((1, 3), -0.5))[0]  # the field of view starts at the same corner
+    np.testing.assert_allclose(apply_affine(fine_to_ras, np.full((1, 3), -0.5))[0], corner)
+
+
+def test_subdivided_refuses_a_factor_below_one():
+    from COLIPRISlicerLib.geometry import PatchGrid
+
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        PatchGrid((4, 4, 4), np.eye(4), (2, 2, 2)).subdivided(0)

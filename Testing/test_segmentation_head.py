@@ -130,7 +130,8 @@ def test_head_json_records_encoder_labels_preprocessing_and_validation_dice(smal
     identity = small_training["engine"].identity
     assert metadata["encoder"] == {"model_id": identity.model_id, "revision": None, "sha256": identity.sha256}
     assert metadata["labels"][0]["value"] == 1 and metadata["labels"][0]["name"] == "Sphere"
-    assert metadata["preprocessing"] == {"model_shape": [64] * 3, "patch_size": [8] * 3, "spacing_mm": [6.0] * 3}
+    assert metadata["preprocessing"] == {"model_shape": [64] * 3, "patch_size": [8] * 3, "spacing_mm": [6.0] * 3,
+                                        "refine": 1}
     assert metadata["architecture"]["patch_size"] == 8 and metadata["architecture"]["base_channels"] == 8
     assert metadata["training"]["epochs"] == 2 and len(metadata["training"]["validation_cases"]) == 1
     assert metadata["validation_dice"]["Sphere"] == small_training["second"].history[-1]["dice"][0]
@@ -188,7 +189,7 @@ def test_segmentation_json_maps_values_to_names_colours_terminology_and_source(r
     result = predict(random_head, tiny_engine.encode(sphere_volume), sphere_volume)
     data = json.loads(result.to_json())
     assert data["source"] == "head" and data["background_value"] == 0
-    assert data["description"] == "segmentation head, 6 mm model grid"
+    assert data["description"] == "segmentation head, 6 mm grid"
     label = data["labels"][0]
     assert (label["value"], label["name"], label["colour"]) == (1, "Sphere", [0.9, 0.3, 0.25])
     assert label["terminology"]["category"] == {"scheme": "SCT", "code": "85756007", "meaning": "Tissue"}
@@ -495,9 +496,12 @@ def test_a_checkpoint_from_before_crops_existed_still_resumes(small_training, tm
     assert (summary.resumed_from_epoch, summary.epochs_completed) == (2, 3)
 
 
-def test_a_new_run_starts_at_the_prior_of_its_training_cases_only(small_training):
+def test_a_new_run_starts_at_the_prior_of_its_training_cases_only(small_training, monkeypatch):
+    from COLIPRISlicerLib import segmentation_training
     from COLIPRISlicerLib.segmentation_data import cached_facts
     from COLIPRISlicerLib.segmentation_training import _TrainingRun, class_frequencies
+
+    monkeypatch.setattr(segmentation_training, "RARE_CLASS_PRIOR", 0.0)  # both spheres' shares are under 1 %
 
     paths = {path.name: path for path in (small_training["out"] / "feature_cache").glob("*.safetensors")}
     facts = {name: cached_facts(path) for name, path in paths.items()}
@@ -526,6 +530,10 @@ def test_output_layer_starts_at_the_class_prior_of_the_training_voxels(small_tra
     assert decoder.output.conv.conv.bias.softmax(0).tolist() == pytest.approx([0.99, 0.01], abs=1e-6)
     set_output_prior(decoder, np.array([1.0, 0.0]))  # an absent class gets a finite, very negative bias
     assert decoder.output.conv.conv.bias[1].item() == pytest.approx(np.log(1e-6))
+    set_output_prior(decoder, np.array([0.99999, 1e-5]), rare=0.01)  # a rare class starts at 1 %
+    assert decoder.output.conv.conv.bias.tolist() == pytest.approx([np.log(0.99999), np.log(0.01)])
+    set_output_prior(decoder, np.array([1.0, 0.0]), rare=0.01)  # but an absent one still at the floor
+    assert decoder.output.conv.conv.bias[1].item() == pytest.approx(np.log(1e-6))
 
 
 def test_a_label_absent_from_a_crop_adds_a_constant_dice_term_not_a_push_towards_nothing():
@@ -543,3 +551,141 @@ def test_a_label_absent_from_a_crop_adds_a_constant_dice_term_not_a_push_towards
     cross_entropy = torch.nn.functional.cross_entropy(logits, target[:, 0])
     expected = cross_entropy + ((1 - dice1) + 1.0) / 2  # label 2's Dice term is exactly 1
     assert float(head_loss()(logits, target)) == pytest.approx(float(expected), rel=1e-5)
+
+
+# --- heads that decode on a subdivided model grid (HeadConfig.refine) ---------------------------
+
+
+def test_head_config_refine_adds_one_upsampling_level_per_factor_of_two():
+    import torch
+
+    from COLIPRISlicerLib.segmentation_head import HeadConfig, SegmentationDecoder
+
+    config = HeadConfig(in_channels=12, num_classes=3, patch_size=4, base_channels=2, refine=2)
+    decoder = SegmentationDecoder(config)
+    logits = decoder(torch.zeros(1, 12, 2, 3, 2), torch.zeros(1, 1, 16, 24, 16))
+    assert (config.levels, config.image_stride, len(decoder.up_blocks)) == (3, 8, 3)
+    assert tuple(logits.shape) == (1, 3, 16, 24, 16)
+    with pytest.raises(ValueError, match="refine must be a power of two >= 1"):
+        HeadConfig(in_channels=12, num_classes=3, patch_size=4, refine=3)
+
+
+def ramp_volume(sphere_volume, hu_per_mm: float):
+    """The sphere volume's grid holding HU = hu_per_mm * R (mm): trilinear interpolation reproduces it exactly."""
+    from COLIPRISlicerLib.geometry import ijk_to_ras
+    from COLIPRISlicerLib.volume import Volume
+
+    indices = np.stack(np.meshgrid(*[np.arange(n) for n in sphere_volume.shape], indexing="ij"), axis=-1)
+    r_mm = ijk_to_ras(sphere_volume.ijk_to_ras, indices.reshape(-1, 3))[:, 0].reshape(sphere_volume.shape)
+    return Volume((hu_per_mm * r_mm).astype(np.float32), sphere_volume.ijk_to_ras, "ramp")
+
+
+def test_resample_for_head_on_the_model_grid_equals_the_model_input(tiny_engine, sphere_volume):
+    from COLIPRISlicerLib.preprocessing import resample_for_head
+
+    encoding = tiny_engine.encode(sphere_volume)
+    image = resample_for_head(sphere_volume, tiny_engine.loaded.image_transform, *encoding.grid.subdivided(1))
+    assert tuple(image.shape) == tuple(encoding.image.shape)
+    np.testing.assert_allclose(image.numpy(), encoding.image.numpy(), atol=1e-6)
+
+
+def test_resample_for_head_on_the_subdivided_grid_is_the_clamped_rescaled_hu_at_each_fine_centre(
+        tiny_engine, sphere_volume):
+    """HU = 8 R mm runs past the clamp; each fine voxel holds clip(8 R, -1000, 1000) / 1000."""
+    from COLIPRISlicerLib.geometry import apply_affine, ras_to_ijk
+    from COLIPRISlicerLib.preprocessing import resample_for_head
+
+    volume = ramp_volume(sphere_volume, 8.0)  # R spans +-189 mm: +-1512 HU
+    shape, fine_to_ras = tiny_engine.encode(volume).grid.subdivided(2)
+    image = resample_for_head(volume, tiny_engine.loaded.image_transform, shape, fine_to_ras)[0].numpy()
+    centres = apply_affine(fine_to_ras, np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3))
+    # beyond the outermost voxel centres (the last half voxel of the field of view) the edge value holds
+    nearest_inside = apply_affine(volume.ijk_to_ras, np.clip(ras_to_ijk(volume.ijk_to_ras, centres), 0, 63))
+    expected = np.clip(8.0 * nearest_inside[:, 0], -1000, 1000) / 1000
+    assert tuple(shape) == (128, 128, 128) and (expected == 1).any() and (expected == -1).any()
+    np.testing.assert_allclose(image.reshape(-1), expected, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def refined_training(small_training, tmp_path_factory):
+    """A head decoding on the model grid subdivided twice (3 mm for the 6 mm tiny model), one epoch."""
+    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+
+    root, out = small_training["root"] / "train", tmp_path_factory.mktemp("refined") / "head"
+    summary = train_segmentation_head(root / "images", root / "labels", small_training["engine"], out, epochs=1,
+                                      refine=2, **TRAINING_OPTIONS)
+    return {"summary": summary, "out": out, "engine": small_training["engine"]}
+
+
+def test_refined_head_caches_image_and_target_on_the_subdivided_grid_and_records_it(refined_training, small_training):
+    from safetensors.torch import load_file
+
+    out = refined_training["out"]
+    cached = [load_file(str(path)) for path in sorted((out / "feature_cache").glob("*.safetensors"))]
+    assert [tuple(c["image"].shape) for c in cached] == [(1, 128, 128, 128)] * 2
+    assert [tuple(c["target"].shape) for c in cached] == [(128, 128, 128)] * 2
+    assert [tuple(c["features"].shape[1:]) for c in cached] == [(8, 8, 8)] * 2
+    # sphere voxels on the 3 mm grid: 8x the count on the 6 mm grid, within the nearest-neighbour rounding
+    coarse = [load_file(str(p))["target"].sum().item() for p in (small_training["out"] / "feature_cache").glob("*")]
+    np.testing.assert_allclose(sorted(c["target"].sum().item() for c in cached), sorted(8 * n for n in coarse), rtol=0.05)
+    metadata = json.loads((out / "head.json").read_text())
+    assert metadata["architecture"]["refine"] == 2 and metadata["preprocessing"]["refine"] == 2
+    assert metadata["training"]["dice_evaluated_on"].startswith("model grid subdivided 2x")
+
+
+def test_refined_head_labels_the_input_grid_and_needs_the_processor_transform(refined_training, sphere_volume):
+    from COLIPRISlicerLib.segmentation_head import predict
+    from COLIPRISlicerLib.segmentation_head_io import load_head
+
+    engine = refined_training["engine"]
+    head = load_head(refined_training["out"], engine)
+    encoding = engine.encode(sphere_volume)
+    with pytest.raises(ValueError, match="2x finer grid than the model's and needs the processor's image transform"):
+        predict(head, encoding, sphere_volume)
+    result = predict(head, encoding, sphere_volume, engine.loaded.image_transform)
+    assert result.labelmap.shape == sphere_volume.shape and result.labelmap.dtype == np.int16
+    np.testing.assert_array_equal(result.ijk_to_ras, sphere_volume.ijk_to_ras)
+    assert result.description == "segmentation head, 3 mm grid"
+
+
+def test_balanced_crops_centre_a_one_voxel_class_beside_a_large_one_in_about_half_the_crops():
+    import torch
+
+    from COLIPRISlicerLib.segmentation_training import random_patch_crop
+
+    features = torch.zeros(2, 8, 8, 8)
+    image = torch.zeros(1, 32, 32, 32)
+    target = torch.zeros(1, 32, 32, 32, dtype=torch.long)
+    target[0, :16] = 1  # half the grid
+    target[0, 30, 30, 30] = 2  # one voxel, in the corner patch far from most of class 1
+
+    def share_with_the_voxel(balanced: float) -> float:
+        rng = np.random.default_rng(0)
+        crops = [random_patch_crop(features, image, target, 2, rng, foreground_share=1.0, balanced_share=balanced)
+                 for _ in range(400)]
+        return float(np.mean([bool((t == 2).any()) for _, _, t in crops]))
+
+    assert share_with_the_voxel(0.0) < 0.01
+    assert 0.4 < share_with_the_voxel(1.0) < 0.6  # class 2 drawn half the time; then always in the crop
+
+
+def test_validate_every_skips_validation_between_and_always_validates_the_last_epoch(small_training, tmp_path):
+    summary = train_again(small_training, tmp_path / "head", epochs=3, validate_every=2)
+    assert [entry["dice"] is None for entry in summary.history] == [True, False, False]
+    metadata = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert metadata["validation_dice"]["Sphere"] == summary.history[-1]["dice"][0]
+    with pytest.raises(ValueError, match="validate_every >= 1"):
+        train_again(small_training, tmp_path / "other", epochs=1, validate_every=0)
+
+
+def test_a_training_run_starts_a_class_rarer_than_one_percent_at_one_percent(small_training):
+    from COLIPRISlicerLib.segmentation_data import cached_facts
+    from COLIPRISlicerLib.segmentation_training import _TrainingRun, class_frequencies
+
+    paths = {path.name: path for path in (small_training["out"] / "feature_cache").glob("*.safetensors")}
+    facts = {name: cached_facts(path) for name, path in paths.items()}
+    first, second = sorted(paths)
+    run = _TrainingRun.create(small_training["engine"], paths, facts, [first], [second], SPHERE_LABELS, 2, 1e-2, 0)
+    background, sphere = class_frequencies([paths[first]], run.values)
+    assert sphere < 0.01  # a few spheres in a 384 mm field of view
+    assert run.head.network.output.conv.conv.bias.tolist() == pytest.approx([np.log(background), np.log(0.01)])

@@ -152,7 +152,9 @@ class Analyzer:
             return zero_shot_segmentation({f.name: f.logit_map for f in present}, result.encoding.grid, result.volume,
                                           colours={f.name: f.colour for f in present},
                                           terminologies={f.name: f.terminology for f in present})
-        return predict(load_head(head, self.engine), result.encoding, result.volume)
+        head = load_head(head, self.engine)
+        refined = head.network.config.refine > 1  # resamples the volume with the processor's intensity steps
+        return predict(head, result.encoding, result.volume, self.engine.loaded.image_transform if refined else None)
 
     def localize(self, result: AnalysisResult, text: str, *, method: str = "auto", head=None):
         """Where a report snippet refers to (see ``localization.localize``)."""

@@ -321,6 +321,7 @@ def train_seg_head(
     device: DeviceOption = "auto",
     show_progress: Annotated[bool, typer.Option("--show-progress/--hide-progress")] = True,
     crop_patches: Annotated[Optional[int], typer.Option(min=1, help="Train on random crops of N patches per axis.")] = None,
+    refine: Annotated[int, typer.Option(min=1, help="Decode onto the model grid subdivided N times (1, 2, 4).")] = 1,
 ) -> None:
     """Train a segmentation head on frozen encoder features (features cached, resumable)."""
 
@@ -328,7 +329,7 @@ def train_seg_head(
         from .segmentation_training import train_seg_head_command
 
         train_seg_head_command(images, labels, model, out, max_minutes, epochs, device, show_progress,
-                               crop_patches)
+                               crop_patches, refine)
 
     _run(action)
 

@@ -303,6 +303,21 @@ class PatchGrid:
             raise ValueError(message)
         return resample_to_volume(grid_map, source_to_ras, target_shape, target_ijk_to_ras, **kwargs)
 
+    def subdivided(self, factor: int) -> tuple[tuple[int, int, int], np.ndarray]:
+        """The model grid with every voxel split into ``factor``^3: (shape, IJK->RAS).
+
+        Same field of view; the children of model voxel v are fine voxels factor * v + 0 ..
+        factor - 1, whose centres lie at model index v - (factor - 1) / (2 factor) + i / factor,
+        as a stride-``factor`` transposed convolution places them.
+        """
+        if factor < 1:
+            raise ValueError(f"The subdivision factor must be at least 1, got {factor}.")
+        fine_to_model = np.eye(4)
+        fine_to_model[:3, :3] = np.eye(3) / factor
+        fine_to_model[:3, 3] = -(factor - 1) / (2 * factor)
+        shape = tuple(int(n) * factor for n in self.model_shape)
+        return shape, np.asarray(self.model_to_ras) @ fine_to_model  # type: ignore[return-value]
+
     def as_dict(self) -> dict:
         return {
             "model_shape": list(self.model_shape),

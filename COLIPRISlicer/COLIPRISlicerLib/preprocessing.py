@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import PatchGrid, spacing_of
+from .geometry import PatchGrid, resample_to_volume, spacing_of
 from .volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,33 @@ def preprocess(volume: Volume, image_transform) -> PreprocessedImage:
     if tissue_cut:
         _warn_cropped(result.cropped_mm, volume.name)
     return result
+
+
+def resample_for_head(volume: Volume, image_transform, shape: tuple[int, int, int], ijk_to_ras: np.ndarray):
+    """The volume on another grid with the processor's intensity steps: (1, X, Y, Z) float32 tensor.
+
+    For a segmentation head that decodes on a finer grid than the model's (``PatchGrid.subdivided``):
+    trilinear resampling of the HU values onto ``(shape, ijk_to_ras)``, the volume's minimum
+    outside it (as the processor's "minimum" padding), then the transform's intensity steps
+    (Clamp, RescaleIntensity for COLIPRI) exactly as the processor runs them.
+
+    Args:
+        volume: the input volume (not modified).
+        image_transform: the processor's TorchIO transform.
+        shape: (X, Y, Z) of the target grid.
+        ijk_to_ras: its IJK->RAS matrix.
+    """
+    import torch
+    import torchio as tio
+
+    values = resample_to_volume(np.asarray(volume.array, np.float32), volume.ijk_to_ras, shape, ijk_to_ras)
+    values = np.where(np.isnan(values), np.float32(np.min(volume.array)), values).astype(np.float32)
+    image = tio.ScalarImage(tensor=torch.from_numpy(values[np.newaxis]), affine=np.asarray(ijk_to_ras))
+    steps = list(image_transform.transforms) if isinstance(image_transform, tio.Compose) else [image_transform]
+    for step in steps:
+        if isinstance(step, tio.IntensityTransform):
+            image = step(image)
+    return image.data.to(torch.float32)
 
 
 def _tissue_in_crop(data: np.ndarray, excess: np.ndarray, min_voxels: int = 50) -> bool:

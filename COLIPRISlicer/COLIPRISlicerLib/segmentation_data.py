@@ -121,22 +121,25 @@ def label_values(facts: list[dict], label_names: dict[int, str]) -> list[int]:
     return values
 
 
-def _cache_path(case: TrainingCase, engine, cache_dir: Path) -> Path:
-    """Cache file named by everything that changes its content (files, weights, preprocessing, dtype)."""
+def _cache_path(case: TrainingCase, engine, cache_dir: Path, refine: int = 1) -> Path:
+    """Cache file named by everything that changes its content (files, weights, preprocessing, dtype, grid)."""
     identity = engine.identity
     parts = [identity.sha256, engine.description.processor_signature, identity.dtype]
+    if refine != 1:
+        parts.append(f"refine {refine}")
     for path in (case.image_path, case.label_path):
         stat = path.stat()
         parts.append(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
     return cache_dir / f"{case.name}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:16]}.safetensors"
 
 
-def cache_case(case: TrainingCase, engine, cache_dir: Path) -> Path:
+def cache_case(case: TrainingCase, engine, cache_dir: Path, refine: int = 1) -> Path:
     """Encode a case once, unless cached; return its cache file.
 
     The file holds features (C, gx, gy, gz) float32, image (1, X, Y, Z) float32 and target
-    (X, Y, Z) int32 label values on the model grid, with the label values and the patch grid
-    in its metadata.
+    (X, Y, Z) int32 label values on the head's grid (the model grid subdivided ``refine``
+    times: the model input itself for 1, else ``resample_for_head``), with the label values,
+    the patch grid and ``refine`` in its metadata.
 
     Raises:
         ValueError: If the label's size or geometry differs from the image's.
@@ -145,9 +148,10 @@ def cache_case(case: TrainingCase, engine, cache_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     from .geometry import resample_to_volume
+    from .preprocessing import resample_for_head
     from .volume import load_volume
 
-    path = _cache_path(case, engine, cache_dir)
+    path = _cache_path(case, engine, cache_dir, refine)
     if path.is_file():
         return path
     volume = load_volume(case.image_path)
@@ -155,10 +159,13 @@ def cache_case(case: TrainingCase, engine, cache_dir: Path) -> Path:
     check_label_geometry(case, volume, label, label_to_ras)
     encoding = engine.encode(volume)
     grid = encoding.grid
-    target = resample_to_volume(label, label_to_ras, grid.model_shape, grid.model_to_ras, linear=False)
-    tensors = {"features": encoding.features.float().contiguous(), "image": encoding.image.float().contiguous(),
+    shape, grid_to_ras = grid.subdivided(refine)
+    image = encoding.image if refine == 1 else resample_for_head(volume, engine.loaded.image_transform, shape, grid_to_ras)
+    target = resample_to_volume(label, label_to_ras, shape, grid_to_ras, linear=False)
+    tensors = {"features": encoding.features.float().contiguous(), "image": image.float().contiguous(),
                "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.int32))}
-    facts = {"values": sorted(int(v) for v in np.unique(label)), "grid": grid.as_dict(), "case": case.name}
+    facts = {"values": sorted(int(v) for v in np.unique(label)), "grid": grid.as_dict(), "case": case.name,
+             "refine": refine}
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path.with_suffix(".partial")), metadata={"colipri_slicer": json.dumps(facts)})
     path.with_suffix(".partial").replace(path)
@@ -166,7 +173,7 @@ def cache_case(case: TrainingCase, engine, cache_dir: Path) -> Path:
 
 
 def cached_facts(path: Path) -> dict:
-    """``{"values": label values in the case, "grid": PatchGrid.as_dict(), "case": name}``."""
+    """``{"values": label values in the case, "grid": PatchGrid.as_dict(), "case": name, "refine": factor}``."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as file:

@@ -5,7 +5,11 @@ UNETR-style decoder (MONAI blocks) trained on top of the frozen backbone: backbo
 (C, gx, gy, gz) are upsampled ``log2(patch)`` times by 2 (three times for 8^3 patches) to the
 model grid (X, Y, Z), fusing at every level a skip computed from the preprocessed image, so
 edges the 16 mm patches cannot resolve come from the image itself. ``predict`` brings the
-per-label probabilities back onto the input volume's grid.
+per-label probabilities back onto the input volume's grid. A head may decode onto a grid
+``refine`` times finer than the model's (``HeadConfig.refine``): one more upsampling level,
+whose image skip is the input volume resampled onto the subdivided model grid
+(``preprocessing.resample_for_head``), so findings a few model voxels wide (nodules on a 5 mm
+grid) get edges from the image at that finer spacing.
 
 Without a trained head, ``zero_shot_segmentation`` labels voxels by the finding whose
 per-patch heatmap logit is highest above a threshold, at patch resolution.
@@ -22,7 +26,7 @@ import torch
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock, UnetResBlock
 from torch import nn
 
-from .geometry import PatchGrid, spacing_of
+from .geometry import PatchGrid, resample_to_volume, spacing_of
 from .segmentation_head_io import (
     MORPHOLOGICALLY_ALTERED_STRUCTURE, TISSUE, HeadMetadata, LabelInfo, SegmentationResult, default_colour,
 )
@@ -42,6 +46,8 @@ class HeadConfig:
         base_channels: channels at full model resolution; doubled at every coarser level.
         max_channels: cap on the channels of any level.
         norm: MONAI normalisation name ("instance", "batch", ...).
+        refine: the output grid splits every model voxel into refine^3 (a power of two; 1 =
+            the model grid); one more 2x level per factor of 2.
     """
 
     in_channels: int
@@ -50,21 +56,29 @@ class HeadConfig:
     base_channels: int = 16
     max_channels: int = 128
     norm: str = "instance"
+    refine: int = 1
 
     def __post_init__(self):
         if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
             raise ValueError(f"Patch size must be a power of two >= 2, got {self.patch_size}.")
+        if self.refine < 1 or self.refine & (self.refine - 1):
+            raise ValueError(f"refine must be a power of two >= 1 (1 = the model grid), got {self.refine}.")
         if self.num_classes < 2 or self.in_channels < 1 or self.base_channels < 1:
             message = f"Need >= 2 classes (background included), >= 1 input and base channel; got {self}."
             raise ValueError(message)
 
     @property
     def levels(self) -> int:
-        """Number of 2x upsampling steps from the patch grid to the model grid."""
-        return int(math.log2(self.patch_size))
+        """Number of 2x upsampling steps from the patch grid to the output grid."""
+        return int(math.log2(self.patch_size * self.refine))
+
+    @property
+    def image_stride(self) -> int:
+        """Output-grid voxels per patch edge: the image input has this many per feature cell."""
+        return self.patch_size * self.refine
 
     def channels(self, level: int) -> int:
-        """Channels at ``level`` (0 = model grid, ``levels`` = patch grid)."""
+        """Channels at ``level`` (0 = output grid, ``levels`` = patch grid)."""
         return min(self.base_channels * 2**level, self.max_channels)
 
     def as_dict(self) -> dict:
@@ -77,6 +91,9 @@ class HeadConfig:
 
 class SegmentationDecoder(nn.Module):
     """Frozen-feature decoder: (B, C, gx, gy, gz) + (B, 1, X, Y, Z) -> (B, classes, X, Y, Z).
+
+    X = gx * patch_size * refine: the image is the model input (refine 1) or the input volume
+    on the subdivided model grid.
 
     Image skips: a residual block at full resolution, then strided residual blocks down to
     1/2^(levels-1). Features: a residual block to the coarsest channel count, then one
@@ -126,7 +143,7 @@ class SegmentationHead:
 
 
 def create_head(engine, grid: PatchGrid, in_channels: int, values: list[int], names: dict[int, str] | None = None,
-                *, base_channels: int = 16) -> SegmentationHead:
+                *, base_channels: int = 16, refine: int = 1) -> SegmentationHead:
     """A randomly initialised head for an engine's encoder (the torch seed decides the weights).
 
     Args:
@@ -135,27 +152,28 @@ def create_head(engine, grid: PatchGrid, in_channels: int, values: list[int], na
         in_channels: backbone feature channels C.
         values: sorted label values, 0 (background) first; channel c predicts values[c].
         names: label value -> name (default "Label <value>").
-        base_channels: decoder channels at full model resolution.
+        base_channels: decoder channels at the output resolution.
+        refine: output grid = model grid with every voxel split into refine^3.
 
     Raises:
         NotImplementedError: For non-cubic patches.
     """
     if len(set(grid.patch_size)) != 1:
         raise NotImplementedError(f"The head needs cubic patches; the model has {grid.patch_size}.")
-    config = HeadConfig(in_channels, len(values), grid.patch_size[0], base_channels=base_channels)
+    config = HeadConfig(in_channels, len(values), grid.patch_size[0], base_channels=base_channels, refine=refine)
     names = names or {}
     labels = [LabelInfo(v, names.get(v, f"Label {v}"), default_colour(i), {"category": TISSUE, "type": TISSUE})
               for i, v in enumerate(values[1:])]
     identity = engine.identity
     encoder = {"model_id": identity.model_id, "revision": identity.revision, "sha256": identity.sha256}
     preprocessing = {"model_shape": list(grid.model_shape), "patch_size": list(grid.patch_size),
-                     "spacing_mm": [round(float(mm), 6) for mm in spacing_of(grid.model_to_ras)]}
+                     "spacing_mm": [round(float(mm), 6) for mm in spacing_of(grid.model_to_ras)], "refine": refine}
     return SegmentationHead(SegmentationDecoder(config), HeadMetadata(labels, encoder, preprocessing, config.as_dict()))
 
 
 def check_inputs(config: HeadConfig, features: torch.Tensor, image: torch.Tensor) -> None:
     """Raise a ValueError unless features (C, gx, gy, gz) and image (1, X, Y, Z) fit the head."""
-    expected_image = tuple(n * config.patch_size for n in features.shape[1:])
+    expected_image = tuple(n * config.image_stride for n in features.shape[1:])
     if features.ndim != 4 or features.shape[0] != config.in_channels:
         message = (
             f"Expected features (C={config.in_channels}, gx, gy, gz), got {tuple(features.shape)}: the head was"
@@ -164,17 +182,40 @@ def check_inputs(config: HeadConfig, features: torch.Tensor, image: torch.Tensor
         raise ValueError(message)
     if tuple(image.shape) != (1, *expected_image):
         shape = ", ".join(map(str, expected_image))
-        message = f"Expected the model input of shape (1, {shape}), got {tuple(image.shape)}: encoding and head differ."
+        message = (f"Expected the head's image input of shape (1, {shape}), got {tuple(image.shape)}: encoding and"
+                   " head differ.")
         raise ValueError(message)
 
 
-def model_grid_probabilities(head: SegmentationHead, features: torch.Tensor, image: torch.Tensor) -> np.ndarray:
-    """(classes, X, Y, Z) float32 softmax probabilities on the model grid.
+def head_grid(config: HeadConfig, grid: PatchGrid) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, IJK->RAS) of the grid a head decodes onto: the model grid, subdivided ``refine`` times."""
+    return grid.subdivided(config.refine)
+
+
+def head_image(head: SegmentationHead, encoding, volume, image_transform=None) -> torch.Tensor:
+    """(1, X, Y, Z) image input of the head: the model input, or the volume on the head's finer grid.
+
+    Raises:
+        ValueError: If the head decodes on a finer grid and no processor transform is given.
+    """
+    config = head.network.config
+    if config.refine == 1:
+        return encoding.image
+    if image_transform is None:
+        raise ValueError(f"This head decodes on a {config.refine}x finer grid than the model's and needs the"
+                         " processor's image transform (engine.loaded.image_transform) to resample the volume.")
+    from .preprocessing import resample_for_head
+
+    return resample_for_head(volume, image_transform, *head_grid(config, encoding.grid))
+
+
+def grid_probabilities(head: SegmentationHead, features: torch.Tensor, image: torch.Tensor) -> np.ndarray:
+    """(classes, X, Y, Z) float32 softmax probabilities on the head's grid (``head_grid``).
 
     Args:
         head: the trained head.
         features: (C, gx, gy, gz) backbone features.
-        image: (1, X, Y, Z) preprocessed model input.
+        image: (1, X, Y, Z) from ``head_image``.
     """
     check_inputs(head.network.config, features, image)
     device = next(head.network.parameters()).device
@@ -184,28 +225,31 @@ def model_grid_probabilities(head: SegmentationHead, features: torch.Tensor, ima
     return logits.softmax(dim=1)[0].cpu().numpy()
 
 
-def predict(head: SegmentationHead, encoding, volume) -> SegmentationResult:
+def predict(head: SegmentationHead, encoding, volume, image_transform=None) -> SegmentationResult:
     """Segment a volume with a trained head.
 
     Args:
         head: from ``load_head`` (its encoder identity was checked there).
         encoding: ``engine.encode(volume)``: features (C, gx, gy, gz), image (1, X, Y, Z).
         volume: the input ``Volume``; the labelmap is on its grid.
+        image_transform: the processor's transform (``engine.loaded.image_transform``);
+            needed by heads with ``refine`` > 1.
 
     Returns:
         A result with an (I, J, K) int16 labelmap: per-label probabilities are resampled
         linearly onto the input grid, then the most likely label wins; voxels outside the
         model's field of view are background.
     """
-    probabilities = model_grid_probabilities(head, encoding.features, encoding.image)
+    probabilities = grid_probabilities(head, encoding.features, head_image(head, encoding, volume, image_transform))
     values = [0, *(label.value for label in head.labels)]
-    grid = encoding.grid
-    resampled = (grid.to_volume(channel, volume.shape, volume.ijk_to_ras, linear=True) for channel in probabilities)
+    _, grid_to_ras = head_grid(head.network.config, encoding.grid)
+    resampled = (resample_to_volume(channel, grid_to_ras, volume.shape, volume.ijk_to_ras, linear=True)
+                 for channel in probabilities)
     labelmap = _label_of_best(zip(values, resampled), volume.shape)
-    spacing = _format_mm(spacing_of(encoding.grid.model_to_ras))
+    spacing = _format_mm(spacing_of(grid_to_ras))
     metadata = {"encoder": head.metadata.encoder, "validation_dice": head.metadata.validation_dice}
     return SegmentationResult(labelmap, np.array(volume.ijk_to_ras), list(head.labels), "head",
-                              f"segmentation head, {spacing} mm model grid", metadata)
+                              f"segmentation head, {spacing} mm grid", metadata)
 
 
 def _label_of_best(scores, shape: tuple[int, int, int]) -> np.ndarray:

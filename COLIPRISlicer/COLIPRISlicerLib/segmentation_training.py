@@ -2,9 +2,10 @@
 
 Data path: pair image and label files by name -> encode every image once into
 ``out_dir/feature_cache`` (``segmentation_data``) -> train/validation split -> epochs of
-DiceCE on the model grid, a checkpoint after each (``out_dir/checkpoint.pt``; a later call
-with the same data resumes from it) -> ``head.safetensors`` + ``head.json`` in ``out_dir``
-with the validation Dice per label (``monai.metrics.DiceMetric``, model grid).
+DiceCE on the head's grid (the model grid, or it subdivided ``refine`` times), a checkpoint
+after each (``out_dir/checkpoint.pt``; a later call with the same data resumes from it) ->
+``head.safetensors`` + ``head.json`` in ``out_dir`` with the validation Dice per label
+(``monai.metrics.DiceMetric``, head grid).
 """
 
 from __future__ import annotations
@@ -65,18 +66,20 @@ class TrainingSummary:
 
 
 def random_patch_crop(features, image, target, patches: int, rng: np.random.Generator, *,
-                      foreground_share: float = 2 / 3):
+                      foreground_share: float = 2 / 3, balanced_share: float = 0.0):
     """A random crop of ``patches`` patches per axis, on the patch grid so features and voxels stay aligned.
 
     With probability ``foreground_share`` (when the target has foreground) the crop holds a
-    random foreground voxel, so large findings are in most crops and small ones in some.
-    (Drawing the class first, each present class equally likely, tried in one run together
-    with unseen head phantoms, lowered the phantom head's held-out effusion Dice from 0.76
-    to 0.53 and did not help nodules: 0.01; both with MONAI's default Dice smoothing.)
+    foreground voxel: of a class drawn first, each present class equally likely, in a share
+    ``balanced_share`` of those crops (so a few-voxel finding beside a large one is still
+    seen), else of any class, so large findings are in most crops and small ones in some.
+    (All foreground crops class-balanced, in one run together with unseen head phantoms,
+    lowered the phantom head's held-out effusion Dice from 0.76 to 0.53 and did not help
+    nodules, both on the 5 mm grid with MONAI's default Dice smoothing.)
 
     Args:
         features: (C, gx, gy, gz) backbone features.
-        image: (1, X, Y, Z) model input, X = gx * patch size.
+        image: (1, X, Y, Z) head input, X = gx * patch size * refine.
         target: (1, X, Y, Z) channel indices (0 = background).
         patches: crop edge in patches; the whole axis when the grid is smaller.
 
@@ -88,13 +91,22 @@ def random_patch_crop(features, image, target, patches: int, rng: np.random.Gene
     patch = image.shape[1] // int(grid[0])
     size = np.minimum(patches, grid)
     start = rng.integers(0, grid - size + 1)
-    foreground = (target[0] > 0).nonzero()
+    foreground = _crop_centres(target[0], rng, balanced_share)
     if len(foreground) and rng.random() < foreground_share:
         voxel = foreground[int(rng.integers(len(foreground)))].cpu().numpy()
         start = np.clip(voxel // patch - rng.integers(0, size), 0, grid - size)
     f = tuple(slice(int(a), int(a + n)) for a, n in zip(start, size))
     v = tuple(slice(int(a) * patch, int(a + n) * patch) for a, n in zip(start, size))
     return features[(slice(None), *f)], image[(slice(None), *v)], target[(slice(None), *v)]
+
+
+def _crop_centres(target, rng: np.random.Generator, balanced_share: float):
+    """(n, 3) candidate centre voxels: all foreground, or with probability ``balanced_share`` one random class's."""
+    if balanced_share > 0 and rng.random() < balanced_share:
+        classes = [int(c) for c in target.unique() if c > 0]
+        if classes:
+            return (target == classes[int(rng.integers(len(classes)))]).nonzero()
+    return (target > 0).nonzero()
 
 
 HEAD_LOSS = "DiceCELoss (Dice on foreground labels, smooth_nr 0)"
@@ -123,28 +135,38 @@ def class_frequencies(paths: list[Path], values) -> np.ndarray:
     return (counts.double() / counts.sum()).numpy()
 
 
-def set_output_prior(network, frequencies: np.ndarray, floor: float = 1e-6) -> None:
+#: Smallest starting probability of a class present in the training voxels (RetinaNet's 0.01).
+RARE_CLASS_PRIOR = 0.01
+
+
+def set_output_prior(network, frequencies: np.ndarray, floor: float = 1e-6, rare: float = 0.0) -> None:
     """Start the output layer at the class prior (bias = log frequency, as in focal loss's init).
 
     With findings covering < 1 % of the grid, a zero bias spends the first few hundred steps
     only learning that most voxels are background, and the Dice of every finding stays 0 meanwhile.
+    A present class rarer than ``rare`` starts at ``rare`` instead: at its true share (1e-5 for
+    phantom nodules, bias -10.4) the softmax passes the Dice gradient scaled by p (1 - p) ~ 3e-5,
+    and in a 20-epoch run the nodule bias did not move. Absent classes start at ``floor``.
     """
     import torch
 
+    frequencies = np.asarray(frequencies, np.float64)
+    start = np.where(frequencies > 0, np.maximum(frequencies, rare), floor)
     bias = network.output.conv.conv.bias
     with torch.no_grad():
-        bias.copy_(torch.from_numpy(np.log(np.maximum(frequencies, floor))).to(bias))
+        bias.copy_(torch.from_numpy(np.log(np.maximum(start, floor))).to(bias))
 
 
 def _train_epoch(network, optimizer, loss_fn, paths: list[Path], values, device, seed: int,
-                 crop_patches: int | None = None) -> float:
+                 crop_patches: int | None = None, balanced_share: float = 0.0) -> float:
     network.train()
     losses = []
     rng = np.random.default_rng(seed)
     for index in rng.permutation(len(paths)):
         features, image, target = load_cached(paths[index], values, device)
         if crop_patches is not None:
-            features, image, target = random_patch_crop(features, image, target, crop_patches, rng)
+            features, image, target = random_patch_crop(features, image, target, crop_patches, rng,
+                                                        balanced_share=balanced_share)
         loss = loss_fn(network(features[None], image[None]), target[None])
         optimizer.zero_grad()
         loss.backward()
@@ -171,10 +193,10 @@ def validation_dice(network, paths: list[Path], values, device) -> list[float | 
 
 
 def _setup_record(head, train: list[str], val: list[str], values: list[int], learning_rate: float, seed: int,
-                  crop_patches: int | None) -> dict:
+                  crop_patches: int | None, balanced_crops: float = 0.0) -> dict:
     return {"encoder_sha256": head.metadata.encoder["sha256"], "architecture": head.metadata.architecture,
             "values": values, "train": train, "validation": val, "learning_rate": learning_rate, "seed": seed,
-            "crop_patches": crop_patches}
+            "crop_patches": crop_patches, "balanced_crops": balanced_crops}
 
 
 def _resume(path: Path, setup: dict, network, optimizer) -> dict:
@@ -185,7 +207,8 @@ def _resume(path: Path, setup: dict, network, optimizer) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises several types for corrupt files
         raise RuntimeError(f'Checkpoint "{path}" is corrupt ({error}). Delete it to start again.') from error
-    stored = {"crop_patches": None, **checkpoint["setup"]}  # checkpoints from before crops existed
+    stored = {"crop_patches": None, "balanced_crops": 0.0, **checkpoint["setup"]}  # from before these existed
+    stored["architecture"] = {"refine": 1, **stored["architecture"]}  # and from before refined heads
     if stored != setup:
         changed = sorted(key for key in setup if stored.get(key) != setup[key])
         message = (
@@ -212,7 +235,8 @@ def train_segmentation_head(
     images_dir: TypePath, labels_dir: TypePath, engine, out_dir: TypePath, *, max_minutes: float | None = None,
     epochs: int = DEFAULT_EPOCHS, val_fraction: float = 0.2, seed: int = 0, progress: bool = True,
     label_names: dict[int, str] | None = None, base_channels: int = DEFAULT_BASE_CHANNELS,
-    learning_rate: float = DEFAULT_LEARNING_RATE, crop_patches: int | None = None,
+    learning_rate: float = DEFAULT_LEARNING_RATE, crop_patches: int | None = None, refine: int = 1,
+    balanced_crops: float = 0.0, validate_every: int = 1,
 ) -> TrainingSummary:
     """Train (or resume training) a head on an engine's frozen features and save it to ``out_dir``.
 
@@ -235,6 +259,12 @@ def train_segmentation_head(
             patch grid, mostly around foreground; see :func:`random_patch_crop`): faster
             steps and more varied context. None: whole model grids. Validation always
             uses whole grids.
+        refine: decode onto the model grid subdivided this many times (a power of two; see
+            ``HeadConfig.refine``); targets and Dice are on that grid.
+        balanced_crops: share of the foreground-centred crops whose centre class is drawn
+            first, each present class equally likely (``random_patch_crop``).
+        validate_every: validation Dice after every this many epochs and after the last
+            (whole grids: ~8 s a case for a 160^3 refined grid on a CPU).
 
     Returns:
         What was done; the head is in ``out_dir`` (``load_head(out_dir, engine)``).
@@ -247,17 +277,23 @@ def train_segmentation_head(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}.")
+    if validate_every < 1 or not 0.0 <= balanced_crops <= 1.0:
+        raise ValueError(f"Need validate_every >= 1 and balanced_crops in [0, 1], got {validate_every}, {balanced_crops}.")
     if crop_patches is not None and crop_patches < 1:
         raise ValueError(f"crop_patches must be None or at least 1, got {crop_patches}.")
     start, out_dir = time.perf_counter(), Path(out_dir)
     forwards = engine.image_forward_count
     names = {int(value): str(name) for value, name in (label_names or {}).items()}
-    paths, facts = _encode_cases(images_dir, labels_dir, engine, out_dir / FEATURE_CACHE, progress)
+    from .segmentation_head import HeadConfig
+
+    HeadConfig(1, 2, 2, refine=refine)  # a bad refine fails here, before any encoding
+    paths, facts = _encode_cases(images_dir, labels_dir, engine, out_dir / FEATURE_CACHE, progress, refine)
     train, val = split_cases(sorted(paths), val_fraction, seed)
     run = _TrainingRun.create(engine, paths, facts, train, val, names, base_channels, learning_rate, seed,
-                              crop_patches)
+                              crop_patches, refine, balanced_crops)
     run.resume_if_possible(out_dir / CHECKPOINT)
-    first_epoch, stopped = run.epoch, run.train_until(epochs, max_minutes, start, out_dir / CHECKPOINT, progress)
+    first_epoch = run.epoch
+    stopped = run.train_until(epochs, max_minutes, start, out_dir / CHECKPOINT, progress, validate_every)
     run.save(out_dir, images_dir, labels_dir, time.perf_counter() - start)
     if stopped:
         logger.info("Stopped after %d of %d epochs (max %.1f minutes).", run.epoch, epochs, max_minutes)
@@ -265,12 +301,12 @@ def train_segmentation_head(
                            time.perf_counter() - start, stopped, engine.image_forward_count - forwards, run.history)
 
 
-def _encode_cases(images_dir, labels_dir, engine, cache_dir: Path, progress: bool) -> tuple[dict, dict]:
+def _encode_cases(images_dir, labels_dir, engine, cache_dir: Path, progress: bool, refine: int = 1) -> tuple[dict, dict]:
     """Cache every matched case; return name -> cache path and name -> cached facts."""
     from tqdm.auto import tqdm
 
     cases = find_training_cases(images_dir, labels_dir)
-    paths = {case.name: cache_case(case, engine, cache_dir)
+    paths = {case.name: cache_case(case, engine, cache_dir, refine)
              for case in tqdm(cases, desc="Encoding", unit="volume", disable=not progress)}
     return paths, {name: cached_facts(path) for name, path in paths.items()}
 
@@ -300,7 +336,8 @@ class _TrainingRun:
 
     @classmethod
     def create(cls, engine, paths: dict, facts: dict, train: list[str], val: list[str], names: dict[int, str],
-               base_channels: int, learning_rate: float, seed: int, crop_patches: int | None = None) -> _TrainingRun:
+               base_channels: int, learning_rate: float, seed: int, crop_patches: int | None = None,
+               refine: int = 1, balanced_crops: float = 0.0) -> _TrainingRun:
         import torch
 
         from .geometry import PatchGrid
@@ -312,11 +349,12 @@ class _TrainingRun:
         grid = PatchGrid.from_dict(facts[train[0]]["grid"])
         with torch.random.fork_rng(devices=[]):  # seeded weights, caller's random state untouched
             torch.manual_seed(seed)
-            head = create_head(engine, grid, int(features_shape[0]), values, names, base_channels=base_channels)
-        set_output_prior(head.network, class_frequencies([paths[n] for n in train], values_tensor))
+            head = create_head(engine, grid, int(features_shape[0]), values, names, base_channels=base_channels,
+                               refine=refine)
+        set_output_prior(head.network, class_frequencies([paths[n] for n in train], values_tensor), rare=RARE_CLASS_PRIOR)
         head.network.to(torch.device(engine.identity.device))
         optimizer = torch.optim.AdamW(head.network.parameters(), lr=learning_rate)
-        setup = _setup_record(head, train, val, values, learning_rate, seed, crop_patches)
+        setup = _setup_record(head, train, val, values, learning_rate, seed, crop_patches, balanced_crops)
         return cls(head, optimizer, values_tensor, [paths[n] for n in train], [paths[n] for n in val], setup)
 
     def resume_if_possible(self, checkpoint_path: Path) -> None:
@@ -325,8 +363,11 @@ class _TrainingRun:
             self.epoch, self.history, self.seconds_before = state["epoch"], state["history"], state["seconds"]
 
     def train_until(self, epochs: int, max_minutes: float | None, start: float, checkpoint: Path,
-                    progress: bool) -> bool:
-        """Run epochs up to ``epochs`` (checkpoint after each); True when stopped by time."""
+                    progress: bool, validate_every: int = 1) -> bool:
+        """Run epochs up to ``epochs`` (checkpoint after each); True when stopped by time.
+
+        Validation Dice after every ``validate_every``-th epoch and after the last one run.
+        """
         from tqdm.auto import tqdm
 
         network, device = self.head.network, next(self.head.network.parameters()).device
@@ -335,9 +376,10 @@ class _TrainingRun:
         with tqdm(total=epochs, initial=first, desc="Training head", unit="epoch", disable=not progress) as bar:
             while self.epoch < epochs:
                 if _out_of_time(max_minutes, start, self.history[first:]):
+                    self._validate_last(device)
                     return True
-                seed = self.setup["seed"] + self.epoch
-                self.history.append(_epoch(self, loss_fn, device, seed))
+                seed, number = self.setup["seed"] + self.epoch, self.epoch + 1
+                self.history.append(_epoch(self, loss_fn, device, seed, number % validate_every == 0 or number == epochs))
                 self.epoch += 1
                 seconds = self.seconds_before + time.perf_counter() - start
                 _save_checkpoint(checkpoint, network, self.optimizer, self.setup, self.epoch, self.history, seconds)
@@ -345,44 +387,64 @@ class _TrainingRun:
                 bar.set_postfix(loss=self.history[-1]["loss"], dice=self.history[-1]["mean_dice"])
         return False
 
+    def _validate_last(self, device) -> None:
+        """Validation Dice for the last epoch, when it was skipped (``validate_every``)."""
+        if self.history and self.history[-1]["dice"] is None:
+            self.history[-1].update(_dice_entry(validation_dice(self.head.network, self.val_paths, self.values, device)
+                                                if self.val_paths else []))
+
     def save(self, out_dir: Path, images_dir, labels_dir, seconds: float) -> None:
         """Write head.safetensors + head.json with the last epoch's validation Dice."""
         from .segmentation_head_io import save_head
 
         last = self.history[-1] if self.history else {"loss": None, "dice": []}
         metadata = self.head.metadata
-        metadata.validation_dice.update(zip((label.name for label in metadata.labels), last["dice"]))
+        metadata.validation_dice.update(zip((label.name for label in metadata.labels), last["dice"] or []))
         metadata.training.update({
             "images_dir": str(images_dir), "labels_dir": str(labels_dir), "train_cases": self.setup["train"],
             "validation_cases": self.setup["validation"], "epochs": self.epoch, "final_loss": last["loss"],
             "seconds": round(self.seconds_before + seconds, 1), "loss": HEAD_LOSS,
             "optimizer": f"AdamW(lr={self.setup['learning_rate']})",
-            "augmentation": _augmentation(self.setup["crop_patches"]),
-            "dice_evaluated_on": "model grid, labels resampled by nearest neighbour",
+            "augmentation": _augmentation(self.setup["crop_patches"], self.setup["balanced_crops"]),
+            "dice_evaluated_on": _dice_grid(self.setup["architecture"].get("refine", 1)),
         })
         save_head(self.head, out_dir)
 
 
-def _augmentation(crop_patches: int | None) -> str:
-    return "none" if crop_patches is None else f"random {crop_patches}-patch crops"
+def _dice_grid(refine: int) -> str:
+    grid = "model grid" if refine == 1 else f"model grid subdivided {refine}x"
+    return f"{grid}, labels resampled by nearest neighbour"
 
 
-def _epoch(run: _TrainingRun, loss_fn, device, seed: int) -> dict:
-    """Train over the training cases in a seeded order, then validation Dice; one history entry."""
+def _augmentation(crop_patches: int | None, balanced_crops: float = 0.0) -> str:
+    if crop_patches is None:
+        return "none"
+    balanced = f", {balanced_crops:.0%} of foreground centres class-balanced" if balanced_crops else ""
+    return f"random {crop_patches}-patch crops{balanced}"
+
+
+def _dice_entry(dice: list[float | None] | None) -> dict:
+    known = [d for d in dice or [] if d is not None]
+    return {"dice": dice, "mean_dice": round(float(np.mean(known)), 4) if known else None}
+
+
+def _epoch(run: _TrainingRun, loss_fn, device, seed: int, validate: bool = True) -> dict:
+    """Train over the training cases in a seeded order, then validation Dice (if ``validate``; else
+    ``dice`` is None); one history entry."""
     start, network = time.perf_counter(), run.head.network
     loss = _train_epoch(network, run.optimizer, loss_fn, run.train_paths, run.values, device, seed,
-                        run.setup["crop_patches"])
-    dice = validation_dice(network, run.val_paths, run.values, device) if run.val_paths else []
-    known = [d for d in dice if d is not None]
+                        run.setup["crop_patches"], run.setup["balanced_crops"])
+    dice = None
+    if validate:
+        dice = validation_dice(network, run.val_paths, run.values, device) if run.val_paths else []
     logger.debug("Epoch %d: loss %.4f, Dice %s.", len(run.history) + 1, loss, dice)
-    return {"epoch": len(run.history) + 1, "loss": round(loss, 5), "dice": dice,
-            "mean_dice": round(float(np.mean(known)), 4) if known else None,
+    return {"epoch": len(run.history) + 1, "loss": round(loss, 5), **_dice_entry(dice),
             "seconds": round(time.perf_counter() - start, 2)}
 
 
 def train_seg_head_command(images: Path, labels: Path, model: str, out: Path, max_minutes: float | None = None,
                            epochs: int = DEFAULT_EPOCHS, device: str = "auto",
-                           progress: bool = True, crop_patches: int | None = None) -> TrainingSummary:
+                           progress: bool = True, crop_patches: int | None = None, refine: int = 1) -> TrainingSummary:
     """Body of ``colipri-slicer train-seg-head``: train a head, print a one-line summary.
 
     User errors propagate as ``FileNotFoundError``/``ValueError``/``RuntimeError`` with a
@@ -394,7 +456,7 @@ def train_seg_head_command(images: Path, labels: Path, model: str, out: Path, ma
 
     engine = Engine(model, device=device)
     summary = train_segmentation_head(images, labels, engine, out, max_minutes=max_minutes, epochs=epochs,
-                                      progress=progress, crop_patches=crop_patches)
+                                      progress=progress, crop_patches=crop_patches, refine=refine)
     dice = ", ".join(f"{name} {value:.3f}" for name, value in summary.validation_dice.items() if value is not None)
     typer.echo(f"Head written to {out} after {summary.epochs_completed} epochs"
                f" ({summary.seconds / 60:.1f} min); validation Dice: {dice or 'n/a (no validation cases)'}.")
