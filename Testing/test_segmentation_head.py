@@ -689,3 +689,11 @@ def test_a_training_run_starts_a_class_rarer_than_one_percent_at_one_percent(sma
     background, sphere = class_frequencies([paths[first]], run.values)
     assert sphere < 0.01  # a few spheres in a 384 mm field of view
     assert run.head.network.output.conv.conv.bias.tolist() == pytest.approx([np.log(background), np.log(0.01)])
+
+
+def test_a_run_stopped_by_time_validates_its_last_epoch_even_between_validation_epochs(small_training, tmp_path):
+    summary = train_again(small_training, tmp_path / "head", epochs=5, max_minutes=1e-6, validate_every=4)
+    assert (summary.epochs_completed, summary.stopped_by_time) == (1, True)
+    assert summary.history[-1]["dice"] is not None  # epoch 1 is not a multiple of 4, yet it was validated
+    metadata = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert metadata["validation_dice"]["Sphere"] == summary.history[-1]["dice"][0]

@@ -27,6 +27,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock, U
 from torch import nn
 
 from .geometry import PatchGrid, resample_to_volume, spacing_of
+from .preprocessing import resample_for_head
 from .segmentation_head_io import (
     MORPHOLOGICALLY_ALTERED_STRUCTURE, TISSUE, HeadMetadata, LabelInfo, SegmentationResult, default_colour,
 )
@@ -43,7 +44,7 @@ class HeadConfig:
         num_classes: output channels, background included.
         patch_size: voxels per patch edge (a power of two, e.g. 8); sets the number of
             2x upsampling levels.
-        base_channels: channels at full model resolution; doubled at every coarser level.
+        base_channels: channels at the output resolution; doubled at every coarser level.
         max_channels: cap on the channels of any level.
         norm: MONAI normalisation name ("instance", "batch", ...).
         refine: the output grid splits every model voxel into refine^3 (a power of two; 1 =
@@ -204,8 +205,6 @@ def head_image(head: SegmentationHead, encoding, volume, image_transform=None) -
     if image_transform is None:
         raise ValueError(f"This head decodes on a {config.refine}x finer grid than the model's and needs the"
                          " processor's image transform (engine.loaded.image_transform) to resample the volume.")
-    from .preprocessing import resample_for_head
-
     return resample_for_head(volume, image_transform, *head_grid(config, encoding.grid))
 
 

@@ -1,0 +1,62 @@
+"""Ceiling of a segmentation head's input-grid Dice set by the grid it decodes on.
+
+For held-out phantoms with nodules (seeds 10000000 + i, as eval-phantom), the truth mask is
+resampled (trilinear, i.e. sampled at the cell centres) onto the bundled model's grid
+subdivided 1, 2 and 4 times (``PatchGrid.subdivided``), thresholded back on the input grid
+exactly as ``segmentation_head.predict`` does with probabilities, and scored against
+itself: the Dice a perfect head on that grid would reach. Encoding is only used for the
+grid geometry.
+
+Usage: .venv/bin/python bench/bench_head_grid_ceiling.py [--phantoms 25] [--finding "Lung nodule"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "COLIPRISlicer"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phantoms", type=int, default=25, help="held-out seeds tried (those with the finding count)")
+    parser.add_argument("--finding", default="Lung nodule")
+    parser.add_argument("--model", default="phantom")
+    args = parser.parse_args()
+
+    from COLIPRISlicerLib.engine import Engine
+    from COLIPRISlicerLib.geometry import resample_to_volume
+    from COLIPRISlicerLib.phantom import generate_phantom
+
+    engine = Engine(args.model, device="cpu", precision="fp32")
+    factors, scores = (1, 2, 4), []
+    for index in range(args.phantoms):
+        volume, truth = generate_phantom(10_000_000 + index)
+        if args.finding not in truth["mask_arrays"]:
+            continue
+        mask = truth["mask_arrays"][args.finding]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            grid = engine.encode(volume).grid
+        row = []
+        for factor in factors:
+            shape, grid_to_ras = grid.subdivided(factor)
+            on_grid = np.nan_to_num(resample_to_volume(mask.astype(np.float32), volume.ijk_to_ras, shape, grid_to_ras))
+            back = np.nan_to_num(resample_to_volume(on_grid, grid_to_ras, volume.shape, volume.ijk_to_ras)) > 0.5
+            row.append(2 * (back & mask).sum() / max(1, back.sum() + mask.sum()))
+        scores.append(row)
+        print(f"seed {10_000_000 + index}: " + ", ".join(f"x{f} {d:.3f}" for f, d in zip(factors, row)), flush=True)
+    mean = np.mean(scores, axis=0)
+    spacing = [5.0 / f for f in factors] if args.model == "phantom" else factors
+    print(f"{args.finding}, {len(scores)} phantoms: mean ceiling Dice " +
+          ", ".join(f"{s:g} mm grid {d:.3f}" for s, d in zip(spacing, mean)))
+
+
+if __name__ == "__main__":
+    main()
