@@ -598,7 +598,8 @@ def test_resample_for_head_on_the_subdivided_grid_is_the_clamped_rescaled_hu_at_
     volume = ramp_volume(sphere_volume, 8.0)  # R spans +-189 mm: +-1512 HU
     shape, fine_to_ras = tiny_engine.encode(volume).grid.subdivided(2)
     image = resample_for_head(volume, tiny_engine.loaded.image_transform, shape, fine_to_ras)[0].numpy()
-    centres = apply_affine(fine_to_ras, np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3))
+    indices = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    centres = apply_affine(fine_to_ras, indices)
     # beyond the outermost voxel centres (the last half voxel of the field of view) the edge value holds
     nearest_inside = apply_affine(volume.ijk_to_ras, np.clip(ras_to_ijk(volume.ijk_to_ras, centres), 0, 63))
     expected = np.clip(8.0 * nearest_inside[:, 0], -1000, 1000) / 1000
@@ -627,7 +628,8 @@ def test_refined_head_caches_image_and_target_on_the_subdivided_grid_and_records
     assert [tuple(c["features"].shape[1:]) for c in cached] == [(8, 8, 8)] * 2
     # sphere voxels on the 3 mm grid: 8x the count on the 6 mm grid, within the nearest-neighbour rounding
     coarse = [load_file(str(p))["target"].sum().item() for p in (small_training["out"] / "feature_cache").glob("*")]
-    np.testing.assert_allclose(sorted(c["target"].sum().item() for c in cached), sorted(8 * n for n in coarse), rtol=0.05)
+    fine = sorted(c["target"].sum().item() for c in cached)
+    np.testing.assert_allclose(fine, sorted(8 * n for n in coarse), rtol=0.05)
     metadata = json.loads((out / "head.json").read_text())
     assert metadata["architecture"]["refine"] == 2 and metadata["preprocessing"]["refine"] == 2
     assert metadata["training"]["dice_evaluated_on"].startswith("model grid subdivided 2x")

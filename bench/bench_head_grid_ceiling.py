@@ -33,11 +33,12 @@ def main() -> None:
     from COLIPRISlicerLib.engine import Engine
     from COLIPRISlicerLib.geometry import resample_to_volume
     from COLIPRISlicerLib.phantom import generate_phantom
+    from COLIPRISlicerLib.phantom_evaluation import VALIDATION_SEED_BASE
 
     engine = Engine(args.model, device="cpu", precision="fp32")
     factors, scores = (1, 2, 4), []
     for index in range(args.phantoms):
-        volume, truth = generate_phantom(10_000_000 + index)
+        volume, truth = generate_phantom(VALIDATION_SEED_BASE + index)
         if args.finding not in truth["mask_arrays"]:
             continue
         mask = truth["mask_arrays"][args.finding]
@@ -51,7 +52,8 @@ def main() -> None:
             back = np.nan_to_num(resample_to_volume(on_grid, grid_to_ras, volume.shape, volume.ijk_to_ras)) > 0.5
             row.append(2 * (back & mask).sum() / max(1, back.sum() + mask.sum()))
         scores.append(row)
-        print(f"seed {10_000_000 + index}: " + ", ".join(f"x{f} {d:.3f}" for f, d in zip(factors, row)), flush=True)
+        ceilings = ", ".join(f"x{f} {d:.3f}" for f, d in zip(factors, row))
+        print(f"seed {VALIDATION_SEED_BASE + index}: {ceilings}", flush=True)
     mean = np.mean(scores, axis=0)
     spacing = [5.0 / f for f in factors] if args.model == "phantom" else factors
     print(f"{args.finding}, {len(scores)} phantoms: mean ceiling Dice " +

@@ -152,9 +152,8 @@ class Analyzer:
             return zero_shot_segmentation({f.name: f.logit_map for f in present}, result.encoding.grid, result.volume,
                                           colours={f.name: f.colour for f in present},
                                           terminologies={f.name: f.terminology for f in present})
-        head = load_head(head, self.engine)
-        refined = head.network.config.refine > 1  # resamples the volume with the processor's intensity steps
-        return predict(head, result.encoding, result.volume, self.engine.loaded.image_transform if refined else None)
+        # load_head has loaded the model already (it checks the patch size), so the transform costs nothing
+        return predict(load_head(head, self.engine), result.encoding, result.volume, self.engine.loaded.image_transform)
 
     def localize(self, result: AnalysisResult, text: str, *, method: str = "auto", head=None):
         """Where a report snippet refers to (see ``localization.localize``)."""

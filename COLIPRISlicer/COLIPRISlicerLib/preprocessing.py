@@ -55,7 +55,7 @@ def preprocess(volume: Volume, image_transform) -> PreprocessedImage:
 
     tensor = torch.from_numpy(np.array(volume.array, copy=True)[np.newaxis])
     image = tio.ScalarImage(tensor=tensor, affine=volume.ijk_to_ras)
-    steps = list(image_transform.transforms) if isinstance(image_transform, tio.Compose) else [image_transform]
+    steps = _steps(image_transform)
     cropped, tissue_cut = np.zeros(3), False
     for step in steps:
         if isinstance(step, tio.CropOrPad):
@@ -91,11 +91,34 @@ def resample_for_head(volume: Volume, image_transform, shape: tuple[int, int, in
     values = resample_to_volume(np.asarray(volume.array, np.float32), volume.ijk_to_ras, shape, ijk_to_ras)
     values = np.where(np.isnan(values), np.float32(np.min(volume.array)), values).astype(np.float32)
     image = tio.ScalarImage(tensor=torch.from_numpy(values[np.newaxis]), affine=np.asarray(ijk_to_ras))
-    steps = list(image_transform.transforms) if isinstance(image_transform, tio.Compose) else [image_transform]
-    for step in steps:
+    for step in _steps(image_transform):
         if isinstance(step, tio.IntensityTransform):
             image = step(image)
     return image.data.to(torch.float32)
+
+
+def head_input(volume: Volume, image_transform, encoding, refine: int):
+    """(1, X, Y, Z) image a segmentation head decodes with, on the model grid subdivided ``refine`` times.
+
+    The model input itself for 1 (``encoding.image``), else :func:`resample_for_head` onto
+    ``encoding.grid.subdivided(refine)``.
+
+    Raises:
+        ValueError: If ``refine`` > 1 and no processor transform is given.
+    """
+    if refine == 1:
+        return encoding.image
+    if image_transform is None:
+        raise ValueError(f"This head decodes on a {refine}x finer grid than the model's and needs the"
+                         " processor's image transform (engine.loaded.image_transform) to resample the volume.")
+    return resample_for_head(volume, image_transform, *encoding.grid.subdivided(refine))
+
+
+def _steps(image_transform) -> list:
+    """The processor's TorchIO steps, in order (one step when it is not a ``Compose``)."""
+    import torchio as tio
+
+    return list(image_transform.transforms) if isinstance(image_transform, tio.Compose) else [image_transform]
 
 
 def _tissue_in_crop(data: np.ndarray, excess: np.ndarray, min_voxels: int = 50) -> bool:

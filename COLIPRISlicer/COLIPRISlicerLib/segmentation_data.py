@@ -138,7 +138,7 @@ def cache_case(case: TrainingCase, engine, cache_dir: Path, refine: int = 1) -> 
 
     The file holds features (C, gx, gy, gz) float32, image (1, X, Y, Z) float32 and target
     (X, Y, Z) int32 label values on the head's grid (the model grid subdivided ``refine``
-    times: the model input itself for 1, else ``resample_for_head``), with the label values,
+    times: ``preprocessing.head_input``), with the label values,
     the patch grid and ``refine`` in its metadata.
 
     Raises:
@@ -148,7 +148,7 @@ def cache_case(case: TrainingCase, engine, cache_dir: Path, refine: int = 1) -> 
     from safetensors.torch import save_file
 
     from .geometry import resample_to_volume
-    from .preprocessing import resample_for_head
+    from .preprocessing import head_input
     from .volume import load_volume
 
     path = _cache_path(case, engine, cache_dir, refine)
@@ -160,7 +160,7 @@ def cache_case(case: TrainingCase, engine, cache_dir: Path, refine: int = 1) -> 
     encoding = engine.encode(volume)
     grid = encoding.grid
     shape, grid_to_ras = grid.subdivided(refine)
-    image = encoding.image if refine == 1 else resample_for_head(volume, engine.loaded.image_transform, shape, grid_to_ras)
+    image = head_input(volume, engine.loaded.image_transform if refine > 1 else None, encoding, refine)
     target = resample_to_volume(label, label_to_ras, shape, grid_to_ras, linear=False)
     tensors = {"features": encoding.features.float().contiguous(), "image": image.float().contiguous(),
                "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.int32))}

@@ -27,7 +27,7 @@ from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock, U
 from torch import nn
 
 from .geometry import PatchGrid, resample_to_volume, spacing_of
-from .preprocessing import resample_for_head
+from .preprocessing import head_input
 from .segmentation_head_io import (
     MORPHOLOGICALLY_ALTERED_STRUCTURE, TISSUE, HeadMetadata, LabelInfo, SegmentationResult, default_colour,
 )
@@ -188,33 +188,13 @@ def check_inputs(config: HeadConfig, features: torch.Tensor, image: torch.Tensor
         raise ValueError(message)
 
 
-def head_grid(config: HeadConfig, grid: PatchGrid) -> tuple[tuple[int, int, int], np.ndarray]:
-    """(shape, IJK->RAS) of the grid a head decodes onto: the model grid, subdivided ``refine`` times."""
-    return grid.subdivided(config.refine)
-
-
-def head_image(head: SegmentationHead, encoding, volume, image_transform=None) -> torch.Tensor:
-    """(1, X, Y, Z) image input of the head: the model input, or the volume on the head's finer grid.
-
-    Raises:
-        ValueError: If the head decodes on a finer grid and no processor transform is given.
-    """
-    config = head.network.config
-    if config.refine == 1:
-        return encoding.image
-    if image_transform is None:
-        raise ValueError(f"This head decodes on a {config.refine}x finer grid than the model's and needs the"
-                         " processor's image transform (engine.loaded.image_transform) to resample the volume.")
-    return resample_for_head(volume, image_transform, *head_grid(config, encoding.grid))
-
-
 def grid_probabilities(head: SegmentationHead, features: torch.Tensor, image: torch.Tensor) -> np.ndarray:
-    """(classes, X, Y, Z) float32 softmax probabilities on the head's grid (``head_grid``).
+    """(classes, X, Y, Z) float32 softmax probabilities on the head's grid (the model grid subdivided ``refine`` times).
 
     Args:
         head: the trained head.
         features: (C, gx, gy, gz) backbone features.
-        image: (1, X, Y, Z) from ``head_image``.
+        image: (1, X, Y, Z) from ``preprocessing.head_input``.
     """
     check_inputs(head.network.config, features, image)
     device = next(head.network.parameters()).device
@@ -239,9 +219,10 @@ def predict(head: SegmentationHead, encoding, volume, image_transform=None) -> S
         linearly onto the input grid, then the most likely label wins; voxels outside the
         model's field of view are background.
     """
-    probabilities = grid_probabilities(head, encoding.features, head_image(head, encoding, volume, image_transform))
+    image = head_input(volume, image_transform, encoding, head.network.config.refine)
+    probabilities = grid_probabilities(head, encoding.features, image)
     values = [0, *(label.value for label in head.labels)]
-    _, grid_to_ras = head_grid(head.network.config, encoding.grid)
+    _, grid_to_ras = encoding.grid.subdivided(head.network.config.refine)
     resampled = (resample_to_volume(channel, grid_to_ras, volume.shape, volume.ijk_to_ras, linear=True)
                  for channel in probabilities)
     labelmap = _label_of_best(zip(values, resampled), volume.shape)

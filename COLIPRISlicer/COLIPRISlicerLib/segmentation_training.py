@@ -278,7 +278,8 @@ def train_segmentation_head(
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}.")
     if validate_every < 1 or not 0.0 <= balanced_crops <= 1.0:
-        raise ValueError(f"Need validate_every >= 1 and balanced_crops in [0, 1], got {validate_every}, {balanced_crops}.")
+        message = f"Need validate_every >= 1 and balanced_crops in [0, 1], got {validate_every}, {balanced_crops}."
+        raise ValueError(message)
     if crop_patches is not None and crop_patches < 1:
         raise ValueError(f"crop_patches must be None or at least 1, got {crop_patches}.")
     start, out_dir = time.perf_counter(), Path(out_dir)
@@ -301,7 +302,8 @@ def train_segmentation_head(
                            time.perf_counter() - start, stopped, engine.image_forward_count - forwards, run.history)
 
 
-def _encode_cases(images_dir, labels_dir, engine, cache_dir: Path, progress: bool, refine: int = 1) -> tuple[dict, dict]:
+def _encode_cases(images_dir, labels_dir, engine, cache_dir: Path, progress: bool,
+                  refine: int = 1) -> tuple[dict, dict]:
     """Cache every matched case; return name -> cache path and name -> cached facts."""
     from tqdm.auto import tqdm
 
@@ -351,7 +353,8 @@ class _TrainingRun:
             torch.manual_seed(seed)
             head = create_head(engine, grid, int(features_shape[0]), values, names, base_channels=base_channels,
                                refine=refine)
-        set_output_prior(head.network, class_frequencies([paths[n] for n in train], values_tensor), rare=RARE_CLASS_PRIOR)
+        frequencies = class_frequencies([paths[n] for n in train], values_tensor)
+        set_output_prior(head.network, frequencies, rare=RARE_CLASS_PRIOR)
         head.network.to(torch.device(engine.identity.device))
         optimizer = torch.optim.AdamW(head.network.parameters(), lr=learning_rate)
         setup = _setup_record(head, train, val, values, learning_rate, seed, crop_patches, balanced_crops)
@@ -379,7 +382,8 @@ class _TrainingRun:
                     self._validate_last(device)
                     return True
                 seed, number = self.setup["seed"] + self.epoch, self.epoch + 1
-                self.history.append(_epoch(self, loss_fn, device, seed, number % validate_every == 0 or number == epochs))
+                validate = number % validate_every == 0 or number == epochs
+                self.history.append(_epoch(self, loss_fn, device, seed, validate))
                 self.epoch += 1
                 seconds = self.seconds_before + time.perf_counter() - start
                 _save_checkpoint(checkpoint, network, self.optimizer, self.setup, self.epoch, self.history, seconds)
@@ -390,8 +394,11 @@ class _TrainingRun:
     def _validate_last(self, device) -> None:
         """Validation Dice for the last epoch, when it was skipped (``validate_every``)."""
         if self.history and self.history[-1]["dice"] is None:
-            self.history[-1].update(_dice_entry(validation_dice(self.head.network, self.val_paths, self.values, device)
-                                                if self.val_paths else []))
+            self.history[-1].update(_dice_entry(self.validate(device)))
+
+    def validate(self, device) -> list[float | None]:
+        """Validation Dice per foreground label; empty without validation cases."""
+        return validation_dice(self.head.network, self.val_paths, self.values, device) if self.val_paths else []
 
     def save(self, out_dir: Path, images_dir, labels_dir, seconds: float) -> None:
         """Write head.safetensors + head.json with the last epoch's validation Dice."""
@@ -434,9 +441,7 @@ def _epoch(run: _TrainingRun, loss_fn, device, seed: int, validate: bool = True)
     start, network = time.perf_counter(), run.head.network
     loss = _train_epoch(network, run.optimizer, loss_fn, run.train_paths, run.values, device, seed,
                         run.setup["crop_patches"], run.setup["balanced_crops"])
-    dice = None
-    if validate:
-        dice = validation_dice(network, run.val_paths, run.values, device) if run.val_paths else []
+    dice = run.validate(device) if validate else None
     logger.debug("Epoch %d: loss %.4f, Dice %s.", len(run.history) + 1, loss, dice)
     return {"epoch": len(run.history) + 1, "loss": round(loss, 5), **_dice_entry(dice),
             "seconds": round(time.perf_counter() - start, 2)}
