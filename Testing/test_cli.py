@@ -136,9 +136,13 @@ def test_train_seg_head_command_and_analyze_with_it(tiny_model_folder, tmp_path)
     head = tmp_path / "head"
     trained = runner.invoke(app, ["train-seg-head", "--images", str(images), "--labels", str(labels), "--model",
                                   str(tiny_model_folder), "--out", str(head), "--epochs", "1", "--device", "cpu",
-                                  "--hide-progress", "--crop-patches", "2"])
+                                  "--hide-progress", "--crop-patches", "2", "--balanced-crops", "0.5", "--rarity", "0.5",
+                                  "--recall-epochs", "1"])
     assert trained.exit_code == 0, trained.output
-    assert json.loads((head / "head.json").read_text())["training"]["augmentation"] == "random 2-patch crops"
+    training = json.loads((head / "head.json").read_text())["training"]
+    assert training["augmentation"] == ("random 2-patch crops, 50% of foreground centres class-balanced, drawn with"
+                                        " weights voxels^-0.5")
+    assert training["loss"].endswith("plus class-balanced cross-entropy in the first 1 epochs")
     scan = sorted(images.iterdir())[0]
     out = tmp_path / "out"
     analyzed = runner.invoke(app, ["analyze", str(scan), "--model", str(tiny_model_folder), "--out", str(out),
@@ -150,6 +154,9 @@ def test_train_seg_head_command_and_analyze_with_it(tiny_model_folder, tmp_path)
     failed = runner.invoke(app, ["train-seg-head", "--images", str(images), "--labels", str(empty), "--model",
                                  str(tiny_model_folder), "--out", str(tmp_path / "h2"), "--device", "cpu"])
     assert failed.exit_code == 1 and "Error:" in failed.output
+    negative = runner.invoke(app, ["train-seg-head", "--images", str(images), "--labels", str(labels), "--model",
+                                   str(tiny_model_folder), "--out", str(tmp_path / "h3"), "--rarity", "-1"])
+    assert negative.exit_code == 1 and "rarity >= 0" in negative.output and not (tmp_path / "h3").exists()
 
 
 def test_localization_json_records_each_snippet(analyzed):

@@ -485,12 +485,13 @@ def test_training_on_crops_feeds_crops_records_them_and_keeps_the_checkpoint_set
         train_again(small_training, tmp_path / "other", epochs=1, crop_patches=0)
 
 
-def test_a_checkpoint_from_before_crops_existed_still_resumes(small_training, tmp_path):
+def test_a_checkpoint_from_before_crops_and_rare_class_options_existed_still_resumes(small_training, tmp_path):
     import torch
 
     out = copy_of_head_folder(small_training, tmp_path)
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    del checkpoint["setup"]["crop_patches"]
+    for key in ("crop_patches", "balanced_crops", "rarity", "recall_epochs"):
+        del checkpoint["setup"][key]
     torch.save(checkpoint, out / "checkpoint.pt")
     summary = train_again(small_training, out, epochs=3)
     assert (summary.resumed_from_epoch, summary.epochs_completed) == (2, 3)
@@ -661,14 +662,66 @@ def test_balanced_crops_centre_a_one_voxel_class_beside_a_large_one_in_about_hal
     target[0, :16] = 1  # half the grid
     target[0, 30, 30, 30] = 2  # one voxel, in the corner patch far from most of class 1
 
-    def share_with_the_voxel(balanced: float) -> float:
+    def share_with_the_voxel(balanced: float, rarity: float = 0.0) -> float:
         rng = np.random.default_rng(0)
-        crops = [random_patch_crop(features, image, target, 2, rng, foreground_share=1.0, balanced_share=balanced)
-                 for _ in range(400)]
+        crops = [random_patch_crop(features, image, target, 2, rng, foreground_share=1.0, balanced_share=balanced,
+                                   rarity=rarity) for _ in range(400)]
         return float(np.mean([bool((t == 2).any()) for _, _, t in crops]))
 
     assert share_with_the_voxel(0.0) < 0.01
     assert 0.4 < share_with_the_voxel(1.0) < 0.6  # class 2 drawn half the time; then always in the crop
+    # rarity 0.5: weights 1 (one voxel) against 16384 ** -0.5 = 1/128 (half the grid) -> 128/129 of the draws
+    assert share_with_the_voxel(1.0, rarity=0.5) > 0.97
+
+
+def test_class_balanced_cross_entropy_weighs_each_present_class_as_much_as_the_background():
+    import torch
+    from torch.nn.functional import cross_entropy
+
+    from COLIPRISlicerLib.segmentation_training import class_balanced_cross_entropy, head_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 4, 4, 4, requires_grad=True)
+    target = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    target[0, 0, 0, 0, :2] = 1  # 2 of 64 voxels; class 2 absent
+    per_voxel = cross_entropy(logits, target[:, 0], reduction="none")[0]
+    background, small = target[0, 0] == 0, target[0, 0] == 1
+    expected = (per_voxel[background].mean() + per_voxel[small].mean()) / 2
+    value = class_balanced_cross_entropy(logits, target)
+    assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    combined = head_loss(class_balanced=True)(logits, target)
+    assert float(combined.detach()) == pytest.approx(float((head_loss()(logits, target) + expected).detach()), rel=1e-6)
+    (gradient,) = torch.autograd.grad(value, logits)
+    # per voxel: (p - onehot) / (2 present classes * that class's voxels): the 2 small-class voxels share the
+    # weight the 62 background voxels share
+    p = logits.softmax(dim=1)[0].detach()
+    assert float(gradient[0, 1][small][0]) == pytest.approx(float(p[1][small][0] - 1) / (2 * 2), rel=1e-5)
+    assert float(gradient[0, 1][background][0]) == pytest.approx(float(p[1][background][0]) / (2 * 62), rel=1e-5)
+
+
+def test_recall_epochs_add_the_class_balanced_term_in_the_first_epochs_only(small_training, tmp_path, monkeypatch):
+    from COLIPRISlicerLib import segmentation_training
+    from COLIPRISlicerLib.segmentation_training import RareClasses
+
+    calls = []
+    balanced = segmentation_training.class_balanced_cross_entropy
+
+    def counting(logits, target):
+        calls.append(target.shape)
+        return balanced(logits, target)
+
+    monkeypatch.setattr(segmentation_training, "class_balanced_cross_entropy", counting)
+    rare = RareClasses(balanced_crops=0.5, rarity=0.5, recall_epochs=1)
+    summary = train_again(small_training, tmp_path / "head", epochs=2, crop_patches=2, rare_classes=rare)
+    assert len(calls) == len(summary.train_cases)  # every step of epoch 1, none of epoch 2
+    training = json.loads((tmp_path / "head" / "head.json").read_text())["training"]
+    assert training["loss"].endswith("plus class-balanced cross-entropy in the first 1 epochs")
+    assert training["augmentation"] == ("random 2-patch crops, 50% of foreground centres class-balanced,"
+                                        " drawn with weights voxels^-0.5")
+    with pytest.raises(ValueError, match=r"another training run \(recall_epochs differ\)"):
+        train_again(small_training, tmp_path / "head", epochs=3, crop_patches=2, rare_classes=RareClasses(0.5, 0.5, 2))
+    with pytest.raises(ValueError, match="rarity >= 0"):
+        RareClasses(rarity=-1)
 
 
 def test_validate_every_skips_validation_between_and_always_validates_the_last_epoch(small_training, tmp_path):

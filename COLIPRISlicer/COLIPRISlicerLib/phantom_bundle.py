@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .segmentation_training import RareClasses
 from .types import TypePath, TypeStatusCallback
 
 #: Findings the bundled head segments, with their label values.
@@ -66,9 +67,12 @@ def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None
 #: bundled head (refine 2: a 2.5 mm grid, on which a perfect prediction of the held-out nodules reaches
 #: Dice 0.97 on the input grid, against 0.70 on the 5 mm model grid).
 HEAD_PHANTOMS, HEAD_EPOCHS, HEAD_CROP_PATCHES, HEAD_BASE_CHANNELS, HEAD_REFINE = 80, 20, 4, 8, 2
-#: Share of the foreground-centred crops centred on a class drawn first (nodules beside effusions), and
-#: how often the head's validation Dice is measured (8 s a phantom on the 160^3 refined grid).
-HEAD_BALANCED_CROPS, HEAD_VALIDATE_EVERY = 0.5, 5
+#: Small classes: half the foreground-centred crops centred on a class drawn first, each present class
+#: equally likely (nodules beside effusions; ``segmentation_training.RareClasses``; the README says what
+#: favouring rare classes further did).
+HEAD_RARE_CLASSES = RareClasses(balanced_crops=0.5)
+#: How often the head's validation Dice is measured (8 s a phantom on the 160^3 refined grid).
+HEAD_VALIDATE_EVERY = 5
 #: Head phantoms: seeds HEAD_SEED_BASE + i, the first of the encoder's own training phantoms, so the
 #: Dice in head.json is optimistic; the held-out Dice is eval-phantom's. (Phantoms the encoder never saw,
 #: seeds 30000000 + i, with class-balanced crop centres in the same run, gave a held-out effusion
@@ -113,7 +117,8 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
             summary = train_segmentation_head(images, labels, engine, staging, epochs=epochs, max_minutes=max_minutes,
                                               progress=False, label_names=HEAD_LABELS, crop_patches=crop_patches,
                                               base_channels=base_channels, refine=refine,
-                                              balanced_crops=HEAD_BALANCED_CROPS, validate_every=HEAD_VALIDATE_EVERY)
+                                              rare_classes=HEAD_RARE_CLASSES,
+                                              validate_every=HEAD_VALIDATE_EVERY)
         for leftover in ("feature_cache", "checkpoint.pt"):
             path = staging / leftover
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
