@@ -137,12 +137,12 @@ def test_train_seg_head_command_and_analyze_with_it(tiny_model_folder, tmp_path)
     trained = runner.invoke(app, ["train-seg-head", "--images", str(images), "--labels", str(labels), "--model",
                                   str(tiny_model_folder), "--out", str(head), "--epochs", "1", "--device", "cpu",
                                   "--hide-progress", "--crop-patches", "2", "--balanced-crops", "0.5", "--rarity", "0.5",
-                                  "--recall-epochs", "1"])
+                                  "--recall-epochs", "1", "--recall-weight", "0.1"])
     assert trained.exit_code == 0, trained.output
     training = json.loads((head / "head.json").read_text())["training"]
     assert training["augmentation"] == ("random 2-patch crops, 50% of foreground centres class-balanced, drawn with"
                                         " weights voxels^-0.5")
-    assert training["loss"].endswith("plus class-balanced cross-entropy in the first 1 epochs")
+    assert training["loss"].endswith("plus 0.1 x class-balanced cross-entropy in the first 1 epochs")
     scan = sorted(images.iterdir())[0]
     out = tmp_path / "out"
     analyzed = runner.invoke(app, ["analyze", str(scan), "--model", str(tiny_model_folder), "--out", str(out),

@@ -490,7 +490,7 @@ def test_a_checkpoint_from_before_crops_and_rare_class_options_existed_still_res
 
     out = copy_of_head_folder(small_training, tmp_path)
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    for key in ("crop_patches", "balanced_crops", "rarity", "recall_epochs"):
+    for key in ("crop_patches", "balanced_crops", "rarity", "recall_epochs", "recall_weight"):
         del checkpoint["setup"][key]
     torch.save(checkpoint, out / "checkpoint.pt")
     summary = train_again(small_training, out, epochs=3)
@@ -689,8 +689,9 @@ def test_class_balanced_cross_entropy_weighs_each_present_class_as_much_as_the_b
     expected = (per_voxel[background].mean() + per_voxel[small].mean()) / 2
     value = class_balanced_cross_entropy(logits, target)
     assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
-    combined = head_loss(class_balanced=True)(logits, target)
-    assert float(combined.detach()) == pytest.approx(float((head_loss()(logits, target) + expected).detach()), rel=1e-6)
+    combined = head_loss(class_balanced=0.1)(logits, target)
+    plain = head_loss()(logits, target)
+    assert float(combined.detach()) == pytest.approx(float((plain + 0.1 * expected).detach()), rel=1e-6)
     (gradient,) = torch.autograd.grad(value, logits)
     # per voxel: (p - onehot) / (2 present classes * that class's voxels): the 2 small-class voxels share the
     # weight the 62 background voxels share
@@ -715,7 +716,7 @@ def test_recall_epochs_add_the_class_balanced_term_in_the_first_epochs_only(smal
     summary = train_again(small_training, tmp_path / "head", epochs=2, crop_patches=2, rare_classes=rare)
     assert len(calls) == len(summary.train_cases)  # every step of epoch 1, none of epoch 2
     training = json.loads((tmp_path / "head" / "head.json").read_text())["training"]
-    assert training["loss"].endswith("plus class-balanced cross-entropy in the first 1 epochs")
+    assert training["loss"].endswith("plus 1 x class-balanced cross-entropy in the first 1 epochs")
     assert training["augmentation"] == ("random 2-patch crops, 50% of foreground centres class-balanced,"
                                         " drawn with weights voxels^-0.5")
     with pytest.raises(ValueError, match=r"another training run \(recall_epochs differ\)"):

@@ -325,6 +325,7 @@ def train_seg_head(
     balanced_crops: Annotated[float, typer.Option(help="Share of foreground crops centred on a class drawn first.")] = 0.0,
     rarity: Annotated[float, typer.Option(help="Draw that class with weights (its voxels) ** -RARITY.")] = 0.0,
     recall_epochs: Annotated[int, typer.Option(help="Add class-balanced cross-entropy in the first N epochs.")] = 0,
+    recall_weight: Annotated[float, typer.Option(help="Weight of that term.")] = 1.0,
 ) -> None:
     """Train a segmentation head on frozen encoder features (features cached, resumable)."""
 
@@ -332,7 +333,7 @@ def train_seg_head(
         from .segmentation_training import RareClasses, train_seg_head_command
 
         train_seg_head_command(images, labels, model, out, max_minutes, epochs, device, show_progress,
-                               crop_patches, refine, RareClasses(balanced_crops, rarity, recall_epochs))
+                               crop_patches, refine, RareClasses(balanced_crops, rarity, recall_epochs, recall_weight))
 
     _run(action)
 
