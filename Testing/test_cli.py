@@ -136,8 +136,8 @@ def test_train_seg_head_command_and_analyze_with_it(tiny_model_folder, tmp_path)
     head = tmp_path / "head"
     trained = runner.invoke(app, ["train-seg-head", "--images", str(images), "--labels", str(labels), "--model",
                                   str(tiny_model_folder), "--out", str(head), "--epochs", "1", "--device", "cpu",
-                                  "--hide-progress", "--crop-patches", "2", "--balanced-crops", "0.5", "--rarity", "0.5",
-                                  "--recall-epochs", "1", "--recall-weight", "0.1"])
+                                  "--hide-progress", "--crop-patches", "2", "--balanced-crops", "0.5",
+                                  "--rarity", "0.5", "--recall-epochs", "1", "--recall-weight", "0.1"])
     assert trained.exit_code == 0, trained.output
     training = json.loads((head / "head.json").read_text())["training"]
     assert training["augmentation"] == ("random 2-patch crops, 50% of foreground centres class-balanced, drawn with"

@@ -322,7 +322,7 @@ def train_seg_head(
     show_progress: Annotated[bool, typer.Option("--show-progress/--hide-progress")] = True,
     crop_patches: Annotated[Optional[int], typer.Option(min=1, help="Train on random crops of N patches per axis.")] = None,
     refine: Annotated[int, typer.Option(min=1, help="Decode onto the model grid subdivided N times (1, 2, 4).")] = 1,
-    balanced_crops: Annotated[float, typer.Option(help="Share of foreground crops centred on a class drawn first.")] = 0.0,
+    balanced_crops: Annotated[float, typer.Option(help="Share of foreground crops centred on a drawn class.")] = 0.0,
     rarity: Annotated[float, typer.Option(help="Draw that class with weights (its voxels) ** -RARITY.")] = 0.0,
     recall_epochs: Annotated[int, typer.Option(help="Add class-balanced cross-entropy in the first N epochs.")] = 0,
     recall_weight: Annotated[float, typer.Option(help="Weight of that term.")] = 1.0,
