@@ -689,7 +689,7 @@ def test_class_balanced_cross_entropy_weighs_each_present_class_as_much_as_the_b
     expected = (per_voxel[background].mean() + per_voxel[small].mean()) / 2
     value = class_balanced_cross_entropy(logits, target)
     assert float(value.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
-    combined = head_loss(class_balanced=0.1)(logits, target)
+    combined = head_loss(class_balanced_weight=0.1)(logits, target)
     plain = head_loss()(logits, target)
     assert float(combined.detach()) == pytest.approx(float((plain + 0.1 * expected).detach()), rel=1e-6)
     (gradient,) = torch.autograd.grad(value, logits)

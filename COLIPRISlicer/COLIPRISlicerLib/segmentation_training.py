@@ -152,7 +152,7 @@ def _crop_centres(target, rng: np.random.Generator, balanced_share: float, rarit
 HEAD_LOSS = "DiceCELoss (Dice on foreground labels, smooth_nr 0)"
 
 
-def head_loss(class_balanced: float = 0.0):
+def head_loss(class_balanced_weight: float = 0.0):
     """MONAI's DiceCELoss as the head trains with it: softmax, Dice over the foreground labels only.
 
     With the background in the Dice, predicting background everywhere already scores well on
@@ -162,17 +162,17 @@ def head_loss(class_balanced: float = 0.0):
     phantom head (same 80 phantoms and recipe) this raised the held-out effusion Dice from
     0.757 to 0.771 and the head's own pericardial-effusion Dice from 0.68 to 0.73.
 
-    With ``class_balanced`` > 0, :func:`class_balanced_cross_entropy` times it is added
+    With ``class_balanced_weight`` > 0, :func:`class_balanced_cross_entropy` times it is added
     (``RareClasses.recall_epochs``).
     """
     from monai.losses import DiceCELoss
 
     dice_ce = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=0.0, smooth_dr=1e-5)
-    if not class_balanced:
+    if not class_balanced_weight:
         return dice_ce
 
     def loss(logits, target):
-        return dice_ce(logits, target) + class_balanced * class_balanced_cross_entropy(logits, target)
+        return dice_ce(logits, target) + class_balanced_weight * class_balanced_cross_entropy(logits, target)
 
     return loss
 
@@ -195,8 +195,9 @@ def class_balanced_cross_entropy(logits, target):
     import torch
     from torch.nn.functional import cross_entropy
 
-    labels = target[:, 0].long().flatten()
-    per_voxel = cross_entropy(logits, target[:, 0].long(), reduction="none").flatten()
+    indices = target[:, 0].long()
+    labels = indices.flatten()
+    per_voxel = cross_entropy(logits, indices, reduction="none").flatten()
     sums = torch.zeros(logits.shape[1], dtype=per_voxel.dtype, device=per_voxel.device).index_add_(0, labels, per_voxel)
     counts = torch.bincount(labels, minlength=logits.shape[1])
     present = counts > 0
@@ -453,7 +454,7 @@ class _TrainingRun:
 
         network, device = self.head.network, next(self.head.network.parameters()).device
         rare = self.rare_classes
-        losses = {False: head_loss(), True: head_loss(class_balanced=rare.recall_weight)}
+        losses = {False: head_loss(), True: head_loss(class_balanced_weight=rare.recall_weight)}
         recall_epochs = rare.recall_epochs
         first = self.epoch
         with tqdm(total=epochs, initial=first, desc="Training head", unit="epoch", disable=not progress) as bar:
@@ -522,9 +523,9 @@ def _dice_entry(dice: list[float | None] | None) -> dict:
 def _epoch(run: _TrainingRun, loss_fn, device, seed: int, validate: bool = True) -> dict:
     """Train over the training cases in a seeded order, then validation Dice (if ``validate``; else
     ``dice`` is None); one history entry."""
-    start, network = time.perf_counter(), run.head.network
+    start, network, rare = time.perf_counter(), run.head.network, run.rare_classes
     loss = _train_epoch(network, run.optimizer, loss_fn, run.train_paths, run.values, device, seed,
-                        run.setup["crop_patches"], run.rare_classes.balanced_crops, run.rare_classes.rarity)
+                        run.setup["crop_patches"], rare.balanced_crops, rare.rarity)
     dice = run.validate(device) if validate else None
     logger.debug("Epoch %d: loss %.4f, Dice %s.", len(run.history) + 1, loss, dice)
     return {"epoch": len(run.history) + 1, "loss": round(loss, 5), **_dice_entry(dice),
