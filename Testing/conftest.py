@@ -39,6 +39,22 @@ def tiny_model_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_folder):
+    """The tiny model loaded through the engine's own loader (fp32, CPU)."""
+    from COLIPRISlicerLib.model_loading import load_model
+
+    return load_model(str(tiny_model_folder), device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="session")
+def phantom_sample(tiny_loaded):
+    """Training sample of phantom 3 at coarse geometry on the tiny model's grid."""
+    from COLIPRISlicerLib.phantom_dataset import make_sample
+
+    return make_sample(3, tiny_loaded.image_transform, tiny_loaded.patch_size, coarse=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_model_folder):
     """One CPU engine over the tiny model for the whole session (memory cache only)."""
     from COLIPRISlicerLib.engine import Engine

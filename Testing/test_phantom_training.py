@@ -16,49 +16,44 @@ from COLIPRISlicerLib.phantom import generate_phantom
 from COLIPRISlicerLib.phantom_dataset import PLANTED_FINDINGS, coarse_geometry, make_sample
 
 
-@pytest.fixture(scope="module")
-def tiny_loaded(tiny_model_folder):
-    from COLIPRISlicerLib.model_loading import load_model
-
-    return load_model(str(tiny_model_folder), device="cpu", precision="fp32")
-
-
-@pytest.fixture(scope="module")
-def sample(tiny_loaded):
-    return make_sample(3, tiny_loaded.image_transform, tiny_loaded.patch_size, coarse=True)
-
-
-def test_sample_targets_match_the_phantom_truth_on_the_model_grid(sample, tiny_loaded):
+def test_sample_targets_match_the_phantom_truth_on_the_model_grid(phantom_sample, tiny_loaded):
+    from COLIPRISlicerLib.findings import mask_to_patch_fraction
     from COLIPRISlicerLib.localization import strip_references
+    from COLIPRISlicerLib.phantom_augmentation import unpack_masks
     from COLIPRISlicerLib.preprocessing import preprocess
 
     volume, truth = generate_phantom(3, **coarse_geometry(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         processed = preprocess(volume, tiny_loaded.image_transform)
-    assert torch.equal(sample.image, processed.tensor.half())
+    assert torch.equal(phantom_sample.image, processed.tensor.half())
     grid = processed.patch_grid(tiny_loaded.patch_size)
     levels = grid.level_s_mm()
     step = levels[1] - levels[0]
-    for text, level, entry in zip(sample.snippets, sample.snippet_levels, truth["snippets"]):
+    for text, level, entry in zip(phantom_sample.snippets, phantom_sample.snippet_levels, truth["snippets"]):
         assert text == strip_references(entry["text"]) and "series" not in text
         assert levels[0] + level * step == pytest.approx(entry["ras_s"], abs=1e-3)
+    masks = unpack_masks(phantom_sample.model_masks, grid.model_shape[2])
+    assert masks.shape == (len(PLANTED_FINDINGS), *grid.model_shape)
     patch_ml = float(np.prod(grid.patch_mm)) / 1000
     for row, name in enumerate(PLANTED_FINDINGS):
-        fractions = sample.patch_fractions[row].astype(np.float64)
+        fractions = phantom_sample.patch_fractions[row].astype(np.float64)
         if name not in truth["mask_arrays"]:
-            assert not fractions.any()
+            assert not fractions.any() and not masks[row].any()
             continue
+        expected = mask_to_patch_fraction(truth["mask_arrays"][name], volume, grid)
+        np.testing.assert_allclose(fractions, expected, atol=1e-3)  # the patch means of the model-grid mask
         mask_ml = truth["mask_arrays"][name].sum() * abs(np.linalg.det(volume.ijk_to_ras[:3, :3])) / 1000
         if mask_ml >= 5:  # nearest-neighbour sampling at 6 mm: only sizeable masks keep their volume
             assert fractions.sum() * patch_ml == pytest.approx(mask_ml, rel=0.25), name
 
 
-def test_training_embeddings_equal_the_engine_inference_path(tiny_loaded, sample):
+def test_training_embeddings_equal_the_engine_inference_path(tiny_loaded, phantom_sample):
     from COLIPRISlicerLib.encoding import run_image_encoder
 
-    pooled, dense, weights = objectives.encode_pooled_and_dense(tiny_loaded.model, sample.image[None].float())
-    reference_pooled, reference_dense, _, _ = run_image_encoder(tiny_loaded, sample.image.float(), precision="fp32")
+    pooled, dense, weights = objectives.encode_pooled_and_dense(tiny_loaded.model, phantom_sample.image[None].float())
+    reference_pooled, reference_dense, _, _ = run_image_encoder(tiny_loaded, phantom_sample.image.float(),
+                                                                precision="fp32")
     torch.testing.assert_close(pooled[0], reference_pooled, atol=1e-5, rtol=0)
     torch.testing.assert_close(dense[0].T.reshape(reference_dense.shape), reference_dense, atol=1e-5, rtol=0)
     heads = tiny_loaded.model.image_encoder.pooler.attn.num_heads
@@ -66,12 +61,13 @@ def test_training_embeddings_equal_the_engine_inference_path(tiny_loaded, sample
     torch.testing.assert_close(weights.detach().sum(dim=-1), torch.ones(1, heads))
 
 
-def test_snippet_loss_is_cross_entropy_of_the_engine_depth_profile(tiny_loaded, sample):
+def test_snippet_loss_is_cross_entropy_of_the_engine_depth_profile(tiny_loaded, phantom_sample):
     from COLIPRISlicerLib.localization import depth_profile
     from COLIPRISlicerLib.localization_head import blurred_target
     from COLIPRISlicerLib.preprocessing import PreprocessedImage
 
-    grid = PreprocessedImage(sample.image, np.diag([6.0, 6.0, 6.0, 1.0]), (0, 0, 0)).patch_grid(tiny_loaded.patch_size)
+    grid = PreprocessedImage(phantom_sample.image, np.diag([6.0, 6.0, 6.0, 1.0]),
+                             (0, 0, 0)).patch_grid(tiny_loaded.patch_size)
     generator = torch.Generator().manual_seed(0)
     dense = torch.nn.functional.normalize(torch.randn(1, math.prod(grid.shape), 32, generator=generator), dim=-1)
     snippet = torch.nn.functional.normalize(torch.randn(1, 32, generator=generator), dim=-1)
@@ -152,6 +148,7 @@ def test_a_short_training_run_writes_a_model_folder_the_engine_loads(tmp_path):
     assert all(entry["loss"] > 0 for entry in record["history"])
     stored = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))["colipri_slicer"]
     assert stored["training"]["n_train"] == 4 and stored["label"] == TEACHING_LABEL
+    assert stored["training"]["augmentation"] == {"max_shift_voxels": 6, "max_noise": 0.03}
     engine = Engine(str(folder), device="cpu", precision="fp32")
     assert engine.identity.model_id == TEACHING_MODEL_ID and engine.identity.label == TEACHING_LABEL
     assert engine.temperature == pytest.approx(0.07)

@@ -2,8 +2,10 @@
 
 1. ``train-coarse``: the first training seeds (``100000 * (seed + 1) + i``) at the coarse
    geometry they were trained at (the very images the encoder saw).
-2. ``train-full``: the same seeds at the generator's full random geometry (same anatomy
-   and findings, new voxels).
+2. ``train-full``: the same seeds at the generator's full random geometry: the same patient
+   and the same findings present (so the same labels), but a new field of view, voxels,
+   noise and vessel pattern, and the findings planted elsewhere (the geometry draws shift
+   the anatomy's random stream).
 3. ``held-out``: validation seeds ``10000000 + i`` at full geometry (what ``eval-phantom`` uses).
 
 Per planted finding: AUROC of the pooled likelihood (what ``eval-phantom`` reports) and of

@@ -263,6 +263,7 @@ def train_phantom(
     seed: int = 0,
     max_minutes: Annotated[Optional[float], typer.Option(help="Minutes from the start: the image phase runs the epochs that fit, annealed.")] = None,
     n_val: Annotated[int, typer.Option(min=2, help="Held-out phantoms for the validation figures.")] = 60,
+    augment: Annotated[bool, typer.Option(help="Image phase: shift and add noise to every phantom at every batch.")] = True,
 ) -> None:
     """Train the synthetic teaching model on phantoms, calibrate it, add a segmentation head, validate.
 
@@ -278,6 +279,8 @@ def train_phantom(
 
         config = replace(TrainingConfig(), n_train=n_train, epochs=epochs, text_epochs=text_epochs, seed=seed,
                          max_minutes=max_minutes)
+        if not augment:
+            config = replace(config, augmentation=None)
         record = train_phantom_model(out, vocab or default_vocabulary(), config, status_callback=_status)
         _status(f"Trained in {record['train_minutes']} min; calibrating thresholds")
         calibrate_thresholds(out, status_callback=_status)

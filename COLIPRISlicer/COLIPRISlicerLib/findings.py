@@ -96,12 +96,17 @@ def heatmap_on_volume(result: FindingResult, grid: geometry.PatchGrid, volume) -
     return grid.to_volume(result.logit_map, volume.shape, volume.ijk_to_ras, linear=True)
 
 
-def mask_to_patch_fraction(mask_ijk: np.ndarray, volume, grid: geometry.PatchGrid) -> np.ndarray:
-    """(gx, gy, gz) fraction of each patch covered by a mask given on the input grid."""
+def mask_to_model_grid(mask_ijk: np.ndarray, volume, grid: geometry.PatchGrid) -> np.ndarray:
+    """(X, Y, Z) bool: a mask given on the input grid, nearest-neighbour on the model grid."""
     if tuple(mask_ijk.shape) != tuple(volume.shape):
         raise ValueError(f"Mask shape {mask_ijk.shape} differs from the volume's {volume.shape}.")
-    on_model = geometry.resample_to_volume(mask_ijk.astype(np.uint8), volume.ijk_to_ras, grid.model_shape,
-                                           grid.model_to_ras, linear=False).astype(np.float32)
+    return geometry.resample_to_volume(mask_ijk.astype(np.uint8), volume.ijk_to_ras, grid.model_shape,
+                                       grid.model_to_ras, linear=False).astype(bool)
+
+
+def mask_to_patch_fraction(mask_ijk: np.ndarray, volume, grid: geometry.PatchGrid) -> np.ndarray:
+    """(gx, gy, gz) fraction of each patch covered by a mask given on the input grid."""
+    on_model = mask_to_model_grid(mask_ijk, volume, grid).astype(np.float32)
     gx, gy, gz = grid.shape
     px, py, pz = grid.patch_size
     return on_model.reshape(gx, px, gy, py, gz, pz).mean(axis=(1, 3, 5))

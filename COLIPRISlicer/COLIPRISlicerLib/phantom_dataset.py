@@ -35,6 +35,9 @@ class PhantomSample:
         labels: (18,) float32, CT-RATE order.
         patch_fractions: (10, gx, gy, gz) float16, share of each patch inside each planted
             finding's mask (:data:`PLANTED_FINDINGS` order; zeros when absent).
+        model_masks: (10, X, Y, ceil(Z / 8)) uint8, each planted finding's mask on the model
+            grid, bits packed along Z (:func:`.phantom_augmentation.pack_masks`); the patch
+            fractions are its patch means.
         snippets: report sentences without their "(series 1, image N)" references.
         snippet_levels: (num_snippets,) float32 continuous depth-level index of each snippet.
         report: the report body (findings and impression, without the header line).
@@ -45,6 +48,7 @@ class PhantomSample:
     image: object
     labels: np.ndarray
     patch_fractions: np.ndarray
+    model_masks: np.ndarray
     snippets: list[str]
     snippet_levels: np.ndarray
     report: str
@@ -74,8 +78,9 @@ def make_sample(seed: int, image_transform, patch_size: tuple[int, int, int], *,
     """
     import torch
 
-    from .findings import mask_to_patch_fraction
+    from .findings import mask_to_model_grid
     from .phantom import CT_RATE_FINDINGS, generate_phantom
+    from .phantom_augmentation import pack_masks
     from .preprocessing import preprocess
 
     volume, truth = generate_phantom(seed, **(coarse_geometry(seed) if coarse else {}))
@@ -83,16 +88,19 @@ def make_sample(seed: int, image_transform, patch_size: tuple[int, int, int], *,
         warnings.simplefilter("ignore", RuntimeWarning)  # wide fields of view are cropped, as at inference
         processed = preprocess(volume, image_transform)
     grid = processed.patch_grid(patch_size)
-    fractions = np.zeros((len(PLANTED_FINDINGS), *grid.shape), np.float16)
+    masks = np.zeros((len(PLANTED_FINDINGS), *grid.model_shape), bool)
     for row, name in enumerate(PLANTED_FINDINGS):
         if name in truth["mask_arrays"]:
-            fractions[row] = mask_to_patch_fraction(truth["mask_arrays"][name], volume, grid)
+            masks[row] = mask_to_model_grid(truth["mask_arrays"][name], volume, grid)
+    (gx, gy, gz), (px, py, pz) = grid.shape, grid.patch_size
+    fractions = masks.reshape(-1, gx, px, gy, py, gz, pz).mean(axis=(2, 4, 6), dtype=np.float32).astype(np.float16)
     levels_s = grid.level_s_mm()
     step = float(levels_s[1] - levels_s[0])
     snippets = [strip_references(entry["text"]) for entry in truth["snippets"]]
     snippet_levels = np.array([(entry["ras_s"] - levels_s[0]) / step for entry in truth["snippets"]], np.float32)
     return PhantomSample(seed, processed.tensor.to(torch.float16), np.array(
-        [truth["findings"][name] for name in CT_RATE_FINDINGS], np.float32), fractions, snippets, snippet_levels,
+        [truth["findings"][name] for name in CT_RATE_FINDINGS], np.float32), fractions, pack_masks(masks), snippets,
+        snippet_levels,
         truth["report"].split("\n", 1)[1].strip(), abs(step))
 
 

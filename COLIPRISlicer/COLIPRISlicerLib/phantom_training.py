@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .model_folder import SmallModelSpec
+from .phantom_augmentation import Augmentation
 from .training_budget import epochs_that_fit
 from .types import TypePath, TypeStatusCallback
 
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 TEACHING_MODEL_ID = "colipri-slicer/phantom-teaching"
 TEACHING_LABEL = "synthetic teaching model - not COLIPRI, not for clinical use"
-TEACHING_VERSION = "v3"
+TEACHING_VERSION = "v6"
 #: Validation phantoms: seeds VALIDATION_SEED_BASE + i; calibration: CALIBRATION_SEED_BASE + i.
 VALIDATION_SEED_BASE = 10_000_000
 CALIBRATION_SEED_BASE = 20_000_000
@@ -64,6 +65,8 @@ class TrainingConfig:
     #: Image-phase budget counted from the start: fewer epochs if needed, the schedule fitted to them.
     max_minutes: float | None = None
     weights: LossWeights = field(default_factory=LossWeights)
+    #: Image-phase views per batch (None: the phantoms exactly as generated, every epoch).
+    augmentation: Augmentation | None = field(default_factory=Augmentation)
     spec: SmallModelSpec = field(default_factory=lambda: SmallModelSpec(
         input_size=80, spacing_mm=5.0, image_embed_dim=96, image_depth=3, image_heads=2, projection_dim=64,
         text_layers=2, text_heads=2, text_intermediate=128, pool_heads=8, drop_path_rate=0.0))
@@ -195,7 +198,8 @@ def _image_phase(loaded, bank, samples, directions, config: TrainingConfig, gene
         encoder.train()
         terms = []
         for batch in torch.randperm(len(samples), generator=generator).split(config.batch_size):
-            images, labels, fractions = _batch_arrays(samples, batch.tolist())
+            images, labels, fractions = _batch_arrays(samples, batch.tolist(), loaded.patch_size,
+                                                      config.augmentation, generator)
             pooled, dense, weights = objectives.encode_pooled_and_dense(loaded.model, images)
             parts = objectives.image_terms(pooled, dense, weights, directions, labels, fractions, config.temperature)
             terms.append(_apply(parts, config.weights, optimizer))
@@ -239,14 +243,21 @@ def _text_phase(loaded, bank, samples, directions, config: TrainingConfig, gener
     return history
 
 
-def _batch_arrays(samples, indices: list[int]):
-    """(B, 1, X, Y, Z) images, (B, 18) labels, (B, 10, N) patch fractions as float32 tensors."""
+def _batch_arrays(samples, indices: list[int], patch_size, augmentation: Augmentation | None, generator):
+    """(B, 1, X, Y, Z) images, (B, 18) labels, (B, 10, N) patch fractions as float32 tensors,
+    shifted and noised by :func:`.phantom_augmentation.augment_batch` unless ``augmentation`` is None."""
     import torch
+
+    from .phantom_augmentation import augment_batch, unpack_masks
 
     images = torch.stack([samples[i].image for i in indices]).float()
     labels = torch.from_numpy(np.stack([samples[i].labels for i in indices]))
-    fractions = torch.from_numpy(np.stack([samples[i].patch_fractions for i in indices]).astype(np.float32))
-    return images, labels, fractions.flatten(2)
+    if augmentation is None:
+        fractions = torch.from_numpy(np.stack([samples[i].patch_fractions for i in indices]).astype(np.float32))
+        return images, labels, fractions.flatten(2)
+    masks = torch.from_numpy(np.stack([unpack_masks(samples[i].model_masks, images.shape[-1]) for i in indices]))
+    images, fractions = augment_batch(images, masks, patch_size, augmentation, generator)
+    return images, labels, fractions
 
 
 def _apply(parts: dict, weights: LossWeights, optimizer) -> dict:
