@@ -188,7 +188,9 @@ def test_demo_analyses_a_phantom_and_its_references_land_on_the_right_slice(tmp_
     assert {"findings.json", "report.md", "segmentation.nii.gz", "segmentation.json", "localization.json",
             "summary.png", "heatmaps", "phantom"} <= {path.name for path in out.iterdir()}
     truth = json.loads((out / "phantom" / "truth.json").read_text(encoding="utf-8"))
-    located = json.loads((out / "localization.json").read_text(encoding="utf-8"))["snippets"]
+    localization = json.loads((out / "localization.json").read_text(encoding="utf-8"))
+    assert "not COLIPRI" in localization["model"]["label"]
+    located = localization["snippets"]
     assert [entry["snippet"] for entry in located] == [entry["text"] for entry in truth["snippets"]]
     slice_mm = max(truth["geometry"]["spacing_mm"])
     for entry, expected in zip(located, truth["snippets"]):

@@ -119,7 +119,7 @@ def _localization_writer(analyzer, result, snippets, method: str = "auto"):
     for entry in located:
         typer.echo(f"  {entry['snippet'][:50]!r} -> S {entry['ras'][2]:.1f} mm, slice {entry['slice_index']}"
                    f" ({entry['method']}, confidence {entry['confidence']:.2f})")
-    document = {"snippets": located}
+    document = {"model": result.model, "snippets": located}
     return lambda folder: (folder / "localization.json").write_text(json.dumps(document, indent=2))
 
 
