@@ -10,11 +10,15 @@ from conftest import TCIA_SERIES, require, synthetic_chest
 from COLIPRISlicerLib import geometry
 from COLIPRISlicerLib.encoding import ImageEncoding
 from COLIPRISlicerLib.geometry import PatchGrid
+from COLIPRISlicerLib.anatomy_prior import anatomy_prior
 from COLIPRISlicerLib.localization import (
+    body_patches,
     depth_profile,
     localize,
+    peak_centroid_s,
     profile_confidence,
     strip_references,
+    zero_shot_profile,
 )
 from COLIPRISlicerLib.localization_evaluation import (
     LocalizationRow,
@@ -146,7 +150,9 @@ def test_profile_peaks_where_a_patch_equals_the_snippet(tiny_engine):
     result = localize(tiny_engine, planted_encoding(dense, grid), volume, text, method="zero-shot")
     assert int(np.argmax(result.profile)) == 3
     assert grid.ras_to_patch(result.point_ras) == planted
-    assert result.s_mm == pytest.approx(geometry.apply_affine(grid.grid_to_ras, np.array(planted, float))[2])
+    centre_s = geometry.apply_affine(grid.grid_to_ras, np.array(planted, float))[2]
+    assert result.s_mm == pytest.approx(peak_centroid_s(result.profile_s_mm, result.profile))
+    assert abs(result.s_mm - centre_s) < grid.level_mm / 2  # inside the planted level, pulled by its neighbours
 
 
 def test_depth_profile_gives_no_weight_to_levels_outside_the_body():
@@ -156,6 +162,33 @@ def test_depth_profile_gives_no_weight_to_levels_outside_the_body():
     profile = depth_profile(np.ones(grid.shape), grid, temperature=0.05, inside=inside)
     np.testing.assert_allclose(profile.probabilities, [0, 1 / 3, 1 / 3, 1 / 3, 0], atol=1e-12)
     assert (profile.best_patch[0] == -1).all() and (profile.best_patch[1] >= 0).all()
+
+
+def test_peak_centroid_averages_the_peak_level_and_its_neighbours_only():
+    s_mm = np.array([200.0, 160.0, 120.0, 80.0, 40.0])  # grid order, S decreasing
+    profile = np.array([0.3, 0.0, 0.1, 0.5, 0.1])  # the far level 0 is left out
+    assert peak_centroid_s(s_mm, profile) == pytest.approx((0.1 * 120 + 0.5 * 80 + 0.1 * 40) / 0.7)
+    assert peak_centroid_s(s_mm, profile, neighbours=0) == 80.0
+    assert peak_centroid_s(s_mm, np.array([0.6, 0.2, 0.2, 0.0, 0.0])) == pytest.approx((0.6 * 200 + 0.2 * 160) / 0.8)
+
+
+def test_anatomy_weight_is_the_exponent_of_the_prior_in_the_product(tiny_engine, tcia):
+    from COLIPRISlicerLib.landmarks import detect_landmarks
+
+    volume, encoding = tcia
+    landmarks = detect_landmarks(volume.array, volume.ijk_to_ras)
+    text = "Lymph node at the carina."
+    zero_shot = zero_shot_profile(tiny_engine, encoding, text, inside=body_patches(volume, encoding)).probabilities
+    prior = np.asarray(anatomy_prior(text, landmarks, encoding.grid.level_s_mm())[0], float)
+    for weight in (1.0, 0.5):
+        result = localize(tiny_engine, encoding, volume, text, landmarks=landmarks, anatomy_weight=weight)
+        expected = zero_shot * prior**weight
+        assert result.method == "combined"
+        np.testing.assert_allclose(result.profile, expected / expected.sum(), rtol=1e-9, atol=1e-15)
+    alone = localize(tiny_engine, encoding, volume, text, landmarks=landmarks, anatomy_weight=0.0)
+    assert alone.method == "zero-shot" and "anatomy" not in alone.explanation
+    np.testing.assert_allclose(alone.profile, zero_shot, rtol=1e-9, atol=1e-15)
+    assert alone.s_mm == pytest.approx(peak_centroid_s(encoding.grid.level_s_mm(), zero_shot))
 
 
 def test_confidence_is_zero_for_a_uniform_profile_and_one_for_a_peak():

@@ -12,7 +12,13 @@ import yaml
 from COLIPRISlicerLib.analysis import Analyzer
 from COLIPRISlicerLib.engine import Engine
 from COLIPRISlicerLib.phantom import generate_phantom
-from COLIPRISlicerLib.phantom_bundle import HEAD_LABELS, calibrate_thresholds, train_head_on_phantoms
+from COLIPRISlicerLib.phantom_bundle import (
+    ANATOMY_WEIGHTS,
+    HEAD_LABELS,
+    calibrate_localization,
+    calibrate_thresholds,
+    train_head_on_phantoms,
+)
 
 
 @pytest.fixture()
@@ -33,6 +39,26 @@ def test_calibrated_thresholds_are_stored_and_used_by_the_analysis(model_copy):
     # Bronchiectasis is never planted: its threshold lies above every calibration score
     assert not result.finding("Bronchiectasis").present or result.finding("Bronchiectasis").likelihood > thresholds[
         "Bronchiectasis"]
+
+
+def test_calibrated_anatomy_weight_is_the_best_one_and_the_default_of_localize(model_copy):
+    before = yaml.safe_load((model_copy / "config.yaml").read_text(encoding="utf-8"))
+    record = calibrate_localization(model_copy, n=2, seed_base=20_000_200)
+    assert set(record["mae_mm"]) == set(ANATOMY_WEIGHTS) and record["snippets"] > 0
+    assert record["mae_mm"][record["anatomy_weight"]] == min(record["mae_mm"].values())
+    after = yaml.safe_load((model_copy / "config.yaml").read_text(encoding="utf-8"))
+    assert after["colipri_slicer"].pop("localization") == record
+    assert after == before  # nothing else changed
+    analyzer = Analyzer(Engine(str(model_copy), device="cpu", precision="fp32"))
+    assert analyzer.engine.extras.anatomy_weight == record["anatomy_weight"]
+    volume, truth = generate_phantom(20_000_200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = analyzer.analyze(volume)
+    text = next(entry["text"] for entry in truth["snippets"] if "carina" in entry["text"] or "lobe" in entry["text"])
+    by_default = analyzer.localize(result, text)
+    explicit = analyzer.localize(result, text, anatomy_weight=record["anatomy_weight"])
+    assert by_default.s_mm == explicit.s_mm and np.array_equal(by_default.profile, explicit.profile)
 
 
 def test_a_bundled_head_is_the_default_segmentation(model_copy):

@@ -155,12 +155,13 @@ class Analyzer:
         # load_head has loaded the model already (it checks the patch size), so the transform costs nothing
         return predict(load_head(head, self.engine), result.encoding, result.volume, self.engine.loaded.image_transform)
 
-    def localize(self, result: AnalysisResult, text: str, *, method: str = "auto", head=None):
+    def localize(self, result: AnalysisResult, text: str, *, method: str = "auto", head=None,
+                 anatomy_weight: float | None = None):
         """Where a report snippet refers to (see ``localization.localize``)."""
         from .localization import localize
 
         return localize(self.engine, result.encoding, result.volume, text, method=method, head=head,
-                        landmarks=result.landmarks)
+                        landmarks=result.landmarks, anatomy_weight=anatomy_weight)
 
 
 def _check(cancel: threading.Event | None) -> None:

@@ -274,7 +274,7 @@ def train_phantom(
     def action() -> None:
         from dataclasses import replace
 
-        from .phantom_bundle import calibrate_thresholds, train_head_on_phantoms
+        from .phantom_bundle import calibrate_localization, calibrate_thresholds, train_head_on_phantoms
         from .phantom_training import TrainingConfig, default_vocabulary, train_phantom_model
 
         config = replace(TrainingConfig(), n_train=n_train, epochs=epochs, text_epochs=text_epochs, seed=seed,
@@ -284,6 +284,8 @@ def train_phantom(
         record = train_phantom_model(out, vocab or default_vocabulary(), config, status_callback=_status)
         _status(f"Trained in {record['train_minutes']} min; calibrating thresholds")
         calibrate_thresholds(out, status_callback=_status)
+        _status("Calibrating snippet localisation")
+        calibrate_localization(out, status_callback=_status)
         _status("Training the segmentation head")
         train_head_on_phantoms(out)
         _evaluate_phantom_model(str(out), n_val, out / "validation_metrics.json")

@@ -7,8 +7,10 @@ Methods (``localize(method=...)``): ``reference``: an explicit "series N, image 
 embeddings; softmax over levels with the checkpoint's temperature. ``anatomy``:
 :func:`.landmarks.anatomy_prior` on the levels' S. ``head``: a trained
 :class:`.localization_head.LocalizationHead`. ``combined``: the product of the available
-profiles (zero-shot; anatomy when a term matched; head when given), renormalised. ``auto``:
-``reference`` when an explicit reference resolves, else ``combined``.
+profiles (zero-shot; anatomy when a term matched, raised to the model's calibrated
+``anatomy_weight``; head when given), renormalised. ``auto``: ``reference`` when an explicit
+reference resolves, else ``combined``. A profile's answer is the probability-weighted mean S of
+its peak level and the level on each side (:func:`peak_centroid_s`), finer than one level.
 
 Confidence of a profile: the mass ``m`` within ``CONFIDENCE_WINDOW_MM`` (24 mm, RadFinder's
 tolerance) of its peak, rescaled so a uniform profile scores 0 and one with all its mass in
@@ -39,6 +41,10 @@ ZERO_SHOT_TOP_K = 5
 MIN_BODY_FRACTION = 0.5
 #: Half-width of the window whose probability mass defines the confidence.
 CONFIDENCE_WINDOW_MM = 24.0
+#: Levels on each side of a profile's peak averaged into its S (see :func:`peak_centroid_s`).
+PEAK_NEIGHBOURS = 1
+#: Exponent of the anatomy prior in ``combined`` when the model folder calibrated none.
+DEFAULT_ANATOMY_WEIGHT = 1.0
 #: In-body patch masks kept, keyed by (volume content hash, encoding key).
 _BODY_PATCHES: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
 _BODY_PATCHES_SIZE = 8
@@ -153,6 +159,20 @@ def zero_shot_profile(engine, encoding: ImageEncoding, text: str, *, inside: np.
     return depth_profile(similarities, encoding.grid, temperature=temperature, inside=inside, top_k=top_k)
 
 
+def peak_centroid_s(s_mm: np.ndarray, probabilities: np.ndarray, neighbours: int = PEAK_NEIGHBOURS) -> float:
+    """Probability-weighted mean S (mm) of the peak level and ``neighbours`` levels on each side.
+
+    Args:
+        s_mm: (L,) S of each level's centre, in grid order (adjacent entries are adjacent levels).
+        probabilities: (L,) the profile.
+        neighbours: levels on each side of the peak included (0: the peak level's centre).
+    """
+    peak = int(np.argmax(probabilities))
+    window = slice(max(0, peak - neighbours), peak + neighbours + 1)
+    weights = np.asarray(probabilities[window], float)
+    return float(np.dot(weights, s_mm[window]) / weights.sum())
+
+
 def profile_confidence(s_mm: np.ndarray, probabilities: np.ndarray, window_mm: float = CONFIDENCE_WINDOW_MM) -> float:
     """Peak sharpness in [0, 1]: mass within ``window_mm`` of the peak, 0 for a uniform profile."""
     near = np.abs(np.asarray(s_mm) - s_mm[int(np.argmax(probabilities))]) <= window_mm + 1e-6
@@ -173,7 +193,7 @@ def strip_references(text: str) -> str:
 
 
 def localize(engine, encoding: ImageEncoding, volume: Volume, text: str, *, method: str = "auto", head=None,
-             landmarks=None) -> LocalizationResult:
+             landmarks=None, anatomy_weight: float | None = None) -> LocalizationResult:
     """Where in the volume a report snippet refers to (no image forward pass: ``encoding`` is reused).
 
     Args:
@@ -184,6 +204,8 @@ def localize(engine, encoding: ImageEncoding, volume: Volume, text: str, *, meth
         method: one of ``METHODS`` (see the module docstring).
         head: a ``LocalizationHead`` or a head folder (needed for ``head``, used by ``auto``/``combined``).
         landmarks: the volume's ``Landmarks`` (computed here when needed and not given).
+        anatomy_weight: exponent of the anatomy prior in ``auto``/``combined`` (0 leaves it out);
+            default the model folder's calibrated value, else ``DEFAULT_ANATOMY_WEIGHT``.
 
     Raises:
         ValueError: unknown method; ``reference`` without a resolvable reference; ``anatomy``
@@ -211,7 +233,8 @@ def localize(engine, encoding: ImageEncoding, volume: Volume, text: str, *, meth
             detail = f" ({' '.join(notes)})" if notes else ""
             raise ValueError(f"No explicit image reference such as 'series 2, image 45' resolves in {text!r}{detail}.")
     if resolved is None:
-        result = _profile_result(engine, encoding, volume, text, method, head, landmarks, notes)
+        weight = _anatomy_weight(engine) if anatomy_weight is None else float(anatomy_weight)
+        result = _profile_result(engine, encoding, volume, text, method, head, landmarks, notes, weight)
     logger.info("Localised %r: %s, slice %d (confidence %.2f).", text[:60], result.method, result.slice_index,
                 result.confidence)
     return result
@@ -256,14 +279,21 @@ def _reference_result(engine, encoding, volume, text, resolved, axis, notes) -> 
                               np.array([point[2]]), np.array([1.0]), notes + more)
 
 
-def _profile_result(engine, encoding, volume, text, method, head, landmarks, notes) -> LocalizationResult:
-    """Multiply the available depth profiles; point in the peak level (refined in S by anatomy)."""
+def _anatomy_weight(engine) -> float:
+    """The model folder's calibrated anatomy-prior exponent, else ``DEFAULT_ANATOMY_WEIGHT``."""
+    calibrated = getattr(getattr(engine, "extras", None), "anatomy_weight", None)
+    return DEFAULT_ANATOMY_WEIGHT if calibrated is None else float(calibrated)
+
+
+def _profile_result(engine, encoding, volume, text, method, head, landmarks, notes,
+                    anatomy_weight: float) -> LocalizationResult:
+    """Multiply the available depth profiles; in-plane point at the peak level, S its centroid."""
     snippet = strip_references(text) or text
     zero_shot = zero_shot_profile(engine, encoding, snippet, inside=body_patches(volume, encoding))
     profiles, sources, terms = {}, {}, []
     if method in ("auto", "combined", "zero-shot"):
         profiles["zero-shot"], sources["zero-shot"] = zero_shot.probabilities, f'zero-shot similarity to "{snippet}"'
-    if method in ("auto", "combined", "anatomy"):
+    if method == "anatomy" or (method in ("auto", "combined") and anatomy_weight > 0):
         from .anatomy_prior import anatomy_prior
         from .landmarks import detect_landmarks
 
@@ -272,8 +302,9 @@ def _profile_result(engine, encoding, volume, text, method, head, landmarks, not
         if prior is None and method == "anatomy":
             raise ValueError(f"No anatomical term (e.g. carina, apex, diaphragm) recognised in {snippet!r}; use zero-shot.")
         if prior is not None:
-            profiles["anatomy"], terms = np.asarray(prior[0], dtype=float), list(prior[1])
-            sources["anatomy"] = f"the anatomy prior for {', '.join(terms)}"
+            power = 1.0 if method == "anatomy" else anatomy_weight
+            profiles["anatomy"], terms = np.asarray(prior[0], dtype=float) ** power, list(prior[1])
+            sources["anatomy"] = f"the anatomy prior for {', '.join(terms)}" + (f" (^{power:g})" if power != 1 else "")
     if head is not None and method in ("auto", "combined", "head"):
         profiles["head"], sources["head"] = head.profile(encoding, engine.embed_prompts([snippet])[0]), "the trained head"
     combined = np.prod(np.stack(list(profiles.values())), axis=0)
@@ -283,13 +314,17 @@ def _profile_result(engine, encoding, volume, text, method, head, landmarks, not
     combined = combined / combined.sum()
     level = int(np.argmax(combined))
     point, where = _in_plane_point(encoding.grid, zero_shot, level, landmarks, terms)
-    if "anatomy" in profiles:
+    if method == "anatomy":  # the prior alone: the slice of the peak level where it is highest
         point[2] = _refine_s(snippet, landmarks, volume, zero_shot.s_mm[level], zero_shot.level_mm)
+        centre = "the prior's peak"
+    else:
+        point[2], centre = peak_centroid_s(zero_shot.s_mm, combined), "mean of the peak level and its neighbours"
     slice_index, more = geometry.slice_index_of(volume, point)
     name = next(iter(profiles)) if len(profiles) == 1 else "combined"
     how = " x ".join(sources[key] for key in profiles) + (" (product, renormalised)" if len(profiles) > 1 else "")
     explanation = (f"Depth profile from {how} over {len(combined)} levels of {zero_shot.level_mm:.0f} mm: peak at"
-                   f" S = {zero_shot.s_mm[level]:.1f} mm; point at S = {point[2]:.1f} mm, in-plane: {where}.")
+                   f" S = {zero_shot.s_mm[level]:.1f} mm; point at S = {point[2]:.1f} mm ({centre}),"
+                   f" in-plane: {where}.")
     return LocalizationResult(point, slice_index, float(point[2]), name, profile_confidence(zero_shot.s_mm, combined),
                               explanation, zero_shot.s_mm, combined, notes + more)
 

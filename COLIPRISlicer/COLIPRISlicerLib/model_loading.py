@@ -58,10 +58,13 @@ class ModelExtras:
     Attributes:
         thresholds: {finding name: calibrated likelihood threshold}.
         segmentation_head: a head folder shipped inside the model folder, if any.
+        anatomy_weight: calibrated exponent of the anatomy prior in snippet localisation
+            (``localization.localize``); None: the module default.
     """
 
     thresholds: dict = field(default_factory=dict)
     segmentation_head: Path | None = None
+    anatomy_weight: float | None = None
 
 
 @dataclass
@@ -219,8 +222,9 @@ def _resolve_folder(folder: Path, source: str = "folder") -> _ResolvedSpec:
     meta = config.pop("colipri_slicer", {}) or {}
     model_id = str(meta.get("model_id", folder.resolve()))
     head = folder / "segmentation_head"
+    weight = (meta.get("localization") or {}).get("anatomy_weight")
     extras = ModelExtras({str(k): float(v) for k, v in (meta.get("thresholds") or {}).items()},
-                         head if head.is_dir() else None)
+                         head if head.is_dir() else None, None if weight is None else float(weight))
     return _ResolvedSpec(model_id, meta.get("revision"), source, weights, config, str(meta.get("label", "")), extras)
 
 

@@ -1,8 +1,9 @@
-"""Finish a trained teaching model folder: calibrated thresholds and a segmentation head.
+"""Finish a trained teaching model folder: calibrated thresholds and localisation, a segmentation head.
 
-Both use phantoms outside the validation seeds: thresholds come from calibration phantoms
-(:data:`.phantom_training.CALIBRATION_SEED_BASE` + i), the head from training phantoms. The
-thresholds go into config.yaml (``colipri_slicer.thresholds``), where the engine reads them;
+All use phantoms outside the validation seeds: thresholds and the anatomy prior's weight in
+snippet localisation come from calibration phantoms (:data:`.phantom_training.CALIBRATION_SEED_BASE`
++ i), the head from training phantoms. Thresholds and weight go into config.yaml
+(``colipri_slicer.thresholds``, ``colipri_slicer.localization``), where the engine reads them;
 the head goes into ``<folder>/segmentation_head``, which ``analyze`` uses by default.
 """
 
@@ -21,33 +22,19 @@ from .types import TypePath, TypeStatusCallback
 #: Findings the bundled head segments, with their label values.
 HEAD_LABELS = {1: "Lung nodule", 2: "Pleural effusion", 3: "Consolidation", 4: "Pericardial effusion",
                5: "Lymphadenopathy"}
+#: Anatomy-prior exponents tried by ``calibrate_localization``, the module default (1) first.
+ANATOMY_WEIGHTS = (1.0, 0.5, 0.25, 0.0)
 
 
 def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None = None, method: str = "youden",
                          status_callback: TypeStatusCallback | None = None) -> dict[str, float]:
     """Choose per-finding thresholds on calibration phantoms and store them in the folder's config.yaml."""
-    import yaml
-
-    from .analysis import Analyzer
     from .calibration import choose_threshold
-    from .catalogue import load_catalogue
-    from .defaults import CONFIG_FILENAME
-    from .engine import Engine
-    from .phantom import generate_phantom
-    from .phantom_training import CALIBRATION_SEED_BASE
 
-    seed_base = CALIBRATION_SEED_BASE if seed_base is None else seed_base
-    analyzer = Analyzer(Engine(str(folder), device="cpu", precision="fp32"), load_catalogue())
     scores, labels = [], []
-    for index in range(n):
-        volume, truth = generate_phantom(seed_base + index)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            result = analyzer.analyze(volume)
+    for _, truth, result in _analysed_phantoms(folder, n, seed_base, "Calibrated thresholds", status_callback):
         scores.append({f.name: f.likelihood for f in result.findings})
         labels.append(truth["findings"])
-        if status_callback is not None and (index + 1) % 20 == 0:
-            status_callback(f"Calibrated on {index + 1}/{n} phantoms")
     thresholds = {}
     for name in scores[0]:
         truth = np.array([row[name] for row in labels], float)
@@ -55,12 +42,72 @@ def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None
         # findings never planted get a threshold above every score seen (never reported present)
         thresholds[name] = round(float(choose_threshold(truth, values, method) if truth.min() != truth.max()
                                        else min(1.0, values.max() + 1e-3)), 6)
+    _update_record(folder, thresholds=thresholds,
+                   calibration={"phantoms": n, "method": method, "seeds": f"{_seed_base(seed_base)} + i"})
+    return thresholds
+
+
+def calibrate_localization(folder: TypePath, *, n: int = 60, seed_base: int | None = None,
+                           weights: tuple[float, ...] = ANATOMY_WEIGHTS,
+                           status_callback: TypeStatusCallback | None = None) -> dict:
+    """Choose the anatomy prior's exponent in snippet localisation on calibration phantoms; store it.
+
+    Every report sentence without an explicit image reference is localised (``method="auto"``)
+    with each weight; the one with the lowest mean absolute S error wins (the first listed on a
+    tie). Stored as ``colipri_slicer.localization`` in config.yaml, which ``localize`` reads.
+
+    Returns:
+        ``{"anatomy_weight": w, "mae_mm": {w: MAE}, "snippets": k, "phantoms": n, "seeds": ...}``.
+    """
+    errors: dict[float, list[float]] = {float(w): [] for w in weights}
+    for analyzer, truth, result in _analysed_phantoms(folder, n, seed_base, "Calibrated localisation", status_callback):
+        for entry in truth["snippets"]:
+            for weight, found in errors.items():
+                located = analyzer.localize(result, entry["text"], anatomy_weight=weight)
+                if located.method != "reference":
+                    found.append(abs(located.s_mm - entry["ras_s"]))
+    mae = {weight: round(float(np.mean(found)), 3) if found else float("inf") for weight, found in errors.items()}
+    record = {"anatomy_weight": min(mae, key=mae.get), "mae_mm": mae, "snippets": len(errors[float(weights[0])]),
+              "phantoms": n, "seeds": f"{_seed_base(seed_base)} + i"}
+    _update_record(folder, localization=record)
+    return record
+
+
+def _seed_base(seed_base: int | None) -> int:
+    from .phantom_training import CALIBRATION_SEED_BASE
+
+    return CALIBRATION_SEED_BASE if seed_base is None else seed_base
+
+
+def _analysed_phantoms(folder: TypePath, n: int, seed_base: int | None, done: str,
+                       status_callback: TypeStatusCallback | None):
+    """Yield (analyzer, truth, analysis) for calibration phantoms ``seed_base + i`` analysed by the folder's model."""
+    from .analysis import Analyzer
+    from .catalogue import load_catalogue
+    from .engine import Engine
+    from .phantom import generate_phantom
+
+    analyzer = Analyzer(Engine(str(folder), device="cpu", precision="fp32"), load_catalogue())
+    for index in range(n):
+        volume, truth = generate_phantom(_seed_base(seed_base) + index)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = analyzer.analyze(volume)
+        yield analyzer, truth, result
+        if status_callback is not None and (index + 1) % 20 == 0:
+            status_callback(f"{done} on {index + 1}/{n} phantoms")
+
+
+def _update_record(folder: TypePath, **entries) -> None:
+    """Set entries of the ``colipri_slicer`` record in the folder's config.yaml (the rest kept)."""
+    import yaml
+
+    from .defaults import CONFIG_FILENAME
+
     path = Path(folder) / CONFIG_FILENAME
     document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    document.setdefault("colipri_slicer", {})["thresholds"] = thresholds
-    document["colipri_slicer"]["calibration"] = {"phantoms": n, "method": method, "seeds": f"{seed_base} + i"}
+    document.setdefault("colipri_slicer", {}).update(entries)
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    return thresholds
 
 
 #: Head training: phantoms, epochs, crop edge (patches), decoder width and output subdivision of the
