@@ -15,8 +15,10 @@ from COLIPRISlicerLib.phantom import generate_phantom
 from COLIPRISlicerLib.phantom_bundle import (
     ANATOMY_WEIGHTS,
     HEAD_LABELS,
+    VESSEL_ANATOMY,
     calibrate_localization,
     calibrate_thresholds,
+    head_labelmap,
     train_head_on_phantoms,
 )
 
@@ -61,8 +63,22 @@ def test_calibrated_anatomy_weight_is_the_best_one_and_the_default_of_localize(m
     assert by_default.s_mm == explicit.s_mm and np.array_equal(by_default.profile, explicit.profile)
 
 
-def test_a_bundled_head_is_the_default_segmentation(model_copy):
-    summary = train_head_on_phantoms(model_copy, n=3, seed_base=100_500, epochs=1)
+def test_head_labels_put_findings_over_the_vessels_they_were_planted_in():
+    from COLIPRISlicerLib.phantom_anatomy import ALL_LABELS
+
+    _, truth = generate_phantom(100_500)  # one with nodules
+    nodule = truth["mask_arrays"]["Lung nodule"]
+    vessels = truth["label_array"] == ALL_LABELS["lung vessel"]
+    assert nodule.any() and vessels.sum() > 1000
+    plain, with_vessels = head_labelmap(truth), head_labelmap(truth, VESSEL_ANATOMY)
+    assert not (plain == 6).any() and np.array_equal(with_vessels == 6, vessels)  # nodules are their own label
+    assert np.array_equal(plain == 1, nodule) and np.array_equal(with_vessels == 1, nodule)
+    assert np.array_equal(with_vessels[with_vessels != 6], plain[with_vessels != 6])
+
+
+@pytest.mark.parametrize("anatomy", [None, VESSEL_ANATOMY], ids=["findings", "with-vessels"])
+def test_a_bundled_head_is_the_default_segmentation(model_copy, anatomy):
+    summary = train_head_on_phantoms(model_copy, n=3, seed_base=100_500, epochs=1, anatomy=anatomy)
     assert summary["epochs"] == 1
     assert {path.name for path in (model_copy / "segmentation_head").iterdir()} == {"head.json", "head.safetensors"}
     engine = Engine(str(model_copy), device="cpu", precision="fp32")
@@ -73,5 +89,6 @@ def test_a_bundled_head_is_the_default_segmentation(model_copy):
         warnings.simplefilter("ignore", RuntimeWarning)
         segmented = analyzer.segment(analyzer.analyze(volume))
     assert segmented.source == "head"
-    assert [label.name for label in segmented.labels] == list(HEAD_LABELS.values())
+    extra = [name for _, (name, _) in sorted((anatomy or {}).items())]
+    assert [label.name for label in segmented.labels] == list(HEAD_LABELS.values()) + extra
     assert segmented.labelmap.shape == volume.shape and np.array_equal(segmented.ijk_to_ras, volume.ijk_to_ras)
