@@ -8,9 +8,9 @@ import torch
 from conftest import TCIA_SERIES, require, synthetic_chest
 
 from COLIPRISlicerLib import geometry
+from COLIPRISlicerLib.anatomy_prior import anatomy_prior
 from COLIPRISlicerLib.encoding import ImageEncoding
 from COLIPRISlicerLib.geometry import PatchGrid
-from COLIPRISlicerLib.anatomy_prior import anatomy_prior
 from COLIPRISlicerLib.localization import (
     body_patches,
     depth_profile,

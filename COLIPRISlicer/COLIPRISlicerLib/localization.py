@@ -281,7 +281,7 @@ def _reference_result(engine, encoding, volume, text, resolved, axis, notes) -> 
 
 def _anatomy_weight(engine) -> float:
     """The model folder's calibrated anatomy-prior exponent, else ``DEFAULT_ANATOMY_WEIGHT``."""
-    calibrated = getattr(getattr(engine, "extras", None), "anatomy_weight", None)
+    calibrated = engine.extras.anatomy_weight
     return DEFAULT_ANATOMY_WEIGHT if calibrated is None else float(calibrated)
 
 
@@ -293,7 +293,8 @@ def _profile_result(engine, encoding, volume, text, method, head, landmarks, not
     profiles, sources, terms = {}, {}, []
     if method in ("auto", "combined", "zero-shot"):
         profiles["zero-shot"], sources["zero-shot"] = zero_shot.probabilities, f'zero-shot similarity to "{snippet}"'
-    if method == "anatomy" or (method in ("auto", "combined") and anatomy_weight > 0):
+    power = 1.0 if method == "anatomy" else anatomy_weight
+    if method in ("auto", "combined", "anatomy") and power > 0:
         from .anatomy_prior import anatomy_prior
         from .landmarks import detect_landmarks
 
@@ -302,9 +303,9 @@ def _profile_result(engine, encoding, volume, text, method, head, landmarks, not
         if prior is None and method == "anatomy":
             raise ValueError(f"No anatomical term (e.g. carina, apex, diaphragm) recognised in {snippet!r}; use zero-shot.")
         if prior is not None:
-            power = 1.0 if method == "anatomy" else anatomy_weight
             profiles["anatomy"], terms = np.asarray(prior[0], dtype=float) ** power, list(prior[1])
-            sources["anatomy"] = f"the anatomy prior for {', '.join(terms)}" + (f" (^{power:g})" if power != 1 else "")
+            exponent = f" (^{power:g})" if power != 1 else ""
+            sources["anatomy"] = f"the anatomy prior for {', '.join(terms)}{exponent}"
     if head is not None and method in ("auto", "combined", "head"):
         profiles["head"], sources["head"] = head.profile(encoding, engine.embed_prompts([snippet])[0]), "the trained head"
     combined = np.prod(np.stack(list(profiles.values())), axis=0)

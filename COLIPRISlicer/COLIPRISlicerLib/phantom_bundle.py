@@ -69,8 +69,9 @@ def calibrate_localization(folder: TypePath, *, n: int = 60, seed_base: int | No
         for entry in truth["snippets"]:
             for weight, found in errors.items():
                 located = analyzer.localize(result, entry["text"], anatomy_weight=weight)
-                if located.method != "reference":
-                    found.append(abs(located.s_mm - entry["ras_s"]))
+                if located.method == "reference":
+                    break  # an explicit reference resolves whatever the weight
+                found.append(abs(located.s_mm - entry["ras_s"]))
     mae = {weight: round(float(np.mean(found)), 3) if found else float("inf") for weight, found in errors.items()}
     record = {"anatomy_weight": min(mae, key=mae.get), "mae_mm": mae, "snippets": len(errors[float(weights[0])]),
               "phantoms": n, "seeds": f"{_seed_base(seed_base)} + i"}
