@@ -82,8 +82,32 @@ def test_cache_list_and_clear(tiny_model_folder, tmp_path):
     assert runner.invoke(app, args).exit_code == 0
     listing = runner.invoke(app, ["cache", "list", "--cache-dir", str(cache)])
     assert "1 cached encoding(s)" in listing.output and "series_5mm" in listing.output
+    user_files = {cache / "notes.txt": b"mine", cache / "my_weights.safetensors": _foreign_safetensors()}
+    for path, content in user_files.items():
+        path.write_bytes(content)
     cleared = runner.invoke(app, ["cache", "clear", "--cache-dir", str(cache)])
-    assert "Removed 1 cached encoding(s)" in cleared.output
+    assert cleared.exit_code == 0 and "Removed 1 cached encoding(s)" in cleared.output
+    assert {path: path.read_bytes() for path in user_files} == user_files
+    assert sorted(path.name for path in cache.iterdir()) == ["CACHEDIR.TAG", "my_weights.safetensors", "notes.txt"]
+
+
+def test_cache_clear_refuses_a_folder_that_is_not_a_cache(tmp_path):
+    folder = tmp_path / "home"
+    folder.mkdir()
+    user_files = {folder / "thesis.tex": b"chapter 1", folder / "model.safetensors": _foreign_safetensors()}
+    for path, content in user_files.items():
+        path.write_bytes(content)
+    result = runner.invoke(app, ["cache", "clear", "--cache-dir", str(folder)])
+    assert result.exit_code == 1 and "does not look like a COLIPRISlicer cache" in result.output
+    assert "Traceback" not in result.output
+    assert {path: path.read_bytes() for path in user_files} == user_files
+
+
+def _foreign_safetensors() -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"weight": torch.zeros(2)}, metadata={"format": "pt"})
 
 
 def test_help_is_fast_and_does_not_import_torch():

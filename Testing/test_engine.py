@@ -97,7 +97,7 @@ def test_disk_cache_stays_below_its_size_bound_least_recently_used_first(tiny_mo
     reader = engine()
     reader.encode(volumes[0])  # a hit: volume 0 becomes the most recently used
     assert reader.image_forward_count == 0
-    stale, fresh = tmp_path / "bounded" / "crashed.1.partial", tmp_path / "bounded" / "writing.2.partial"
+    stale, fresh = (tmp_path / "bounded" / f"{name}.partial" for name in ("crashed.1.0123abcd", "writing.2.89abcdef"))
     stale.write_bytes(b"x")
     fresh.write_bytes(b"x")
     os.utime(stale, (3, 3))

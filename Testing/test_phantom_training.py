@@ -157,6 +157,20 @@ def test_a_short_training_run_writes_a_model_folder_the_engine_loads(tmp_path):
     assert probabilities.shape == (1,) and 0.0 < probabilities[0] < 1.0
 
 
+def test_training_refuses_to_replace_a_folder_that_is_not_a_teaching_model(tmp_path):
+    from COLIPRISlicerLib.phantom_training import train_phantom_model
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("patient: 7\n")
+    (folder / "scan.nii.gz").write_bytes(b"user data")
+    with pytest.raises(FileExistsError, match="not a teaching model folder"):
+        train_phantom_model(folder, require(CXR_BERT_VOCAB), _tiny_config(), workers=1)
+    assert sorted(path.name for path in folder.iterdir()) == ["config.yaml", "scan.nii.gz"]
+    assert (folder / "scan.nii.gz").read_bytes() == b"user data"
+    assert not folder.with_name("results.partial").exists()
+
+
 def test_a_time_budget_shortens_the_image_phase_to_the_epochs_that_fit():
     from COLIPRISlicerLib.training_budget import epochs_that_fit
 

@@ -99,13 +99,28 @@ def test_download_folders_are_the_hub_cache_and_our_cache_never_a_model_folder(m
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("COLIPRISLICER_CACHE", str(tmp_path / "ours"))
     own = tmp_path / "my_model"
-    for folder in (tmp_path / "hub" / "models--microsoft--colipri", tmp_path / "ours", own):
+    demo = tmp_path / "ours" / "models" / "demo-untrained-v1"
+    for folder in (tmp_path / "hub" / "models--microsoft--colipri", own, demo):
         folder.mkdir(parents=True)
     assert runtime.weights_folder("hub") == tmp_path / "hub" / "models--microsoft--colipri"
     assert runtime.weights_folder("folder", own) == own
     removed = runtime.clear_downloads()
-    assert sorted(removed) == sorted([tmp_path / "hub" / "models--microsoft--colipri", tmp_path / "ours"])
-    assert own.is_dir() and not (tmp_path / "ours").exists()
+    assert sorted(removed) == sorted([tmp_path / "hub" / "models--microsoft--colipri", demo])
+    assert own.is_dir() and not demo.exists()
+
+
+def test_clear_downloads_keeps_what_a_user_put_in_the_cache_folder(monkeypatch, tmp_path):
+    from COLIPRISlicerLib.cache import mark_cache_folder
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("COLIPRISLICER_CACHE", str(tmp_path / "documents"))  # a user's folder
+    letter = tmp_path / "documents" / "letter.txt"
+    embeddings = tmp_path / "documents" / "embeddings"
+    mark_cache_folder(embeddings)
+    letter.write_text("mine")
+    (embeddings / "scan_notes.txt").write_text("also mine")
+    runtime.clear_downloads()
+    assert letter.read_text() == "mine" and (embeddings / "scan_notes.txt").read_text() == "also mine"
 
 
 def test_requirements_have_lower_bounds_and_never_torch_or_simpleitk():

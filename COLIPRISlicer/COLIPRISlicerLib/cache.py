@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
+import re
 import time
 import uuid
 from collections import OrderedDict
@@ -19,6 +19,17 @@ from .geometry import PatchGrid
 
 logger = logging.getLogger(__name__)
 TENSOR_NAMES = ("pooled", "dense", "features", "image")
+#: The Cache Directory Tagging Specification's file (https://bford.info/cachedir/): it marks a
+#: folder as a cache that backup tools skip, and tells ``clear`` the folder is ours.
+CACHEDIR_TAG = "CACHEDIR.TAG"
+CACHEDIR_SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55"
+PROMPTS_FOLDER = "prompts"
+_PARTIAL_NAME = re.compile(r".+\.\d+\.[0-9a-f]{8}\.partial")
+_PROMPT_TABLE_NAME = re.compile(r"[0-9a-f]{16}\.safetensors")
+
+
+class NotACacheError(ValueError):
+    """``clear`` was pointed at a folder that holds no COLIPRISlicer cache."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,7 @@ class EncodingCache:
         meta = {"grid": encoding.grid.as_dict(), "cropped_mm": list(encoding.cropped_mm),
                 "encode_seconds": encoding.encode_seconds, **metadata}
         tensors = {name: getattr(encoding, name).contiguous() for name in TENSOR_NAMES}
+        mark_cache_folder(self.folder)
         _save_atomically(tensors, path, metadata={"colipri_slicer": json.dumps(meta)})
         self._evict(keep=path)
 
@@ -113,7 +125,8 @@ class EncodingCache:
         if self.max_disk_bytes is None:
             return
         stats = []
-        for path in [*self.folder.glob("*.safetensors"), *self.folder.glob("*.partial")]:
+        encodings, others = cache_files(self.folder)
+        for path in [*encodings, *(path for path in others if path.parent == self.folder)]:
             try:
                 stats.append((path, path.stat()))
             except OSError:  # removed by another process meanwhile
@@ -148,13 +161,91 @@ class EncodingCache:
         return result
 
     def clear(self, *, disk: bool = True) -> int:
-        """Forget everything in memory and (by default) delete the disk cache; returns files removed."""
+        """Forget everything in memory and (by default) delete the files this cache wrote.
+
+        Only cache files are deleted: encodings (safetensors carrying this project's metadata),
+        prompt tables, temporary ``.partial`` files and the ``CACHEDIR.TAG``; anything else in
+        the folder stays, and the folder itself goes only if nothing else is left in it.
+        Returns the number of encodings removed.
+
+        Raises:
+            NotACacheError: the folder has neither a COLIPRISlicer ``CACHEDIR.TAG`` nor a
+                cache file; nothing is deleted.
+        """
         self._memory.clear()
-        removed = 0
-        if disk and self.folder is not None and self.folder.is_dir():
-            removed = len(list(self.folder.glob("*.safetensors")))
-            shutil.rmtree(self.folder)
+        if not disk or self.folder is None or not self.folder.is_dir():
+            return 0
+        encodings, others = cache_files(self.folder)
+        if not is_cache_folder(self.folder) and not encodings and not others:
+            raise NotACacheError(
+                f"{self.folder} does not look like a COLIPRISlicer cache (no {CACHEDIR_TAG}, no cached "
+                "encodings); nothing was deleted. Pass the folder that `colipri-slicer cache list` shows.")
+        removed = sum(_unlink(path) for path in encodings)
+        for path in others:
+            _unlink(path)
+        _remove_if_empty(self.folder / PROMPTS_FOLDER)
+        kept = [path.name for path in self.folder.iterdir() if path.name != CACHEDIR_TAG]
+        if kept:
+            logger.info("Kept %d file(s) in %s that the cache did not write.", len(kept), self.folder)
+        else:
+            _unlink(self.folder / CACHEDIR_TAG)
+            _remove_if_empty(self.folder)
         return removed
+
+
+def mark_cache_folder(folder: Path) -> None:
+    """Create ``folder`` and tag it as this project's cache (idempotent)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = folder / CACHEDIR_TAG
+    if not tag.exists():
+        tag.write_text(f"{CACHEDIR_SIGNATURE}\n# This file is a cache directory tag created by COLIPRISlicer.\n"
+                       "# `colipri-slicer cache clear` deletes only the files COLIPRISlicer wrote here.\n")
+
+
+def is_cache_folder(folder: Path) -> bool:
+    """Whether ``folder`` carries this project's ``CACHEDIR.TAG``."""
+    try:
+        text = (folder / CACHEDIR_TAG).read_text(errors="replace")
+    except OSError:
+        return False
+    return text.startswith(CACHEDIR_SIGNATURE) and "COLIPRISlicer" in text
+
+
+def cache_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(encodings, other cache files) that this project wrote into ``folder``: encodings are
+    safetensors files whose metadata is ours; others are prompt tables and temporary files."""
+    encodings = [path for path in folder.glob("*.safetensors") if _is_encoding_file(path)]
+    prompts = folder / PROMPTS_FOLDER
+    others = [path for path in folder.iterdir() if path.is_file() and _PARTIAL_NAME.fullmatch(path.name)]
+    if prompts.is_dir():
+        others += [path for path in prompts.iterdir() if path.is_file()
+                   and (_PROMPT_TABLE_NAME.fullmatch(path.name) or _PARTIAL_NAME.fullmatch(path.name))]
+    return encodings, others
+
+
+def _is_encoding_file(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return "colipri_slicer" in (file.metadata() or {})
+    except Exception:  # noqa: BLE001 - not a safetensors file of ours: not ours to delete
+        return False
+
+
+def _unlink(path: Path) -> int:
+    try:
+        path.unlink()
+    except OSError:  # removed by another process meanwhile
+        return 0
+    return 1
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or holds files that are not ours
+        pass
 
 
 class PromptStore:
@@ -166,7 +257,7 @@ class PromptStore:
     """
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder) / "prompts"
+        self.folder = Path(folder) / PROMPTS_FOLDER
         self._tables: dict[str, dict[str, object]] = {}
         self._dirty: set[str] = set()
 
@@ -195,6 +286,7 @@ class PromptStore:
     def flush(self) -> None:
         """Write the tables that gained prompts since the last flush (atomically)."""
         for table in sorted(self._dirty):
+            mark_cache_folder(self.folder.parent)
             _save_atomically(self._tables[table], self._path(table))
         self._dirty.clear()
 

@@ -393,12 +393,16 @@ def cache_list(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> N
 
 @cache_app.command("clear")
 def cache_clear(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> None:
-    """Delete cached encodings."""
+    """Delete cached encodings (only the files the cache wrote; anything else in the folder stays)."""
     from .cache import EncodingCache
 
     folder = cache_dir or embedding_cache_dir()
-    removed = EncodingCache(0, folder).clear()
-    typer.echo(f"Removed {removed} cached encoding(s) from {folder}")
+
+    def action() -> None:
+        removed = EncodingCache(0, folder).clear()
+        typer.echo(f"Removed {removed} cached encoding(s) from {folder}")
+
+    _run(action)
 
 
 def main() -> None:

@@ -111,6 +111,7 @@ def train_phantom_model(out_dir: TypePath, vocab: TypePath, config: TrainingConf
     notify = status_callback or (lambda message: logger.info(message))
     torch.manual_seed(config.seed)
     out_dir = Path(out_dir)
+    check_replaceable(out_dir)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     start = time.perf_counter()
@@ -315,6 +316,25 @@ class WarmupCosine:
 def _epoch_record(phase: str, epoch: int, terms: list[dict], start: float) -> dict:
     means = {key: round(float(np.mean([t[key] for t in terms])), 4) for key in terms[0]}
     return {"phase": phase, "epoch": epoch + 1, **means, "minutes": round((time.perf_counter() - start) / 60, 2)}
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse an existing ``out_dir`` unless it is a teaching model folder this project wrote
+    (training replaces it whole); raises FileExistsError that says what to do."""
+    import yaml
+
+    from .defaults import CONFIG_FILENAME
+
+    if not out_dir.exists():
+        return
+    try:
+        document = yaml.safe_load((out_dir / CONFIG_FILENAME).read_text(encoding="utf-8"))
+        ours = document["colipri_slicer"]["model_id"] == TEACHING_MODEL_ID
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        raise FileExistsError(f"{out_dir} exists and is not a teaching model folder; training would replace it. "
+                              "Choose a new --out folder (or remove this one yourself).")
 
 
 def write_record(folder: Path, config: TrainingConfig, record: dict, extra: dict | None = None) -> None:

@@ -137,17 +137,29 @@ def weights_folder(source: str, folder: str | os.PathLike | None = None) -> Path
 
 
 def downloaded_folders() -> list[Path]:
-    """Everything this module downloaded or generated: COLIPRI and CXR-BERT in the hub
-    cache, the demo model, the embeddings cache. Never a user's own model folder."""
+    """Everything this module downloaded or generated: COLIPRI and CXR-BERT in the hub cache,
+    the demo models, the embeddings cache. Never a user's own model folder, and never the
+    whole cache folder (``$COLIPRISLICER_CACHE`` may name a folder that holds other files)."""
+    from COLIPRISlicerLib.demo_model import demo_model_folder
+
     candidates = [hub_repo_folder(defaults.COLIPRI_REPO_ID), hub_repo_folder(defaults.CXR_BERT_REPO_ID),
-                  defaults.user_cache_dir()]
+                  *demo_model_folder().parent.glob("demo-untrained-*"), defaults.embedding_cache_dir()]
     return [path for path in candidates if path.exists()]
 
 
 def clear_downloads() -> list[Path]:
-    """Delete :func:`downloaded_folders`; returns what was removed."""
+    """Delete :func:`downloaded_folders` (of the embeddings cache only the files the cache
+    wrote); returns what was removed."""
+    from COLIPRISlicerLib.cache import EncodingCache, NotACacheError
+
     removed = downloaded_folders()
     for path in removed:
-        shutil.rmtree(path)
+        if path == defaults.embedding_cache_dir():
+            try:
+                EncodingCache(0, path).clear()
+            except NotACacheError as error:
+                logger.warning("%s", error)
+        else:
+            shutil.rmtree(path)
         logger.info("Removed %s", path)
     return removed
