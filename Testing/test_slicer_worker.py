@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 import warnings
 
 import pytest
-from COLIPRISlicerLib.slicer_worker import Job, Worker, wait_for
+from COLIPRISlicerLib import slicer_worker
+from COLIPRISlicerLib.slicer_worker import Job, Worker, WorkerStopped, wait_for
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_wait_for_keeps_processing_events_while_waiting(worker):
     job = worker.submit(lambda: release.wait(5))
 
     def process_events():
-        calls.append(time.perf_counter())
+        calls.append(1)
         if len(calls) == 5:
             release.set()
 
@@ -60,16 +60,67 @@ def test_wait_for_keeps_processing_events_while_waiting(worker):
     assert len(calls) >= 5
 
 
-def test_shutdown_is_idempotent_and_bounded():
-    worker = Worker()
-    release = threading.Event()
-    worker.submit(lambda: release.wait(10))
-    start = time.perf_counter()
-    worker.shutdown(timeout=0.2)
-    worker.shutdown(timeout=0.2)
-    assert time.perf_counter() - start < 1.0
+@pytest.fixture
+def main_thread_waits(monkeypatch):
+    """Timeouts of the waits the calling (GUI) thread makes in slicer_worker, in order."""
+    waits: list[float] = []
+    caller = threading.current_thread()
+
+    def counted(wait, timeout):
+        if threading.current_thread() is caller:
+            waits.append(timeout)
+        return wait(timeout)
+
+    monkeypatch.setattr(slicer_worker, "_block", counted)
+    return waits
+
+
+def busy_worker() -> tuple[Worker, threading.Event]:
+    """A worker whose thread is inside a job until the returned event is set."""
+    worker, started, release = Worker(), threading.Event(), threading.Event()
+    worker.submit(lambda: started.set() or release.wait(10))
+    assert started.wait(5)
+    return worker, release
+
+
+def test_shutdown_is_idempotent_and_never_blocks_longer_than_a_poll(main_thread_waits):
+    (worker, release), events = busy_worker(), []
+    assert worker.shutdown(timeout=0.2, process_events=lambda: events.append(1), poll=0.05) is False
+    assert worker.shutdown(timeout=0.2) is True  # already stopped: returns at once
+    assert main_thread_waits == pytest.approx([0.05] * 4) and len(events) == 4
     release.set()
-    assert not worker.is_alive or worker._thread is None
+
+
+def test_shutdown_of_a_busy_job_waits_in_short_steps_up_to_two_seconds(main_thread_waits):
+    worker, release = busy_worker()
+    assert worker.shutdown(process_events=lambda: None) is False
+    assert max(main_thread_waits) <= 0.2 and sum(main_thread_waits) == pytest.approx(2.0)
+    release.set()
+
+
+def test_jobs_queued_behind_a_shutdown_never_run():
+    (worker, release), ran = busy_worker(), []
+    queued = worker.submit(lambda: ran.append("queued"))
+    old_thread = worker.thread
+    assert worker.shutdown(timeout=0.05) is False
+    release.set()
+    old_thread.join(5)
+    assert queued.done.is_set() and isinstance(queued.error.value, WorkerStopped) and ran == []
+
+
+def test_a_submit_after_a_timed_out_shutdown_runs_on_a_new_thread_alone():
+    worker, release = busy_worker()
+    old_thread = worker.thread
+    assert worker.shutdown(timeout=0.05) is False and old_thread.is_alive()
+    job = worker.submit(lambda: threading.current_thread())
+    assert job.done.wait(5), "the new thread must not take the old thread's stop marker"
+    new_thread = job.result.value
+    assert new_thread is not old_thread and new_thread is worker.thread
+    release.set()
+    old_thread.join(5)
+    assert not old_thread.is_alive() and new_thread.is_alive()
+    assert wait_for(worker.submit(lambda: threading.current_thread()), lambda: None) is new_thread
+    worker.shutdown()
 
 
 def test_a_worker_restarts_after_shutdown(worker):

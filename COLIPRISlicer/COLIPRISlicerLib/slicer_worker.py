@@ -11,6 +11,7 @@ Example:
     >>> wait_for(job, process_events=lambda: None)
     42
     >>> worker.shutdown()
+    True
 """
 
 from __future__ import annotations
@@ -25,9 +26,18 @@ from typing import Any, NamedTuple
 logger = logging.getLogger(__name__)
 
 #: Longest time :meth:`Worker.shutdown` waits for the thread to finish its current job.
-SHUTDOWN_TIMEOUT_S = 5.0
-#: Seconds between two ``process_events`` calls while waiting for a job.
+SHUTDOWN_TIMEOUT_S = 2.0
+#: Seconds between two ``process_events`` calls while waiting (the longest the GUI is blocked).
 POLL_S = 0.03
+
+
+class WorkerStopped(RuntimeError):
+    """A job was still queued when its worker was shut down, so it never ran."""
+
+
+def _block(wait: Callable[[float], Any], timeout: float) -> Any:
+    """Every wait of the calling thread goes through here (tests count the waits)."""
+    return wait(timeout)
 
 
 @dataclass
@@ -45,8 +55,19 @@ class Job(NamedTuple):
     error: Holder
 
 
+class _Thread(NamedTuple):
+    """One worker thread with its own queue and stop flag (never shared with a later thread)."""
+
+    thread: threading.Thread
+    jobs: queue.SimpleQueue
+    stopping: threading.Event
+
+
 class Worker:
     """A daemon thread that runs submitted callables one at a time, in order.
+
+    Each thread has its own queue: after a :meth:`shutdown` that timed out, a new thread
+    started by :meth:`submit` never shares jobs (or the stop marker) with the old one.
 
     Args:
         name: thread name (shown in debuggers and logs).
@@ -54,8 +75,7 @@ class Worker:
 
     def __init__(self, name: str = "COLIPRISlicer-worker"):
         self.name = name
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._current: _Thread | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -63,7 +83,12 @@ class Worker:
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._current is not None and self._current.thread.is_alive()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread new jobs go to (None before the first job and after a shutdown)."""
+        return self._current.thread if self._current is not None else None
 
     def submit(self, fn: Callable[[], Any]) -> Job:
         """Queue ``fn`` to run on the worker thread (started on first use).
@@ -75,38 +100,59 @@ class Worker:
         job = Job(threading.Event(), Holder(), Holder())
         with self._lock:
             if not self.is_alive:
-                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-                self._thread.start()
-            self._queue.put((fn, job))
+                jobs, stopping = queue.SimpleQueue(), threading.Event()
+                thread = threading.Thread(target=_loop, args=(jobs, stopping), name=self.name, daemon=True)
+                thread.start()
+                self._current = _Thread(thread, jobs, stopping)
+            self._current.jobs.put((fn, job))
         return job
 
-    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
-        """Stop the thread after its current job; safe to call more than once.
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S, process_events: Callable[[], None] | None = None,
+                 poll: float = POLL_S) -> bool:
+        """Stop the thread after its current job; jobs still queued fail with :class:`WorkerStopped`.
 
-        Waits at most ``timeout`` seconds; a job still running after that keeps running
-        on the (daemon) thread and its result is dropped.
+        Safe to call more than once. Waits at most ``timeout`` seconds, in steps of ``poll``
+        seconds with ``process_events`` called between them, so a GUI stays responsive. A
+        job still running after that keeps running on the (daemon) thread; its result is
+        dropped and a later :meth:`submit` starts a new thread with its own queue.
+
+        Returns:
+            True when the thread has ended.
         """
         with self._lock:
-            thread, self._thread = self._thread, None
-            if thread is None:
-                return
-            self._queue.put(None)
-        thread.join(timeout)
-        if thread.is_alive():
+            current, self._current = self._current, None
+            if current is None:
+                return True
+            current.stopping.set()
+            current.jobs.put(None)
+        waited = 0.0
+        while current.thread.is_alive() and waited < timeout:
+            step = min(poll, timeout - waited)
+            _block(current.thread.join, step)
+            waited += step
+            if process_events is not None:
+                process_events()
+        if current.thread.is_alive():
             logger.warning("Worker thread %s still busy after %.1f s; leaving it to finish.", self.name, timeout)
+            return False
+        return True
 
-    def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fn, job = item
-            try:
-                job.result.value = fn()
-            except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
-                job.error.value = error
-            finally:
-                job.done.set()
+
+def _loop(jobs: queue.SimpleQueue, stopping: threading.Event) -> None:
+    while True:
+        item = jobs.get()
+        if item is None:
+            return
+        fn, job = item
+        try:
+            if stopping.is_set():
+                raise WorkerStopped("The COLIPRI worker was stopped (module closed or reloaded) before this job"
+                                    " ran; start it again.")
+            job.result.value = fn()
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+            job.error.value = error
+        finally:
+            job.done.set()
 
 
 def wait_for(job: Job, process_events: Callable[[], None], poll: float = POLL_S) -> Any:
@@ -118,7 +164,7 @@ def wait_for(job: Job, process_events: Callable[[], None], poll: float = POLL_S)
     Raises:
         Whatever the job raised, re-raised on the calling thread.
     """
-    while not job.done.wait(poll):
+    while not _block(job.done.wait, poll):
         process_events()
     process_events()
     if job.error.value is not None:
