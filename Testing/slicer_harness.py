@@ -420,3 +420,37 @@ def ras_to_pixel(plane, point_ras) -> tuple[int, int]:
     column = width - 1 - int(round((point_ras[0] - r0) / spacing))
     row = height - 1 - int(round((point_ras[1] - a0) / spacing))
     return row, column
+
+
+# --- Slicer versions -----------------------------------------------------------------------
+
+
+def without_slicer_packaging(monkeypatch) -> None:
+    """As on Slicer 5.10: ``import slicer.packaging`` fails (it came with Slicer 5.11/5.12)."""
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)
+    monkeypatch.delattr(slicer, "packaging", raising=False)
+
+
+def with_slicer_packaging(monkeypatch, calls: list) -> None:
+    """As on Slicer 5.12: a ``slicer.packaging`` whose ``pip_ensure`` records its arguments."""
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_ensure = lambda requirements, **kwargs: calls.append(("pip_ensure", list(requirements), kwargs))
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+
+
+def fake_pytorch_utils(monkeypatch, calls: list, installed=True) -> None:
+    """The PyTorch extension's ``PyTorchUtils``: ``installTorch`` records its arguments and
+    returns a module (or None when ``installed`` is False, as when the user declines)."""
+    import importlib.machinery
+
+    module = types.ModuleType("PyTorchUtils")
+    module.__spec__ = importlib.machinery.ModuleSpec("PyTorchUtils", None)
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, **kwargs):
+            calls.append(("installTorch", kwargs))
+            return types.ModuleType("torch") if installed else None
+
+    module.PyTorchUtilsLogic = PyTorchUtilsLogic
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", module)

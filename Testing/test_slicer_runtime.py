@@ -136,3 +136,93 @@ def test_requirements_have_lower_bounds_and_never_torch_or_simpleitk():
     upper = {r.name.lower() for r in requirements if any(s.operator in ("<", "==") for s in r.specifier)}
     assert {"colipri", "transformers"} <= upper
     assert all(dependencies.is_satisfied(str(requirement)) for requirement in requirements)
+
+
+@pytest.fixture
+def dependencies():
+    pytest.importorskip("slicer.util", reason="slicer-core is not installed")
+    from COLIPRISlicerNodes import dependencies
+
+    return dependencies
+
+
+@pytest.fixture
+def pip_calls(monkeypatch):
+    """slicer.util's confirm dialog (answers OK) and pip_install, recording their calls."""
+    import slicer.util
+
+    calls = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *args, **kwargs: calls.append(text) or True)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda args: calls.append(("pip_install", args)))
+    return calls
+
+
+def test_slicer_5_10_without_slicer_packaging_installs_with_pip_pinning_torch_torchvision_and_simpleitk(
+        dependencies, pip_calls, monkeypatch):
+    import slicer_harness
+
+    slicer_harness.without_slicer_packaging(monkeypatch)
+    dependencies.ensure_packages(["colipri==0.1.3", "not-a-real-package-xyz>=1"])
+    question, (kind, args) = pip_calls
+    assert "not-a-real-package-xyz>=1" in question and kind == "pip_install"
+    assert args[0] == "-c" and args[2:] == ["not-a-real-package-xyz>=1"]
+    pins = Path(args[1]).read_text().split()
+    assert {pin.split("==")[0] for pin in pins} == {"torch", "torchvision", "SimpleITK"}
+
+
+def test_slicer_5_12_installs_with_pip_ensure_skipping_torch_torchvision_and_simpleitk(dependencies, pip_calls,
+                                                                                        monkeypatch):
+    import slicer_harness
+
+    calls = []
+    slicer_harness.with_slicer_packaging(monkeypatch, calls)
+    dependencies.ensure_packages(["not-a-real-package-xyz>=1"])
+    assert calls == [("pip_ensure", ["not-a-real-package-xyz>=1"],
+                      {"skip_packages": ["torch", "torchvision", "SimpleITK"], "requester": "COLIPRISlicer"})]
+    assert pip_calls == []
+
+
+def test_declining_the_installation_says_how_to_be_asked_again(dependencies, monkeypatch):
+    import slicer.util
+    import slicer_harness
+
+    slicer_harness.without_slicer_packaging(monkeypatch)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: False)
+    with pytest.raises(RuntimeError, match="Click Analyze again"):
+        dependencies.ensure_packages(["not-a-real-package-xyz>=1"])
+
+
+def fake_versions(monkeypatch, dependencies, versions: dict, torchvision_requires: list[str]):
+    import importlib.metadata
+
+    def version(name):
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(dependencies.importlib.metadata, "version", version)
+    monkeypatch.setattr(dependencies.importlib.metadata, "requires", lambda name: torchvision_requires)
+
+
+@pytest.mark.parametrize(("versions", "requires", "problem"), [
+    ({"torch": "2.4.1+cu121", "torchvision": "0.19.1+cu121"}, ["torch==2.4.1"], None),
+    ({"torch": "2.4.1", "torchvision": "0.29.1"}, ["torch>=2.14.0"], "needs torch>=2.14.0"),
+    ({"torch": "2.5.0", "torchvision": "0.19.0"}, [], "expected torchvision 0.20"),
+    ({"torch": "2.5.0"}, [], "torchvision is not installed"),
+])
+def test_torchvision_is_checked_against_the_installed_torch(dependencies, monkeypatch, versions, requires, problem):
+    fake_versions(monkeypatch, dependencies, versions, requires)
+    found = dependencies.torchvision_problem()
+    assert found is None if problem is None else problem in found
+
+
+def test_a_mismatched_torchvision_is_reinstalled_by_pytorch_utils_not_pip(dependencies, pip_calls, monkeypatch):
+    import slicer_harness
+
+    calls = []
+    slicer_harness.fake_pytorch_utils(monkeypatch, calls)
+    fake_versions(monkeypatch, dependencies, {"torch": "2.5.0", "torchvision": "0.19.0"}, [])
+    with pytest.raises(RuntimeError, match="Reinstall PyTorch with the PyTorch Utils module"):
+        dependencies.ensure_torch()  # the fake installs nothing, so the mismatch stays
+    assert calls == [("installTorch", {"askConfirmation": True, "torchVersionRequirement": ">=2.4,<3"})]
+    assert pip_calls == []

@@ -2,23 +2,30 @@
 
 torch comes from the PyTorch extension (``PyTorchUtils`` installs the build that matches
 the GPU driver); everything else from ``Resources/requirements.txt`` through
-``slicer.packaging.pip_ensure`` (Slicer >= 5.11), which never touches torch or SimpleITK
-here. Older Slicer: ``slicer.util.pip_install`` with a constraints file that pins the
-installed torch and SimpleITK.
+``slicer.packaging.pip_ensure`` (Slicer >= 5.11), which never touches torch, torchvision
+or SimpleITK here. Older Slicer (5.10 has no ``slicer.packaging``): ``slicer.util.pip_install``
+with a constraints file that pins the installed torch, torchvision and SimpleITK. timm (a
+colipri dependency) needs torchvision; a PyPI torchvision can pull in another torch, so it
+is checked against the installed torch and installed together with it by PyTorchUtils.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import logging
 import tempfile
 from pathlib import Path
 
+import slicer
+
 logger = logging.getLogger(__name__)
 
 TORCH_REQUIREMENT = ">=2.4,<3"
-SKIP_PACKAGES = ["torch", "SimpleITK"]
+SKIP_PACKAGES = ["torch", "torchvision", "SimpleITK"]
+#: torchvision 0.(N + 15) is built for torch 2.N.
+TORCHVISION_MINOR_OFFSET = 15
 REQUESTER = "COLIPRISlicer"
 
 
@@ -42,17 +49,41 @@ def missing_requirements(requirements: list[str]) -> list[str]:
     return [requirement for requirement in requirements if not is_satisfied(requirement)]
 
 
+def torchvision_problem() -> str | None:
+    """Why the installed torchvision does not fit the installed torch, or None when it does."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    try:
+        torch_version = Version(importlib.metadata.version("torch"))
+        vision_version = Version(importlib.metadata.version("torchvision"))
+    except importlib.metadata.PackageNotFoundError as error:
+        return f"{error.name} is not installed"
+    for text in importlib.metadata.requires("torchvision") or []:
+        requirement = Requirement(text)
+        if requirement.name == "torch" and not requirement.specifier.contains(torch_version, prereleases=True):
+            return f"torchvision {vision_version} needs torch{requirement.specifier} but torch {torch_version} is installed"
+    expected = (0, torch_version.minor + TORCHVISION_MINOR_OFFSET)
+    if torch_version.major == 2 and vision_version.release[:2] != expected:
+        return (f"torchvision {vision_version} is not built for torch {torch_version}"
+                f" (expected torchvision {expected[0]}.{expected[1]})")
+    return None
+
+
 def ensure_torch() -> None:
-    """Install torch through the PyTorch extension if it is missing or out of range.
+    """Install torch and a matching torchvision through the PyTorch extension when missing or mismatched.
 
     Raises:
-        RuntimeError: without the PyTorch extension, or when the user declines.
+        RuntimeError: without the PyTorch extension, when the user declines, or when
+            torchvision still does not match torch afterwards.
     """
-    if is_satisfied("torch" + TORCH_REQUIREMENT):
+    torch_ok = is_satisfied("torch" + TORCH_REQUIREMENT)
+    problem = torchvision_problem() if torch_ok else f"torch{TORCH_REQUIREMENT} is not installed"
+    if problem is None:
         return
     if importlib.util.find_spec("PyTorchUtils") is None:
-        message = ('COLIPRISlicer needs PyTorch. Install the "PyTorch" extension from the Extensions Manager,'
-                   " restart Slicer, then click Analyze again.")
+        message = (f"COLIPRISlicer needs PyTorch ({problem}). Install the \"PyTorch\" extension from the"
+                   " Extensions Manager, restart Slicer, then click Analyze again.")
         raise RuntimeError(message)
     import PyTorchUtils
 
@@ -60,10 +91,23 @@ def ensure_torch() -> None:
     torch = logic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
     if torch is None:
         raise RuntimeError(f"PyTorch {TORCH_REQUIREMENT} was not installed; COLIPRISlicer cannot run without it.")
+    problem = torchvision_problem()
+    if problem is not None:
+        message = (f"{problem}. Reinstall PyTorch with the PyTorch Utils module (it installs torch and torchvision"
+                   " together), restart Slicer, then click Analyze again.")
+        raise RuntimeError(message)
+
+
+def _packaging_module():
+    """``slicer.packaging`` (Slicer >= 5.11), or None on older Slicer."""
+    try:
+        return importlib.import_module("slicer.packaging")
+    except ImportError:
+        return None
 
 
 def ensure_packages(requirements: list[str]) -> None:
-    """Ask, then pip-install the missing requirements (never torch or SimpleITK).
+    """Ask, then pip-install the missing requirements (never torch, torchvision or SimpleITK).
 
     Raises:
         RuntimeError: when the user declines.
@@ -71,19 +115,19 @@ def ensure_packages(requirements: list[str]) -> None:
     missing = missing_requirements(requirements)
     if not missing:
         return
-    if importlib.util.find_spec("slicer.packaging") is not None:
-        import slicer.packaging
-
-        slicer.packaging.pip_ensure(missing, skip_packages=SKIP_PACKAGES, requester=REQUESTER)
+    packaging = _packaging_module()
+    if packaging is not None:
+        packaging.pip_ensure(missing, skip_packages=SKIP_PACKAGES, requester=REQUESTER)
         return
     text = "COLIPRISlicer needs these Python packages:\n" + "\n".join(missing) + "\n\nInstall them now?"
     if not slicer.util.confirmOkCancelDisplay(text, REQUESTER):
-        raise RuntimeError("Installation declined; COLIPRISlicer cannot run without these packages.")
+        raise RuntimeError("Installation declined; COLIPRISlicer cannot run without these packages. Click Analyze"
+                           " again to be asked again.")
     slicer.util.pip_install(["-c", str(_pinning_constraints()), *missing])
 
 
 def _pinning_constraints() -> Path:
-    """A pip constraints file holding the installed torch and SimpleITK at their versions."""
+    """A pip constraints file holding the installed torch, torchvision and SimpleITK at their versions."""
     pins = []
     for name in SKIP_PACKAGES:
         try:
