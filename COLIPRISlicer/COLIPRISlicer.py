@@ -135,7 +135,7 @@ class COLIPRISlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from COLIPRISlicerNodes import runtime, views
         parameters, settings = self._parameterNode, self._parameterNode.settings
         views.set_foreground_opacity(slicer.mrmlScene, parameters.heatmapOpacity, self.logic.outputNode("heatmap"))
-        self.ui.weightsFolderLabel.text = str(runtime.weights_folder(settings.modelSource, settings.modelFolder))
+        self.ui.weightsFolderLabel.text = runtime.path_text(runtime.weights_folder(settings.modelSource, settings.modelFolder))
         self.showState()
 
     def showState(self, state: str | None = None, detail: str = "") -> None:

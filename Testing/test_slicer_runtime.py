@@ -84,15 +84,23 @@ def test_device_choice_falls_back_to_cpu_with_a_reason(monkeypatch):
         runtime.resolve_device("tpu")
 
 
-def test_offline_mode_reaches_an_imported_huggingface_hub(monkeypatch):
+def test_offline_mode_reaches_an_imported_huggingface_hub_and_is_undone(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    runtime.set_offline(True)
-    assert constants.is_offline_mode() and runtime.os.environ["HF_HUB_OFFLINE"] == "1"
-    runtime.set_offline(False)
+    with runtime.offline_mode(True):
+        assert constants.is_offline_mode() and runtime.os.environ["HF_HUB_OFFLINE"] == "1"
     assert not constants.is_offline_mode() and "HF_HUB_OFFLINE" not in runtime.os.environ
+
+
+def test_no_model_folder_is_stored_and_shown_as_empty_not_as_a_dot():
+    settings = SimpleNamespace(modelSource="hub", modelFolder=Path(), device="auto", precision="auto",
+                               offline=False, diskCache=False)
+    assert runtime.settings_to_strings(settings)["modelFolder"] == ""
+    assert runtime.settings_from_strings({"modelFolder": "."}) == {}
+    assert runtime.weights_folder("folder", Path()) is None
+    assert runtime.weights_folder("folder", "/models/colipri") == Path("/models/colipri")
 
 
 def test_download_folders_are_the_hub_cache_and_our_cache_never_a_model_folder(monkeypatch, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 
@@ -159,3 +160,54 @@ def test_session_unloads_the_model_only_when_options_change():
     session._analyzer = sentinel
     assert session.configure(None) is True and session.options == EngineOptions(device="cpu")
     session.shutdown()
+
+
+def test_a_warning_of_the_main_thread_while_a_job_runs_is_not_taken_as_the_jobs(monkeypatch):
+    from COLIPRISlicerNodes.session import EngineSession
+
+    delivered, shown, inside, release = [], [], threading.Event(), threading.Event()
+    monkeypatch.setattr(warnings, "filters", [])
+    warnings.simplefilter("always")
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
+
+    def main_thread_warns_while_the_job_waits():
+        if inside.wait(5) and not release.is_set():
+            warnings.warn("Another extension's warning.", RuntimeWarning, stacklevel=1)
+            release.set()
+
+    def job():
+        inside.set()
+        release.wait(5)
+        warnings.warn("The job's own warning.", RuntimeWarning, stacklevel=1)
+
+    session = EngineSession(process_events=main_thread_warns_while_the_job_waits)
+    try:
+        session.call(job, delivered.append)
+    finally:
+        session.shutdown()
+    assert delivered == ["Warning: The job's own warning."]
+    assert shown == ["Another extension's warning."]
+
+
+@pytest.mark.parametrize("before", [None, "1"])
+def test_offline_mode_is_set_only_while_a_job_runs_and_restored_after(monkeypatch, before):
+    from COLIPRISlicerNodes.session import EngineOptions, EngineSession
+    from huggingface_hub import constants
+
+    if before is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", before)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", before is not None)
+    session = EngineSession(process_events=lambda: None)
+    session.options = EngineOptions(offline=True)
+    try:
+        during = session.call(lambda: (os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE))
+        session.options = EngineOptions(offline=False)
+        online = session.call(lambda: (os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE))
+    finally:
+        session.shutdown()
+    assert during == ("1", True)
+    assert online == (before, before is not None)  # another extension's choice stands
+    assert (os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE) == (before, before is not None)
+

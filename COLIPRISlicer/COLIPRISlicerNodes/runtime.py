@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from COLIPRISlicerLib import defaults
@@ -30,7 +32,14 @@ SETTINGS_CHOICES = {"modelSource": MODEL_SOURCES, "device": DEVICES, "precision"
 
 def settings_to_strings(settings) -> dict[str, str]:
     """The persistent settings of a settings object (attribute per key) as strings."""
-    return {key: str(getattr(settings, key)) for key in SETTINGS_CHOICES}
+    return {key: path_text(value) if isinstance(value, Path) else str(value)
+            for key, value in ((key, getattr(settings, key)) for key in SETTINGS_CHOICES)}
+
+
+def path_text(path: str | os.PathLike | None) -> str:
+    """A path as shown and stored: empty (not ".") when no folder was chosen."""
+    text = str(path or "")
+    return "" if text in ("", ".") else text
 
 
 def settings_from_strings(stored: dict) -> dict:
@@ -43,7 +52,8 @@ def settings_from_strings(stored: dict) -> dict:
         if key in ("offline", "diskCache"):
             settings[key] = text.lower() in ("1", "true", "yes")
         elif key == "modelFolder":
-            settings[key] = Path(text)
+            if path_text(text):
+                settings[key] = Path(text)
         elif text in choices:
             settings[key] = text
     return settings
@@ -100,12 +110,32 @@ def resolve_device(requested: str) -> tuple[str, str | None]:
     return "cuda", None
 
 
-def set_offline(offline: bool) -> None:
-    """Forbid (or allow again) Hugging Face downloads; cached or folder models still load."""
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    else:
-        os.environ.pop("HF_HUB_OFFLINE", None)
+@contextmanager
+def offline_mode(offline: bool) -> Iterator[None]:
+    """Forbid Hugging Face downloads while our model loads, then restore what was there.
+
+    ``HF_HUB_OFFLINE`` is process-wide (every extension in Slicer shares it), so it is set
+    only for the duration of one of our worker jobs and put back afterwards; with
+    ``offline`` False nothing is touched (another extension's offline choice stands).
+    """
+    if not offline:
+        yield
+        return
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    _set_hub_constant(True)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+        _set_hub_constant(str(saved).strip().upper() in ("1", "ON", "YES", "TRUE"))
+
+
+def _set_hub_constant(offline: bool) -> None:
+    """``huggingface_hub`` reads the variable once at import; update its constant if imported."""
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
         constants.HF_HUB_OFFLINE = offline
@@ -123,8 +153,9 @@ def hub_repo_folder(repo_id: str) -> Path:
     return hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
 
 
-def weights_folder(source: str, folder: str | os.PathLike | None = None) -> Path:
-    """Where the weights of a model source are (or will be, after the first download)."""
+def weights_folder(source: str, folder: str | os.PathLike | None = None) -> Path | None:
+    """Where the weights of a model source are (or will be, after the first download); None
+    for source "folder" before a folder was chosen."""
     if source == "hub":
         return hub_repo_folder(defaults.COLIPRI_REPO_ID)
     if source == "demo":
@@ -133,7 +164,7 @@ def weights_folder(source: str, folder: str | os.PathLike | None = None) -> Path
         return demo_model_folder()
     if source == "phantom":
         return defaults.phantom_model_folder()
-    return Path(folder or ".")
+    return Path(path_text(folder)) if path_text(folder) else None
 
 
 def downloaded_folders() -> list[Path]:

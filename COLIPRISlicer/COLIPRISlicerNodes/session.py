@@ -3,20 +3,25 @@
 The main thread calls :meth:`EngineSession.call`; the function runs on the worker thread,
 the engine's status lines and RuntimeWarnings (e.g. "out of GPU memory; retrying on the
 CPU") come back through a queue and are delivered on the calling thread, between the
-``process_events`` calls that keep the GUI responsive. No Slicer or Qt import here.
+``process_events`` calls that keep the GUI responsive. Warnings are captured per thread
+(only those raised on the worker thread), never by swapping the process-wide filters.
+One session per process (:func:`shared_session`) so that every Logic shares one model.
+No Slicer or Qt import here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from COLIPRISlicerLib import defaults
-from COLIPRISlicerLib.slicer_worker import Worker, wait_for
+from COLIPRISlicerLib.slicer_worker import SHUTDOWN_TIMEOUT_S, Worker, wait_for
 
 from . import runtime
 
@@ -39,11 +44,12 @@ class EngineSession:
     """Owns the worker thread and the ``Analyzer`` (created on the worker on first use).
 
     Args:
-        process_events: called while waiting for the worker (Slicer's event loop).
+        process_events: called while waiting for the worker (Slicer's event loop); a call
+            may pass its own.
     """
 
-    def __init__(self, process_events: Callable[[], None]):
-        self.process_events = process_events
+    def __init__(self, process_events: Callable[[], None] | None = None):
+        self.process_events = process_events or (lambda: None)
         self.worker = Worker()
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
         self.options = EngineOptions()
@@ -77,38 +83,41 @@ class EngineSession:
             from COLIPRISlicerLib.analysis import Analyzer
 
             options = self.options
-            runtime.set_offline(options.offline)
             device, warning = runtime.resolve_device(options.device)
             if warning:
-                warnings.warn(warning, RuntimeWarning, stacklevel=2)
+                self._on_warning(warning)
             spec = runtime.model_spec(options.model_source, options.model_folder)
             engine = Engine(spec, device=device, precision=options.precision, **_cache_options(options),
                             status_callback=self.messages.put)
             self._analyzer = Analyzer(engine)
         return self._analyzer
 
-    def call(self, function: Callable[[], object], status_callback: Callable[[str], None] | None = None):
+    def call(self, function: Callable[[], object], status_callback: Callable[[str], None] | None = None,
+             process_events: Callable[[], None] | None = None):
         """Run ``function`` on the worker and return its result (or raise its exception)."""
+        process_events = process_events or self.process_events
 
         def pump() -> None:
             while not self.messages.empty():
                 message = self.messages.get()
                 if status_callback is not None:
                     status_callback(message)
-            self.process_events()
+            process_events()
 
-        return wait_for(self.worker.submit(lambda: self._recording_warnings(function)), pump)
+        return wait_for(self.worker.submit(self._job(function)), pump)
 
-    def _recording_warnings(self, function: Callable[[], object]):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RuntimeWarning)
-            try:
+    def _job(self, function: Callable[[], object]) -> Callable[[], object]:
+        """``function`` as run on the worker: offline if asked, its RuntimeWarnings become messages."""
+        offline = self.options.offline
+
+        def job():
+            with runtime.offline_mode(offline), _WARNINGS.capture(self._on_warning):
                 return function()
-            finally:
-                for warning in caught:
-                    if issubclass(warning.category, RuntimeWarning):
-                        logger.warning("%s", warning.message)
-                        self.messages.put(f"Warning: {warning.message}")
+        return job
+
+    def _on_warning(self, message) -> None:
+        logger.warning("%s", message)
+        self.messages.put(f"Warning: {message}")
 
     def prepare(self, function: Callable[[], object]) -> None:
         """Run ``function`` on the worker without waiting (later calls queue behind it); a failure is logged."""
@@ -119,10 +128,63 @@ class EngineSession:
             except Exception:  # noqa: BLE001 - preparation is optional; the query itself will report
                 logger.exception("Preparing for queries failed")
 
-        self.worker.submit(guarded)
+        self.worker.submit(self._job(guarded))
 
-    def shutdown(self) -> None:
-        self.worker.shutdown()
+    def wait_idle(self, process_events: Callable[[], None] | None = None) -> None:
+        """Return once every job submitted so far (background preparation included) has finished."""
+        self.call(lambda: None, process_events=process_events)
+
+    def shutdown(self, process_events: Callable[[], None] | None = None, timeout: float = SHUTDOWN_TIMEOUT_S) -> bool:
+        """Stop the worker (at most ``timeout`` seconds, the GUI kept responsive); True when it stopped.
+
+        The model stays loaded: a later call starts a new worker thread that uses it.
+        """
+        return self.worker.shutdown(timeout, process_events or self.process_events)
+
+
+class _ThreadWarnings:
+    """Routes RuntimeWarnings raised on a capturing thread to that thread's sink; warnings of
+    every other thread go where they went before (``warnings.catch_warnings`` would swap the
+    process-wide handler and steal the main thread's warnings while a job runs)."""
+
+    def __init__(self):
+        self._sinks: dict[int, Callable[[object], None]] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def capture(self, sink: Callable[[object], None]):
+        ident = threading.get_ident()
+        with self._lock:
+            self._sinks[ident] = sink
+            if getattr(warnings.showwarning, "_thread_router", None) is not self:
+                warnings.showwarning = self._router(warnings.showwarning)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._sinks.pop(ident, None)
+
+    def _router(self, previous):
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            sink = self._sinks.get(threading.get_ident())
+            if sink is None or not issubclass(category, RuntimeWarning):
+                return previous(message, category, filename, lineno, file, line)
+            sink(message)
+            return None
+
+        showwarning._thread_router = self
+        return showwarning
+
+
+_WARNINGS = _ThreadWarnings()
+_SHARED: list[EngineSession] = []
+
+
+def shared_session() -> EngineSession:
+    """The process's one session: every Logic (the panel's, the self-test's) shares its model."""
+    if not _SHARED:
+        _SHARED.append(EngineSession())
+    return _SHARED[0]
 
 
 def _cache_options(options: EngineOptions) -> dict:
