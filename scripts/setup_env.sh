@@ -19,6 +19,16 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libEGL.so.1'; then
   fi
 fi
 
+# dicom3tools (dciodvfy) to validate the DICOM SEG/SR exports in the tests.
+if ! command -v dciodvfy >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing dicom3tools for DICOM validation" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools >/dev/null
+  else
+    echo "[setup] dciodvfy not found; DICOM validation tests will be skipped" >&2
+  fi
+fi
+
 echo "[setup] creating .venv with $PYTHON (first run takes a few minutes)" >&2
 "$PYTHON" -m venv .venv
 log=.venv/setup.log

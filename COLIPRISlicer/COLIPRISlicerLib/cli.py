@@ -59,14 +59,15 @@ def analyze(
     seg_head: Annotated[Optional[Path], typer.Option(exists=True, help="Trained segmentation head folder.")] = None,
     segmentation: Annotated[bool, typer.Option(help="Write segmentation.nii.gz (zero-shot without --seg-head).")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="On-disk embedding cache folder.")] = None,
+    dicom: Annotated[bool, typer.Option("--dicom", help="Also write dicom/: a DICOM SEG and an SR (TID 1500).")] = False,
 ) -> None:
     """Zero-shot findings (likelihoods, heatmaps), draft report, segmentation and snippet locations -> OUT/."""
     _run(lambda: _analyze(scan, out, model, device, precision, findings, finding or [], heatmaps, cache_dir, report,
-                          (snippet or [], snippet_method), seg_head if segmentation or seg_head else False))
+                          (snippet or [], snippet_method), seg_head if segmentation or seg_head else False, dicom=dicom))
 
 
 def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir, report=True, snippets=(),
-             seg_head=None, summary: bool = True, truth: dict | None = None) -> None:
+             seg_head=None, summary: bool = True, truth: dict | None = None, dicom: bool = False) -> None:
     from .analysis import Analyzer
     from .catalogue import load_catalogue
     from .engine import Engine
@@ -88,6 +89,8 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
         _status("Segmenting" + (f" with head {seg_head}" if seg_head else ""))
         segmented = analyzer.segment(result, seg_head)
         writers.append(_segmentation_writer(segmented, result))
+    if dicom:
+        writers.append(_dicom_writer(analyzer, result, segmented, report))
     if summary:
         writers.append(_summary_writer(result, segmented, truth))
     path = write_analysis(result, out, heatmaps="all" if heatmaps else None, extra_writers=writers)
@@ -98,6 +101,12 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
 def _report_writer(analyzer, result):
     draft = analyzer.report(result)
     return lambda folder: (folder / "report.md").write_text(draft.to_markdown(), encoding="utf-8")
+
+
+def _dicom_writer(analyzer, result, segmented, report: bool):
+    from .dicom_export import dicom_writer
+
+    return dicom_writer(result, segmented, analyzer.report(result).to_text() if report else None)
 
 
 def _segmentation_writer(segmented, result):
