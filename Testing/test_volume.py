@@ -99,3 +99,85 @@ def test_missing_paths_are_reported(tmp_path):
         load_volume(tmp_path / "nothing.nii.gz")
     with pytest.raises(FileNotFoundError, match="No DICOM series"):
         load_volume(tmp_path)
+
+
+LUNGMASK_SLICES = RAS_NIFTI.parents[1] / "lungmask_slices"
+
+
+def _gunzipped(path) -> bytes:
+    import gzip
+
+    return gzip.decompress(path.read_bytes())
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_compressed_nifti_is_refused_as_incomplete(tmp_path, keep):
+    data = require(RAS_NIFTI).read_bytes()
+    cut = tmp_path / "partial.nii.gz"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(ValueError, match=r'"[^"]*partial.nii.gz" is incomplete: its compressed data end early'):
+        load_volume(cut)
+
+
+def test_truncated_uncompressed_nifti_is_refused_with_the_byte_counts(tmp_path):
+    data = _gunzipped(require(RAS_NIFTI))  # 352-byte header + 122 x 101 x 112 int32 voxels
+    assert len(data) == 352 + 122 * 101 * 112 * 4
+    cut = tmp_path / "partial.nii"
+    cut.write_bytes(data[:-4])  # one voxel short
+    with pytest.raises(ValueError, match=f"holds {len(data) - 4:,} bytes .* announces {len(data):,}"):
+        load_volume(cut)
+    whole = tmp_path / "whole.nii"
+    whole.write_bytes(data)
+    assert load_volume(whole).shape == (122, 101, 112)
+
+
+def test_empty_and_non_image_files_say_what_to_give(tmp_path):
+    empty = tmp_path / "scan.nii.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"is empty \(0 bytes\)"):
+        load_volume(empty)
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image\n")
+    with pytest.raises(ValueError, match=r"not an image file ITK can read .* NIfTI \(.nii, .nii.gz\)"):
+        load_volume(text)
+
+
+def test_misnamed_nifti_is_recognised_and_the_rename_named(tmp_path):
+    misnamed = tmp_path / "scan.txt"
+    misnamed.write_bytes(require(RAS_NIFTI).read_bytes())
+    with pytest.raises(ValueError, match="looks like a gzip-compressed NIfTI file .* rename it to end in .nii.gz"):
+        load_volume(misnamed)
+
+
+def test_truncated_nrrd_is_refused_in_one_line(tmp_path):
+    import SimpleITK as sitk
+
+    whole = tmp_path / "scan.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(require(RAS_NIFTI))), str(whole), useCompression=False)
+    data = whole.read_bytes()
+    whole.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match='Cannot read "[^"]*scan.nrrd" .*incomplete or damaged') as caught:
+        load_volume(whole)
+    assert "\n" not in str(caught.value)
+
+
+def test_two_slice_dicom_folder_says_what_is_wrong_and_what_to_load():
+    folder = require(LUNGMASK_SLICES)
+    with pytest.raises(ValueError, match=r"holds 2 slice\(s\) along axis K, .* not a CT volume .*"
+                                         r"Select the folder that holds the whole series"):
+        load_volume(folder)
+
+
+def test_two_dimensional_image_is_refused(tmp_path):
+    import SimpleITK as sitk
+
+    path = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((32, 32), np.int16)), str(path))
+    with pytest.raises(ValueError, match="holds a 2-D image with 1 components; expected a 3-D scalar CT"):
+        load_volume(path)
+
+
+def test_folder_of_images_points_at_the_file(tmp_path):
+    (tmp_path / "scan.nii.gz").write_bytes(require(RAS_NIFTI).read_bytes())
+    with pytest.raises(FileNotFoundError, match=r'No DICOM series .* give its path, e.g. "[^"]*scan.nii.gz"'):
+        load_volume(tmp_path)

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import geometry
 from .defaults import HU_MAX_EXPECTED, HU_MIN_EXPECTED
+from .image_files import check_nifti_complete
 from .types import TypeAffine, TypePath
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 TAG_INSTANCE_NUMBER = "0020|0013"
 TAG_SERIES_NUMBER = "0020|0011"
 TAG_SERIES_DESCRIPTION = "0008|103e"
+#: A loaded file or series must span at least this along each axis (a volume, not a few slices).
+MIN_EXTENT_MM = 20.0
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass(frozen=True)
@@ -160,9 +164,9 @@ def load_volume(path: TypePath) -> Volume:
 
     Raises:
         FileNotFoundError: If the path does not exist or a folder holds no DICOM series.
+        ValueError: If the file is empty, incomplete (truncated download), not an image ITK
+            can read, not a 3-D scalar volume, or covers less than ``MIN_EXTENT_MM``.
     """
-    import SimpleITK as sitk
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f'File or folder not found: "{path}"')
@@ -170,10 +174,75 @@ def load_volume(path: TypePath) -> Volume:
     if path.is_dir():
         image, slices = _read_dicom_series(path)
     else:
-        image = sitk.ReadImage(str(path))
+        image = _read_image_file(path)
     array, ijk_to_ras = scalar_array_from_sitk(image, f'"{path}"', "a 3-D scalar CT")
     name = path.name.split(".")[0] if path.is_file() else path.name
+    check_extent(array.shape, ijk_to_ras, f'"{path}"', dicom=slices is not None)
     return Volume.from_array(array, ijk_to_ras, name=name, slices=slices)
+
+
+def check_extent(shape: tuple[int, ...], ijk_to_ras: np.ndarray, what: str, *, dicom: bool = False) -> None:
+    """ValueError unless the volume spans at least ``MIN_EXTENT_MM`` along each axis (a CT
+    volume, not a few slices: preprocessing resamples to 2 mm and would be left with nothing)."""
+    extent = np.asarray(shape[:3], float) * geometry.spacing_of(ijk_to_ras)
+    axis = int(np.argmin(extent))
+    if extent[axis] >= MIN_EXTENT_MM:
+        return
+    load = ("Select the folder that holds the whole series (all its slices)" if dicom
+            else "Load the whole CT volume")
+    message = (f"{what} holds {shape[axis]} slice(s) along axis {'IJK'[axis]}, {extent[axis]:.1f} mm in all: a few"
+               f" images, not a CT volume (at least {MIN_EXTENT_MM:g} mm along each axis is needed). {load},"
+               " or a NIfTI/NRRD file of the scan.")
+    raise ValueError(message)
+
+
+def _read_image_file(path: Path):
+    """SimpleITK image of a file; ValueError with what is wrong (empty, truncated, unreadable)."""
+    import SimpleITK as sitk
+
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f'"{path}" is empty (0 bytes): download or export the scan again.')
+    check_nifti_complete(path)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise ValueError(_unreadable_message(path, error)) from None
+
+
+def _unreadable_message(path: Path, error: RuntimeError) -> str:
+    """One line: why ITK could not read ``path`` and what to give instead."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in reversed(lines) if "No such file" not in line), type(error).__name__)
+    if "Unable to determine ImageIO reader" in str(error):
+        guessed = _guess_format(path)
+        if guessed:
+            return f'"{path}" looks like a {guessed[0]} file but its name does not say so: rename it to end in {guessed[1]}.'
+        return (f'"{path}" is not an image file ITK can read (by its name and content). Give a NIfTI (.nii, .nii.gz),'
+                " NRRD (.nrrd), MetaImage (.mha) file or a folder holding a DICOM series.")
+    return (f'Cannot read "{path}" ({detail}). The file may be incomplete or damaged: download or export it again.')
+
+
+def _guess_format(path: Path) -> tuple[str, str] | None:
+    """(format, extension) recognised from the first bytes of a misnamed file, else None."""
+    import gzip
+
+    with open(path, "rb") as file:
+        head = file.read(352)
+    if head[:2] == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as file:
+                head = file.read(352)
+        except (OSError, EOFError):
+            return None
+        return ("gzip-compressed NIfTI", ".nii.gz") if head[344:347] == b"n+1" else None
+    if head[344:347] == b"n+1":
+        return "NIfTI", ".nii"
+    if head.startswith(b"NRRD"):
+        return "NRRD", ".nrrd"
+    if head[128:132] == b"DICM":
+        return "DICOM", ".dcm (and give its folder, with the other slices of the series)"
+    return None
 
 
 def scalar_array_from_sitk(image, what: str, expected: str) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +260,8 @@ def scalar_array_from_sitk(image, what: str, expected: str) -> tuple[np.ndarray,
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() != 3:
         message = (
             f"{what} holds a {image.GetDimension()}-D image with"
-            f" {image.GetNumberOfComponentsPerPixel()} components; expected {expected}."
+            f" {image.GetNumberOfComponentsPerPixel()} components; expected {expected}. Give a 3-D scalar volume"
+            " (NIfTI, NRRD, MHA) or a folder holding a DICOM series."
         )
         raise ValueError(message)
     array = np.transpose(sitk.GetArrayViewFromImage(image), (2, 1, 0))
@@ -203,7 +273,9 @@ def _read_dicom_series(folder: Path):
 
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
     if not series_ids:
-        message = f'No DICOM series found in "{folder}". Select a folder that contains .dcm files.'
+        images = sorted(path.name for path in folder.iterdir() if path.name.lower().endswith(IMAGE_SUFFIXES))
+        hint = f' To read an image file instead, give its path, e.g. "{folder / images[0]}".' if images else ""
+        message = f'No DICOM series found in "{folder}". Select a folder that contains .dcm files.{hint}'
         raise FileNotFoundError(message)
     files_per_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
     series_id = max(files_per_series, key=lambda sid: len(files_per_series[sid]))
@@ -212,7 +284,10 @@ def _read_dicom_series(folder: Path):
         logger.info("Folder holds %d DICOM series; using the largest (%d files).", len(series_ids), len(files))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    image = reader.Execute()
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise ValueError(_unreadable_message(folder, error)) from None
     return image, _slice_metadata(files)
 
 
