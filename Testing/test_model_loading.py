@@ -131,3 +131,68 @@ def test_bf16_likelihoods_within_0_01_of_fp32(tiny_model_folder, tiny_engine):
     bf16_p = bf16.pair_probabilities(bf16.encode(volume), PAIRS)
     assert np.abs(fp32_p - bf16_p).max() < 0.01
     assert bf16.encode(volume).key != tiny_engine.encode(volume).key
+
+
+def test_out_of_memory_is_caught_where_torch_has_no_top_level_out_of_memory_error(tiny_model_folder, monkeypatch):
+    """torch 2.4 has only ``torch.cuda.OutOfMemoryError``; ``except torch.OutOfMemoryError`` would be an AttributeError."""
+    import torch
+
+    import COLIPRISlicerLib.engine as engine_module
+
+    cuda_error = torch.cuda.OutOfMemoryError
+    monkeypatch.delattr(torch, "OutOfMemoryError")
+    engine = Engine(str(tiny_model_folder), device="cpu", precision="fp32")
+    real, calls = engine_module.run_image_encoder, []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise cuda_error("CUDA out of memory (simulated, torch 2.4)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "run_image_encoder", fail_once)
+    with pytest.warns(RuntimeWarning, match="retrying on the CPU"):
+        encoding = engine.encode(load_volume(require(RAS_NIFTI)))
+    assert len(calls) == 2 and encoding.pooled.shape == (32,)
+
+
+def test_auto_precision_on_a_cpu_without_torch_private_probes_is_fp32(monkeypatch):
+    import torch
+
+    from COLIPRISlicerLib.devices import select_precision
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    assert select_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert select_precision("auto", torch.device("cpu")) == "bf16"
+
+
+@pytest.mark.parametrize("name", ["foo", "gpu", "cuda:x", ""])
+def test_unknown_device_names_are_refused_with_the_accepted_ones(name):
+    from COLIPRISlicerLib.devices import select_device
+
+    with pytest.raises(ValueError, match=f'Unknown device "{name}"; use "auto", "cpu", "cuda", "cuda:N" or "mps"'):
+        select_device(name)
+
+
+def test_missing_colipri_private_config_loader_names_the_version_to_install(monkeypatch):
+    import colipri.checkpoint
+
+    from COLIPRISlicerLib.model_folder import colipri_config_loader
+
+    assert colipri_config_loader() is colipri.checkpoint._load_config
+    monkeypatch.delattr(colipri.checkpoint, "_load_config")
+    with pytest.raises(RuntimeError, match=r"has no checkpoint._load_config, .* install colipri==0.1.3"):
+        colipri_config_loader()
+
+
+def test_torch_floor_has_the_apis_the_engine_uses():
+    """``torch.OutOfMemoryError`` exists from torch 2.5: the declared floor must not be lower."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    torch = next(Requirement(text) for text in project["dependencies"] if Requirement(text).name == "torch")
+    assert not torch.specifier.contains("2.4.1") and torch.specifier.contains("2.5.0")

@@ -134,11 +134,11 @@ class Engine:
                              processed.cropped_mm, key, seconds)
 
     def _forward_with_cpu_fallback(self, tensor):
-        import torch
+        from .devices import out_of_memory_errors
 
         try:
             return run_image_encoder(self.loaded, tensor, precision=self.identity.dtype)
-        except torch.OutOfMemoryError:
+        except out_of_memory_errors():
             message = (
                 f"Out of GPU memory on {self.identity.device}; retrying on the CPU (slower)."
                 " Close other GPU programs or choose the CPU device to avoid this."

@@ -33,10 +33,28 @@ class SmallModelSpec:
     drop_path_rate: float | None = None  # Primus stochastic depth in training; default colipri's
 
 
+def colipri_config_loader():
+    """colipri 0.1.3's private ``checkpoint._load_config`` (resolves its packaged hydra config offline).
+
+    Raises:
+        RuntimeError: the installed colipri lacks it (another version than the pinned one).
+    """
+    import colipri.checkpoint
+
+    loader = getattr(colipri.checkpoint, "_load_config", None)
+    if loader is None:
+        from importlib.metadata import version
+
+        raise RuntimeError(f"colipri {version('colipri')} has no checkpoint._load_config, which building a small model"
+                           " needs (colipri 0.1.3 has it); install colipri==0.1.3, the version this project pins.")
+    return loader
+
+
 def small_model_config(spec: SmallModelSpec, vocab_size: int) -> dict:
     """Fully resolved ``{"model": ..., "processor": ...}`` config with ``./vocab.txt``."""
-    from colipri.checkpoint import _load_config
     from omegaconf import OmegaConf
+
+    _load_config = colipri_config_loader()
 
     overrides = [
         f"input_size={spec.input_size}", f"spacing={spec.spacing_mm}",
