@@ -68,8 +68,10 @@ def write_dicom(result, folder: TypePath, *, segmentation=None, report_text: str
 
 
 def _save(dataset, path: Path) -> None:
-    """Save, leaving out a ReferencedStudySequence copied from the input without its SOP Class
-    UIDs (TCIA's anonymiser writes such items; DICOM requires both UIDs, dciodvfy flags it)."""
+    """Save in UTF-8 (report text has dashes, free-text findings any letter), leaving out a
+    ReferencedStudySequence copied from the input without its SOP Class UIDs (TCIA's
+    anonymiser writes such items; DICOM requires both UIDs, dciodvfy flags it)."""
+    dataset.SpecificCharacterSet = "ISO_IR 192"
     items = dataset.get("ReferencedStudySequence") or []
     if any("ReferencedSOPClassUID" not in item for item in items):
         logger.debug("Leaving out the input's incomplete ReferencedStudySequence from %s.", path.name)

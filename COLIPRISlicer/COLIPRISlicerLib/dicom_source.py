@@ -173,7 +173,7 @@ def _derived_header(volume: Volume, derived_from: str, study_uid: str, series_ui
     from . import __version__
 
     header = Dataset()
-    header.SOPClassUID = CT_IMAGE_STORAGE
+    header.SpecificCharacterSet, header.SOPClassUID = "ISO_IR 192", CT_IMAGE_STORAGE
     header.PatientName, header.PatientID, header.PatientBirthDate, header.PatientSex = "", "", "", ""
     header.StudyInstanceUID, header.StudyID, header.AccessionNumber = study_uid, "COLIPRI", ""
     now = datetime.now()  # the derived study is created now; the input's date is unknown
