@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 import types
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +51,26 @@ STUBBED_MODULES = ("qt", "slicer.ScriptedLoadableModule", "slicer.parameterNodeW
 
 
 class _ScriptedLoadableModule:
+    """As Slicer's: the icon is looked for only in ``Resources/Icons`` beside the module file."""
+
     def __init__(self, parent):
         self.parent = parent
+        self.moduleName = type(self).__name__
+        icon = Path(parent.path).parent / "Resources" / "Icons" / f"{self.moduleName}.png"
+        if icon.is_file():
+            parent.icon = _QIcon(str(icon))
 
 
 class _ScriptedLoadableModuleWidget:
+    """As Slicer's: a parent (with ``isEntered``) and its layout; ``setup`` adds nothing here."""
+
     def __init__(self, parent=None):
-        self.parent = parent
+        self.parent = parent if parent is not None else types.SimpleNamespace(isEntered=True)
+        self.moduleName = type(self).__name__.removesuffix("Widget")
+        self.layout = types.SimpleNamespace(widgets=[], addWidget=lambda widget: self.layout.widgets.append(widget))
+
+    def setup(self):
+        pass
 
 
 class _ScriptedLoadableModuleLogic:
@@ -78,21 +93,115 @@ class _ScriptedLoadableModuleTest:
     def delayDisplay(self, message, msec=None):
         print(message)
 
+    def assertEqual(self, first, second):
+        assert first == second, f"{first!r} != {second!r}"
+
+    def assertAlmostEqual(self, first, second, places=7):
+        assert round(abs(first - second), places) == 0, f"{first!r} != {second!r} to {places} places"
+
+
+def _value_type(annotation):
+    """``Annotated[str, Choice(...)]`` -> ``str``."""
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Annotated else annotation
+
 
 def _parameter_node_wrapper(cls):
-    """Typed attribute access with the class defaults; values live on the wrapper only."""
+    """As Slicer's ``parameterNodeWrapper``/``parameterPack``: typed attributes stored *on the
+    MRML node* (parameters as strings, nodes as references, packs under ``name.``), missing
+    ones written with the class defaults. So ``vtkMRMLScene::Clear``, which resets the
+    singleton parameter node, resets every value, as in Slicer."""
+    fields = {name: _value_type(kind) for name, kind in cls.__dict__.get("__annotations__", {}).items()}
+    defaults = {name: getattr(cls, name, None) for name in fields}
 
-    def __init__(self, node):
-        self.parameterNode = node
-        for name in getattr(cls, "__annotations__", {}):
-            setattr(self, name, getattr(cls, name, None))
+    class Wrapper:
+        _isPack = True
 
-    return type(cls.__name__, (), {"__init__": __init__, "__doc__": cls.__doc__})
+        def __init__(self, parameterNode, prefix=""):
+            object.__setattr__(self, "parameterNode", parameterNode)
+            object.__setattr__(self, "_prefix", prefix)
+            present = set(parameterNode.GetParameterNames())
+            for name, kind in fields.items():
+                if not getattr(kind, "_isPack", False) and not _is_node_type(kind) and prefix + name not in present:
+                    setattr(self, name, defaults[name])
+
+        def __getattr__(self, name):
+            if name not in fields:
+                raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
+            kind, key = fields[name], self._prefix + name
+            if getattr(kind, "_isPack", False):
+                return kind(self.parameterNode, key + ".")
+            if _is_node_type(kind):
+                return self.parameterNode.GetNodeReference(key)
+            if key not in self.parameterNode.GetParameterNames():
+                return defaults[name]
+            text = self.parameterNode.GetParameter(key)
+            return text == "True" if kind is bool else kind(text)
+
+        def __setattr__(self, name, value):
+            if name not in fields:
+                raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
+            key = self._prefix + name
+            if _is_node_type(fields[name]):
+                self.parameterNode.SetNodeReferenceID(key, value.GetID() if value is not None else None)
+            else:
+                self.parameterNode.SetParameter(key, str(value))
+
+        def connectGui(self, ui):
+            return ("gui", id(ui))
+
+        def disconnectGui(self, tag):
+            assert tag is not None and tag[0] == "gui", "disconnectGui needs the tag connectGui returned"
+
+    Wrapper.__name__ = Wrapper.__qualname__ = cls.__name__
+    Wrapper.__doc__ = cls.__doc__
+    return Wrapper
+
+
+def _is_node_type(kind) -> bool:
+    return isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode)
 
 
 class _Validator:
     def __init__(self, *args, **kwargs):
         self.args = args
+
+
+class _QIcon:
+    def __init__(self, path: str = ""):
+        self.path = path
+
+    def isNull(self) -> bool:
+        return not self.path
+
+
+class _QSettings:
+    """QSettings backed by one dict per test session (``STORE``), as persistent as the real one."""
+
+    STORE: dict = {}
+
+    def value(self, key, default=None):
+        return self.STORE.get(key, default)
+
+    def setValue(self, key, value):
+        self.STORE[key] = value
+
+
+class _QTableWidgetItem:
+    def __init__(self, text: str = ""):
+        self._text = text
+
+    def text(self) -> str:
+        return self._text
+
+
+def _qt_module() -> types.ModuleType:
+    qt = types.ModuleType("qt")
+    qt.QIcon, qt.QSettings, qt.QTableWidgetItem = _QIcon, _QSettings, _QTableWidgetItem
+    qt.Qt = types.SimpleNamespace(WaitCursor=3)
+    qt.QUrl = types.SimpleNamespace(fromLocalFile=lambda path: path)
+    qt.QDesktopServices = types.SimpleNamespace(opened=[])
+    qt.QDesktopServices.openUrl = qt.QDesktopServices.opened.append
+    return qt
 
 
 def _stub_modules() -> dict[str, types.ModuleType]:
@@ -107,7 +216,7 @@ def _stub_modules() -> dict[str, types.ModuleType]:
     i18n = types.ModuleType("slicer.i18n")
     i18n.tr = lambda text: text
     i18n.translate = lambda context, text: text
-    return {"qt": types.ModuleType("qt"), "slicer.ScriptedLoadableModule": base,
+    return {"qt": _qt_module(), "slicer.ScriptedLoadableModule": base,
             "slicer.parameterNodeWrapper": wrapper, "slicer.i18n": i18n}
 
 
@@ -129,6 +238,143 @@ def remove_module_stubs(saved: dict) -> None:
                 delattr(slicer, name.split(".", 1)[1])
         else:
             sys.modules[name] = module
+
+
+# --- application and panel ---------------------------------------------------------------
+
+
+class FakeApplication:
+    """``slicer.app`` for the Widget: ``processEvents`` runs the user's actions scheduled with
+    :meth:`when` (a click, Close Scene, quit) and counts how deeply it is nested (a wait
+    inside a wait shows as depth 2). Testing mode, as in Slicer's self-tests."""
+
+    def __init__(self):
+        self.process_events_calls = 0
+        self.depth = self.max_depth = 0
+        self.slot_errors: list[BaseException] = []
+        self._scheduled: list = []
+
+    def when(self, predicate, action) -> None:
+        """Run ``action`` once, in the first ``processEvents`` call where ``predicate()`` holds."""
+        self._scheduled.append((predicate, action))
+
+    @property
+    def scheduled(self) -> int:
+        return len(self._scheduled)
+
+    def processEvents(self) -> None:
+        self.process_events_calls += 1
+        self.depth += 1
+        self.max_depth = max(self.max_depth, self.depth)
+        try:
+            for entry in list(self._scheduled):
+                if entry in self._scheduled and entry[0]():
+                    self._scheduled.remove(entry)
+                    entry[1]()
+        finally:
+            self.depth -= 1
+
+    def testingEnabled(self) -> bool:
+        return True
+
+    def setOverrideCursor(self, cursor) -> None:
+        pass
+
+    def restoreOverrideCursor(self) -> None:
+        pass
+
+
+class FakeWidget:
+    """A widget of the .ui file: plain attributes for properties, signals by their Qt
+    signature. A slot's exception is recorded in ``app.slot_errors`` (PythonQt prints it and
+    carries on), so a test can assert that no slot failed."""
+
+    def __init__(self, name: str, app: FakeApplication):
+        self.objectName, self.app = name, app
+        self.enabled, self.text, self.value, self.plainText = True, "", 0, ""
+        self._slots: dict[str, list] = {}
+        self._blocked = False
+        self._items: dict[tuple[int, int], object] = {}
+        self._rows = 0
+
+    def connect(self, signal: str, slot) -> None:
+        self._slots.setdefault(signal, []).append(slot)
+
+    def emit(self, signal: str, *args) -> None:
+        if self._blocked:
+            return
+        for slot in list(self._slots.get(signal, [])):
+            try:
+                slot(*args)
+            except Exception as error:  # noqa: BLE001 - as PythonQt: printed, recorded, not raised
+                traceback.print_exc()
+                self.app.slot_errors.append(error)
+
+    def click(self) -> None:
+        """A user's click: nothing happens on a disabled widget."""
+        if self.enabled:
+            self.emit("clicked(bool)", False)
+
+    def setMRMLScene(self, scene) -> None:
+        self.mrmlScene = scene
+
+    def setRowCount(self, rows: int) -> None:
+        self._rows = rows
+        self._items = {key: item for key, item in self._items.items() if key[0] < rows}
+
+    def rowCount(self) -> int:
+        return self._rows
+
+    def setItem(self, row: int, column: int, item) -> None:
+        self._items[(row, column)] = item
+
+    def item(self, row: int, column: int):
+        return self._items.get((row, column))
+
+    def blockSignals(self, block: bool) -> bool:
+        previous, self._blocked = self._blocked, block
+        return previous
+
+    def setPlainText(self, text: str) -> None:
+        self.plainText = text
+        self.emit("textChanged()")
+
+
+def ui_object_names(ui_file: Path) -> list[str]:
+    from xml.etree import ElementTree
+
+    return [element.get("name") for element in ElementTree.parse(ui_file).iter() if element.tag == "widget"]
+
+
+class PanelHarness:
+    """``slicer.app`` (a :class:`FakeApplication`), ``slicer.util.loadUI`` and
+    ``childWidgetVariables`` (one :class:`FakeWidget` per widget of the .ui file) and an
+    empty QSettings; everything restored by :meth:`close`."""
+
+    def __init__(self, monkeypatch):
+        import slicer.util
+
+        self.app = FakeApplication()
+        monkeypatch.setattr(slicer, "app", self.app, raising=False)
+        monkeypatch.setattr(slicer.util, "loadUI", lambda path: self._load_ui(path))
+        monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: widget.children)
+        monkeypatch.setattr(_QSettings, "STORE", {})
+
+    def _load_ui(self, path):
+        root = FakeWidget(Path(path).stem, self.app)
+        root.children = types.SimpleNamespace(**{name: FakeWidget(name, self.app) for name in ui_object_names(path)})
+        return root
+
+    @property
+    def settings(self) -> dict:
+        return _QSettings.STORE
+
+    def make_widget(self, module):
+        """The module's Widget, set up and entered, as Slicer does when the module is opened."""
+        widget = module.COLIPRISlicerWidget()
+        widget.setup()
+        widget.enter()
+        return widget
 
 
 # --- scene -------------------------------------------------------------------------------

@@ -36,12 +36,22 @@ def module():
 
 
 @pytest.fixture(scope="module")
-def logic(module, tiny_model_folder):
-    """One Logic (worker thread + loaded tiny model) for the whole file; results cleared per test."""
+def engine_session(module):
+    """The process's shared engine session for this file (one worker, the tiny model loaded once)."""
+    from COLIPRISlicerNodes import session
+
+    saved, session._SHARED[:] = list(session._SHARED), [session.EngineSession()]
+    yield session._SHARED[0]
+    session._SHARED[0].shutdown()
+    session._SHARED[:] = saved
+
+
+@pytest.fixture(scope="module")
+def logic(module, engine_session, tiny_model_folder):
+    """One Logic for the whole file; results cleared per test."""
     logic = module.COLIPRISlicerLogic()
     logic.configure("folder", tiny_model_folder, device="cpu", precision="fp32")
-    yield logic
-    logic.shutdown()
+    return logic
 
 
 @pytest.fixture
@@ -314,11 +324,12 @@ def test_empty_free_text_and_snippet_are_refused_without_adding_nodes(logic, sce
 def test_keeping_encodings_on_disk_lets_a_new_session_reopen_without_encoding(module, tiny_model_folder, scene, nifti,
                                                                              tmp_path, monkeypatch):
     from COLIPRISlicerLib import defaults
+    from COLIPRISlicerNodes.session import EngineSession
 
     monkeypatch.setenv("COLIPRISLICER_CACHE", str(tmp_path))
     forward_passes, folders = [], []
     for disk_cache in (False, True, True):  # three Slicer sessions, one after the other
-        session_logic = module.COLIPRISlicerLogic()
+        session_logic = module.COLIPRISlicerLogic(session=EngineSession())
         session_logic.configure("folder", tiny_model_folder, device="cpu", precision="fp32", diskCache=disk_cache)
         try:
             session_logic.run(nifti)
@@ -336,8 +347,10 @@ def test_keeping_encodings_on_disk_lets_a_new_session_reopen_without_encoding(mo
 
 def test_switching_the_disk_cache_keeps_the_model_and_the_results(module, tiny_model_folder, scene, nifti, tmp_path,
                                                                    monkeypatch):
+    from COLIPRISlicerNodes.session import EngineSession
+
     monkeypatch.setenv("COLIPRISLICER_CACHE", str(tmp_path))
-    session_logic = module.COLIPRISlicerLogic()
+    session_logic = module.COLIPRISlicerLogic(session=EngineSession())
     try:
         session_logic.configure("folder", tiny_model_folder, device="cpu", precision="fp32")
         session_logic.run(nifti)
@@ -350,3 +363,98 @@ def test_switching_the_disk_cache_keeps_the_model_and_the_results(module, tiny_m
         assert session_logic.result is None  # any other change unloads the model and its results
     finally:
         session_logic.shutdown()
+
+
+def add_linear_transform(scene, node):
+    import slicer
+
+    transform = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(transform)
+    matrix = np.eye(4)
+    matrix[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]
+    matrix[:3, 3] = [10.0, -20.0, 30.0]
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    return transform
+
+
+def reference_geometry(segmentation_node) -> str:
+    import slicer
+
+    parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    return segmentation_node.GetSegmentation().GetConversionParameter(parameter)
+
+
+def test_segmentation_of_a_transformed_volume_takes_the_reference_geometry_in_the_volume_frame(logic, scene, nifti):
+    import slicer
+
+    untransformed = slicer.vtkMRMLSegmentationNode()
+    untransformed.SetReferenceImageGeometryParameterFromVolumeNode(nifti)  # the volume's own IJK->RAS
+    transform = add_linear_transform(scene.scene, nifti)
+    logic.run(nifti)
+    segmentation = logic.segment()
+    assert segmentation.GetParentTransformNode() is transform
+    assert reference_geometry(segmentation) == reference_geometry(untransformed)  # transformed once, by the parent
+
+
+def edit_voxels(scene, node):
+    import slicer
+
+    slicer.util.arrayFromVolume(node)[0, 0, 0] += 100
+    slicer.util.arrayFromVolumeModified(node)
+
+
+@pytest.mark.parametrize("edit", [
+    edit_voxels,
+    lambda scene, node: node.SetSpacing(*[2 * s for s in node.GetSpacing()]),
+    lambda scene, node: node.SetOrigin(*[o + 5 for o in node.GetOrigin()]),
+    add_linear_transform,
+], ids=["voxels", "spacing", "origin", "parent transform"])
+def test_an_edited_volume_is_not_queried_with_its_old_analysis(logic, scene, nifti, edit):
+    logic.run(nifti)
+    name = logic.result.findings[0].name
+    edit(scene.scene, nifti)
+    with pytest.raises(ValueError, match="changed since it was analysed.*Analyze again"):
+        logic.showHeatmap(name)
+    logic.run(nifti)
+    assert logic.showHeatmap(name).GetParentTransformNode() is nifti.GetParentTransformNode()
+
+
+def test_memory_holds_at_most_two_analyses_and_no_full_size_heatmaps(logic, scene, nifti, tcia):
+    import slicer
+    from COLIPRISlicerLib.findings import heatmap_on_volume
+    from COLIPRISlicerNodes.logic import MAX_RESULTS
+
+    copy = slicer.util.addVolumeFromArray(slicer.util.arrayFromVolume(nifti).copy(), ijk_to_ras(nifti), "copy")
+    for volume in (nifti, tcia, copy):
+        logic.run(volume)
+        for finding in logic.result.findings[:2]:
+            shown = logic.showHeatmap(finding.name)
+        logic.segment()
+    assert MAX_RESULTS == 2 and len(logic.results) == 2
+    assert [result.volume.name for result in logic.results.values()] == [tcia.GetName(), "copy"]
+    assert all(not result._heatmaps for result in logic.results.values())  # only patch-grid maps kept
+    expected = heatmap_on_volume(finding, logic.result.encoding.grid, logic.result.volume)
+    inside = np.isfinite(expected)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(shown).transpose(2, 1, 0)[inside], expected[inside])
+
+
+def test_every_logic_in_the_process_shares_one_engine_session(module, engine_session):
+    assert module.COLIPRISlicerLogic().session is engine_session
+    assert module.COLIPRISlicerLogic().session is engine_session
+
+
+def test_clearing_downloads_waits_for_background_reads_and_unloads_the_model(module, monkeypatch):
+    from COLIPRISlicerNodes import runtime
+    from COLIPRISlicerNodes.session import EngineSession
+
+    order, release = [], threading.Event()
+    clear_logic = module.COLIPRISlicerLogic(processEvents=release.set, session=EngineSession())
+    clear_logic.session._analyzer = "a loaded model"
+    clear_logic.session.prepare(lambda: release.wait(5) and order.append("background read finished"))
+    monkeypatch.setattr(runtime, "clear_downloads", lambda: order.append("cleared") or [])
+    try:
+        clear_logic.clearDownloads()
+    finally:
+        clear_logic.shutdown()
+    assert order == ["background read finished", "cleared"] and clear_logic.session._analyzer is None

@@ -114,8 +114,10 @@ def terminology_entry(terminology: dict | None, name: str) -> str:
 
 def fill_segmentation(segmentation_node, result, input_node) -> None:
     """Segments of a ``SegmentationResult`` on the input's grid, frame and parent transform."""
-    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
+    # Transform first: the reference geometry is then taken in the segmentation's own (the
+    # volume's parent) frame; the other order bakes the transform in and applies it twice.
     segmentation_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
     segmentation_node.SetDescription(f"COLIPRI segmentation ({result.description})")
     segmentation = segmentation_node.GetSegmentation()
     for label in result.labels:

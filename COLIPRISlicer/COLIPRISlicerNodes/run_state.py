@@ -14,6 +14,10 @@ STATES = ("idle", "installing", "downloading", "loading", "encoding", "scoring",
 #: Progress bar value (percent) in each state.
 PROGRESS = {"idle": 0, "installing": 5, "downloading": 10, "loading": 25, "encoding": 45, "scoring": 75,
             "importing": 95, "cancelling": 0, "error": 0}
+#: Status line text of each state (the Widget translates it).
+TEXTS = {"idle": "Ready.", "installing": "Checking dependencies", "downloading": "Downloading weights",
+         "loading": "Loading model", "encoding": "Encoding the volume", "scoring": "Scoring findings",
+         "importing": "Importing results", "cancelling": "Cancelling", "error": "Error:"}
 #: Engine status line prefix -> the state it starts (see ``Engine``/``Analyzer`` notify calls).
 STATUS_PREFIXES = {"Downloading": "downloading", "Loading": "loading", "Preprocessing": "encoding",
                    "Encoding": "encoding", "Scoring": "scoring", "Importing": "importing"}

@@ -53,6 +53,24 @@ def world_ijk_to_ras(node) -> np.ndarray:
     return matrix_to_array(to_world) @ ijk_to_ras
 
 
+def volume_signature(node) -> tuple:
+    """What an analysis of ``node`` depends on: node ID, voxels (image data modification
+    time and dimensions), IJK->RAS and the parent transforms (matrix to world, or the
+    modification time of a non-linear one). Changes whenever the user edits any of them."""
+    image = node.GetImageData()
+    voxels = (image.GetMTime(), tuple(image.GetDimensions())) if image is not None else None
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        placement = None
+    elif parent.IsTransformToWorldLinear():
+        to_world = vtk.vtkMatrix4x4()
+        parent.GetMatrixTransformToWorld(to_world)
+        placement = tuple(matrix_to_array(to_world).ravel())
+    else:
+        placement = ("non-linear", parent.GetID(), parent.GetMTime())
+    return node.GetID(), voxels, tuple(local_ijk_to_ras(node).ravel()), placement
+
+
 def volume_from_node(node):
     """Copy a scalar volume node into an engine ``Volume`` in world RAS (node untouched).
 
