@@ -210,13 +210,18 @@ def test_a_failing_dicom_export_leaves_no_output(tiny_model_folder, tmp_path, mo
 def test_export_dicom_replaces_an_earlier_export_whole(tiny_engine, tmp_path):
     from COLIPRISlicerLib.analysis import Analyzer
     from COLIPRISlicerLib.dicom_export import export_dicom
+    from COLIPRISlicerLib.segmentation_head_io import SegmentationResult
 
     analyzer = Analyzer(tiny_engine)
     result = analyzer.analyze(load_volume(require(NIFTI_SMALL)))
     (tmp_path / "dicom").mkdir()
     (tmp_path / "dicom" / "stale.dcm").write_text("from an earlier export")
-    folder = export_dicom(result, tmp_path, segmentation=None, report_text=None)
+    empty = SegmentationResult(np.zeros(result.volume.shape, np.int16), result.volume.ijk_to_ras, [], "zero-shot",
+                               "zero-shot: no finding is above its threshold")
+    folder = export_dicom(result, tmp_path, segmentation=empty, report_text=None)
     assert sorted(path.name for path in folder.iterdir()) == ["ct", "dicom.json", "measurement_report.dcm"]
+    summary = json.loads((folder / "dicom.json").read_text())
+    assert summary["segmentation_skipped"] == "the segmentation has no label: zero-shot: no finding is above its threshold"
     assert not list(tmp_path.glob(".colipri-partial-*"))
 
 

@@ -92,7 +92,7 @@ def _finding_group(finding, frame_of_reference_uid: str, algorithm):
     concept = finding_concept(finding.terminology)
     peak_lps = geometry.FLIP_XY @ np.asarray(finding.peak_ras, dtype=float)
     unitless = hd.sr.CodedConcept("1", "UCUM", "no units")
-    measurements = [hd.sr.Measurement(_coded(LIKELIHOOD), float(finding.likelihood), unitless, algorithm_id=algorithm),
+    measurements = [hd.sr.Measurement(_coded(LIKELIHOOD), float(finding.likelihood), unitless),
                     hd.sr.Measurement(_coded(THRESHOLD), float(finding.threshold), unitless)]
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=finding.name),
