@@ -88,10 +88,12 @@ def assert_seg_matches(out, volume, sources: dict):
         assert "sha256=" in algorithm.AlgorithmParameters and algorithm.AlgorithmName == "tests/tiny-random"
     shared = seg.SharedFunctionalGroupsSequence[0]
     spacing = geometry.spacing_of(volume.ijk_to_ras)
-    np.testing.assert_allclose([float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing], spacing[[1, 0]], atol=1e-5)
+    pixel_spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+    np.testing.assert_allclose(pixel_spacing, spacing[[1, 0]], atol=1e-5)
     _, _, direction = geometry.itk_from_ijk_to_ras(volume.ijk_to_ras)
     orientation = np.asarray(direction).reshape(3, 3)[:, :2].T.ravel()
-    np.testing.assert_allclose([float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient], orientation, atol=1e-5)
+    written = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+    np.testing.assert_allclose(written, orientation, atol=1e-5)
     labelmap, pixels = labelmap_ijk(out), seg.pixel_array
     assert seg.NumberOfFrames == volume.shape[2] * len(labels)
     for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
@@ -129,7 +131,8 @@ def assert_sr_matches(out, sources: dict):
         assert float(threshold.NumericValue) == pytest.approx(finding["threshold"], abs=1e-12)
         code = (finding["terminology"] or {"code": "404684003"})["code"]
         assert items["Finding"].ConceptCodeSequence[0].CodeValue == code
-        evaluation = next(i for i in items.values() if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeValue == code)
+        evaluation = next(item for item in items.values()
+                          if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == code)
         assert evaluation.ConceptCodeSequence[0].CodeMeaning == ("Present" if finding["present"] else "Absent")
         region = items["Image Region"]
         assert region.GraphicType == "POINT" and region.ReferencedFrameOfReferenceUID == first.FrameOfReferenceUID
@@ -221,7 +224,8 @@ def test_export_dicom_replaces_an_earlier_export_whole(tiny_engine, tmp_path):
     folder = export_dicom(result, tmp_path, segmentation=empty, report_text=None)
     assert sorted(path.name for path in folder.iterdir()) == ["ct", "dicom.json", "measurement_report.dcm"]
     summary = json.loads((folder / "dicom.json").read_text())
-    assert summary["segmentation_skipped"] == "the segmentation has no label: zero-shot: no finding is above its threshold"
+    reason = "the segmentation has no label: zero-shot: no finding is above its threshold"
+    assert summary["segmentation_skipped"] == reason
     assert not list(tmp_path.glob(".colipri-partial-*"))
 
 
@@ -238,8 +242,13 @@ def test_source_series_refuses_files_off_the_volume_grid():
 
     volume = load_volume(require(TCIA_SERIES))
     cropped = Volume.from_array(volume.array[:, :, 10:], volume.ijk_to_ras, name="cropped", slices=volume.slices)
-    with pytest.raises(ValueError, match="off the volume's slice grid"):
+    with pytest.raises(ValueError, match=r"lies on slice 54, outside the volume's slices 0\.\.53"):
         read_source_series(cropped)
+    moved = np.array(volume.ijk_to_ras)
+    moved[0, 3] += 0.4 * volume.spacing[0]  # origin 0.4 voxels to the right: no file lies on the grid
+    shifted = Volume.from_array(volume.array, moved, name="shifted", slices=volume.slices)
+    with pytest.raises(ValueError, match=r"lies 0\.40 voxels off the volume's slice grid"):
+        read_source_series(shifted)
 
 
 def test_segmentation_without_labels_is_refused_with_the_reason():

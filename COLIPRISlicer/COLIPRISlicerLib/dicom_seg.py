@@ -43,7 +43,8 @@ def build_segmentation(segmentation: SegmentationResult, source: SourceSeries, p
     frames = _segment_number_frames(segmentation, source)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=provenance.model_id[:64], family=hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence"),
-        version=provenance.revision[:64], source=provenance.software_version, parameters=provenance.algorithm_parameters())
+        version=provenance.revision[:64], source=provenance.software_version,
+        parameters=provenance.algorithm_parameters())
     descriptions = [_segment_description(number, label, algorithm) for number, label in enumerate(labels, 1)]
     return hd.seg.Segmentation(
         source_images=list(source.datasets), pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,

@@ -109,7 +109,8 @@ def read_source_series(volume: Volume) -> SourceSeries:
         dataset = pydicom.dcmread(file, stop_before_pixels=True)
         k = _slice_index(dataset, volume, file)
         if k in by_slice:
-            raise ValueError(f'Two files of "{volume.name}" lie on slice {k} (one is "{file}"); keep one series per folder.')
+            message = f'Two files of "{volume.name}" lie on slice {k} (one is "{file}"); keep one series per folder.'
+            raise ValueError(message)
         by_slice[k] = dataset
     missing = sorted(set(range(volume.shape[2])) - set(by_slice))
     if missing:
@@ -127,9 +128,14 @@ def _slice_index(dataset, volume: Volume, file: str) -> int:
     index = geometry.ras_to_ijk(volume.ijk_to_ras, position_ras[None])[0]
     k = int(round(index[2]))
     offset = np.abs(index - (0, 0, k)).max()
-    if offset > POSITION_TOLERANCE_VOXELS or not 0 <= k < volume.shape[2]:
-        message = (f'"{file}" lies {offset:.2f} voxels off the volume\'s slice grid (voxel {np.round(index, 2).tolist()});'
+    if offset > POSITION_TOLERANCE_VOXELS:
+        message = (f'"{file}" lies {offset:.2f} voxels off the volume\'s slice grid'
+                   f" (voxel {np.round(index, 2).tolist()});"
                    " DICOM export needs an untilted series with one file per slice.")
+        raise ValueError(message)
+    if not 0 <= k < volume.shape[2]:
+        message = (f'"{file}" lies on slice {k}, outside the volume\'s slices 0..{volume.shape[2] - 1}: the volume'
+                   " is not the whole series in its folder. Analyse the whole series.")
         raise ValueError(message)
     return k
 
@@ -177,7 +183,8 @@ def _derived_header(volume: Volume, derived_from: str, study_uid: str, series_ui
     header.PatientName, header.PatientID, header.PatientBirthDate, header.PatientSex = "", "", "", ""
     header.StudyInstanceUID, header.StudyID, header.AccessionNumber = study_uid, "COLIPRI", ""
     now = datetime.now()  # the derived study is created now; the input's date is unknown
-    header.StudyDate, header.StudyTime, header.ReferringPhysicianName = now.strftime("%Y%m%d"), now.strftime("%H%M%S"), ""
+    header.StudyDate, header.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    header.ReferringPhysicianName = ""
     header.Modality, header.SeriesInstanceUID, header.SeriesNumber = "CT", series_uid, DERIVED_SERIES_NUMBER
     header.Laterality, header.PatientPosition = "", ""  # Type 2: unknown for a non-DICOM input
     header.SeriesDescription = f"Derived from {derived_from}"[:64]

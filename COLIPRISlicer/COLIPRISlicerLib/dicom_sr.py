@@ -53,8 +53,9 @@ def build_measurement_report(findings: list, source: SourceSeries, provenance: P
 
     if not findings:
         raise ValueError("No finding to report; an SR Measurement Report needs at least one finding.")
+    parameters = [f"{key}={value}" for key, value in provenance.algorithm_parameters().items()]
     algorithm = hd.sr.AlgorithmIdentification(name=provenance.model_id[:64], version=provenance.revision[:64],
-                                              parameters=[f"{k}={v}" for k, v in provenance.algorithm_parameters().items()])
+                                              parameters=parameters)
     groups = [_finding_group(finding, source.frame_of_reference_uid, algorithm) for finding in findings]
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -96,8 +97,8 @@ def _finding_group(finding, frame_of_reference_uid: str, algorithm):
                     hd.sr.Measurement(_coded(THRESHOLD), float(finding.threshold), unitless)]
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=finding.name),
-        referenced_region=hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-                                              graphic_data=peak_lps[None], frame_of_reference_uid=frame_of_reference_uid),
+        referenced_region=hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT, graphic_data=peak_lps[None],
+                                              frame_of_reference_uid=frame_of_reference_uid),
         finding_type=concept, algorithm_id=algorithm, measurements=measurements,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(concept, _coded(PRESENT if finding.present else ABSENT))])
 
