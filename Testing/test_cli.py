@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import LABELS_18, REPO, TCIA_SERIES, require
+from conftest import LABELS_18, MR_NIFTI, RAS_NIFTI, REPO, TCIA_SERIES, require
 from typer.testing import CliRunner
 
 from COLIPRISlicerLib.cli import app
@@ -224,3 +224,169 @@ def test_demo_analyses_a_phantom_and_its_references_land_on_the_right_slice(tmp_
     model = json.loads((out / "findings.json").read_text())["model"]
     assert "not COLIPRI" in model["label"]
     assert Image.open(out / "summary.png").size == (1300, 650)
+
+
+# --- Bad input, as a new user would give it: one "Error:" line, exit 1, nothing written or touched ---
+
+def _one_line_error(result) -> str:
+    """The run's single error line (asserting exit 1, no traceback, exactly one non-warning line)."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def _bad_scans(tmp_path):
+    import gzip
+
+    scans = {"empty.nii.gz": b"", "notes.nii.gz": b"not an image\n", "scan.txt": RAS_NIFTI.read_bytes(),
+             "partial.nii.gz": RAS_NIFTI.read_bytes()[:700_000],
+             "partial.nii": gzip.decompress(RAS_NIFTI.read_bytes())[:-4]}
+    for name, content in scans.items():
+        (tmp_path / name).write_bytes(content)
+    return {name: tmp_path / name for name in scans}
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("empty.nii.gz", "is empty (0 bytes)"),
+    ("notes.nii.gz", "not an image file ITK can read"),
+    ("scan.txt", "rename it to end in .nii.gz"),
+    ("partial.nii.gz", "is incomplete: its compressed data end early"),
+    ("partial.nii", "is incomplete: it holds"),
+    ("two_slices", "not a CT volume"),
+])
+def test_bad_scans_get_one_line_and_no_output(tiny_model_folder, tmp_path, name, expected):
+    require(RAS_NIFTI)
+    scan = _bad_scans(tmp_path).get(name) or require(RAS_NIFTI.parents[1] / "lungmask_slices")
+    out = tmp_path / "new" / "out"
+    result = runner.invoke(app, ["analyze", str(scan), "--model", str(tiny_model_folder), "--out", str(out),
+                                 "--device", "cpu"])
+    assert expected in _one_line_error(result)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    (["--device", "foo"], 'Unknown device "foo"'),
+    (["--precision", "fp8"], 'Unknown precision "fp8"'),
+    (["--finding", " "], '--finding "" is empty'),
+    (["--snippet", "Nodule at the apex.", "--snippet-method", "nearest"], 'Unknown --snippet-method "nearest"'),
+    (["--snippet", "Nodule at the apex.", "--snippet-method", "head"], "--snippet-method head needs --localizer"),
+])
+def test_bad_options_get_one_line_and_no_output(tiny_model_folder, tmp_path, options, expected):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", str(tiny_model_folder),
+                                 "--out", str(out), *(["--device", "cpu"] if "--device" not in options else []),
+                                 *options])
+    assert expected in _one_line_error(result)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ("{empty}", "has no model.safetensors"),
+    ("{missing}", "is neither an existing model folder nor a Hugging Face repository id"),
+])
+def test_bad_model_folders_get_one_line(tmp_path, model, expected):
+    model = model.format(empty=tmp_path, missing=tmp_path / "no-such-model")
+    result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", model, "--out", str(tmp_path / "out"),
+                                 "--device", "cpu"])
+    assert expected in _one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_naming_an_existing_file_is_one_line_and_the_file_is_untouched(tiny_model_folder, tmp_path):
+    existing = tmp_path / "results.csv"
+    existing.write_text("patient,score\n1,0.5\n")
+    result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", str(tiny_model_folder),
+                                 "--out", str(existing), "--device", "cpu"])
+    assert f'The output folder "{existing}" is an existing file' in _one_line_error(result)
+    assert existing.read_text() == "patient,score\n1,0.5\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["results.csv"]
+
+
+def test_out_folder_holding_our_names_but_no_analysis_is_refused(tiny_model_folder, tmp_path):
+    (tmp_path / "report.md").write_text("my own report")
+    result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", str(tiny_model_folder),
+                                 "--out", str(tmp_path), "--device", "cpu"])
+    assert "holds report.md but no findings.json" in _one_line_error(result)
+    assert [path.name for path in tmp_path.iterdir()] == ["report.md"]
+    assert (tmp_path / "report.md").read_text() == "my own report"
+
+
+def test_rerun_into_the_same_folder_holds_exactly_the_new_run(tiny_model_folder, tmp_path):
+    out = tmp_path / "out"
+    base = ["analyze", str(require(RAS_NIFTI)), "--model", str(tiny_model_folder), "--out", str(out),
+            "--device", "cpu", "--no-segmentation"]
+    assert runner.invoke(app, [*base, "--finding", "rib fracture"]).exit_code == 0
+    assert (out / "heatmaps" / "rib-fracture.nii.gz").is_file() and (out / "report.md").is_file()
+    (out / "my notes.txt").write_text("keep me")
+    second = runner.invoke(app, [*base, "--no-report"])
+    assert second.exit_code == 0, second.output
+    document = json.loads((out / "findings.json").read_text())
+    assert sorted(path.name for path in out.iterdir()) == ["findings.json", "heatmaps", "my notes.txt", "summary.png"]
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == sorted(f["heatmap"][9:] for f in document["findings"])
+    assert len(document["findings"]) == 18 and (out / "my notes.txt").read_text() == "keep me"
+
+
+def test_a_failed_write_leaves_no_folder_and_no_staging(tiny_engine, tmp_path):
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.outputs import write_analysis
+
+    result = Analyzer(tiny_engine).analyze(load_volume(require(RAS_NIFTI)))
+
+    def failing_writer(folder):
+        (folder / "report.md").write_text("half")
+        raise OSError(28, "No space left on device", str(folder / "report.md"))
+
+    with pytest.raises(OSError, match="No space left"):
+        write_analysis(result, tmp_path / "out", extra_writers=[failing_writer])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_programming_errors_keep_their_traceback_and_user_errors_are_one_line(monkeypatch, tmp_path):
+    import COLIPRISlicerLib.volume as volume_module
+
+    def buggy(path):
+        return {}["spacing"]  # a bug: a KeyError that no one raised for the user
+
+    monkeypatch.setattr(volume_module, "load_volume", buggy)
+    result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", "demo", "--out", str(tmp_path / "o")])
+    assert isinstance(result.exception, KeyError) and "Error:" not in result.output
+
+    def refusing(path):
+        raise volume_module.check_extent((2, 2, 2), np.eye(4), '"x"')
+
+    monkeypatch.setattr(volume_module, "load_volume", refusing)
+    result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", "demo", "--out", str(tmp_path / "o")])
+    assert "not a CT volume" in _one_line_error(result)
+
+
+def test_snippet_method_head_uses_the_localizer_given(tiny_model_folder, tmp_path):
+    scan = require(RAS_NIFTI)
+    csv = tmp_path / "snippets.csv"
+    csv.write_text(f"scan,snippet,s_mm\n{scan},liver lesion,200\n{scan},lung base nodule,300\n{scan},kidney cyst,150\n")
+    head = tmp_path / "head"
+    trained = runner.invoke(app, ["train-localizer", str(csv), "--model", str(tiny_model_folder), "--out", str(head),
+                                  "--epochs", "3", "--device", "cpu"])
+    assert trained.exit_code == 0, trained.output
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["analyze", str(scan), "--model", str(tiny_model_folder), "--out", str(out),
+                                 "--device", "cpu", "--no-segmentation", "--snippet", "Liver lesion.",
+                                 "--snippet-method", "head", "--localizer", str(head)])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((out / "localization.json").read_text())["snippets"][0]
+    assert entry["method"] == "head" and "the trained head" in entry["explanation"]
+    assert sum(entry["profile"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_non_ct_scan_is_refused_unless_allowed(tiny_model_folder, tmp_path):
+    scan = require(MR_NIFTI)
+    refused = runner.invoke(app, ["analyze", str(scan), "--model", str(tiny_model_folder), "--out", str(tmp_path / "a"),
+                                  "--device", "cpu"])
+    assert "does not look like CT in Hounsfield units" in _one_line_error(refused)
+    assert "--allow-non-ct" in refused.output and not (tmp_path / "a").exists()
+    allowed = runner.invoke(app, ["analyze", str(scan), "--model", str(tiny_model_folder), "--out", str(tmp_path / "b"),
+                                  "--device", "cpu", "--allow-non-ct", "--no-segmentation", "--no-heatmaps"])
+    assert allowed.exit_code == 0, allowed.output
+    assert (tmp_path / "b" / "findings.json").is_file()

@@ -35,12 +35,49 @@ def _status(message: str) -> None:
 
 
 def _run(action) -> None:
-    """Run a command body; known user-facing errors become one line and exit code 1."""
+    """Run a command body; a user error becomes one ``Error:`` line and exit code 1.
+
+    User errors: ``UserError``; ``ValueError``, ``RuntimeError`` and ``KeyError`` that this
+    package raises on purpose (a ``raise`` statement in its own code, so the message was
+    written for the user); file-system errors (missing file, no permission, disk full).
+    Anything else is a bug and keeps its traceback. Ctrl-C exits with 130.
+    """
     try:
         action()
-    except (UserError, ValueError, FileNotFoundError, RuntimeError, KeyError) as error:
-        typer.echo(f"Error: {error}", err=True)
+    except KeyboardInterrupt:
+        typer.echo("Interrupted; nothing was written.", err=True)
+        raise typer.Exit(130) from None
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None:
+            raise
+        typer.echo(f"Error: {message}", err=True)
         raise typer.Exit(1) from None
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of a user error, or None for a bug (see ``_run``)."""
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, OSError) and not isinstance(error, (UnicodeError,)) and error.strerror:
+        where = f' "{error.filename}"' if error.filename else ""
+        return f"{error.strerror}:{where}. Check the path, its permissions and the free disk space."
+    if isinstance(error, (ValueError, RuntimeError, KeyError, FileNotFoundError)) and _raised_here(error):
+        text = error.args[0] if isinstance(error, KeyError) and error.args else error
+        return " ".join(str(text).split())
+    return None
+
+
+def _raised_here(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error`` is a ``raise`` statement of this package."""
+    import traceback
+
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return False
+    last = frames[-1]
+    package = str(Path(__file__).resolve().parent)
+    return str(Path(last.filename).resolve()).startswith(package) and (last.line or "").lstrip().startswith("raise")
 
 
 @app.command()
@@ -55,35 +92,42 @@ def analyze(
     heatmaps: Annotated[bool, typer.Option(help="Write heatmaps/<finding>.nii.gz.")] = True,
     report: Annotated[bool, typer.Option(help="Write the draft report.md.")] = True,
     snippet: Annotated[Optional[list[str]], typer.Option("--snippet", help="Report sentence to localise (repeatable).")] = None,
-    snippet_method: Annotated[str, typer.Option(help="auto, reference, zero-shot, anatomy or head.")] = "auto",
+    snippet_method: Annotated[str, typer.Option(help="auto, reference, zero-shot, anatomy, head or combined.")] = "auto",
+    localizer: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False,
+                                                      help="Trained localisation head folder (train-localizer); used by"
+                                                           " auto/combined, needed by --snippet-method head.")] = None,
     seg_head: Annotated[Optional[Path], typer.Option(exists=True, help="Trained segmentation head folder.")] = None,
     segmentation: Annotated[bool, typer.Option(help="Write segmentation.nii.gz (zero-shot without --seg-head).")] = True,
     cache_dir: Annotated[Optional[Path], typer.Option(help="On-disk embedding cache folder.")] = None,
     dicom: Annotated[bool, typer.Option("--dicom", help="Also write dicom/: a DICOM SEG and an SR (TID 1500).")] = False,
+    allow_non_ct: Annotated[bool, typer.Option(help="Analyse a scan whose values do not look like CT in HU.")] = False,
 ) -> None:
     """Zero-shot findings (likelihoods, heatmaps), draft report, segmentation and snippet locations -> OUT/."""
     _run(lambda: _analyze(scan, out, model, device, precision, findings, finding or [], heatmaps, cache_dir, report,
-                          (snippet or [], snippet_method), seg_head if segmentation or seg_head else False, dicom=dicom))
+                          (snippet or [], snippet_method, localizer), seg_head if segmentation or seg_head else False,
+                          dicom=dicom, allow_non_ct=allow_non_ct))
 
 
 def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir, report=True, snippets=(),
-             seg_head=None, summary: bool = True, truth: dict | None = None, dicom: bool = False) -> None:
+             seg_head=None, summary: bool = True, truth: dict | None = None, dicom: bool = False,
+             allow_non_ct: bool = False) -> None:
     from .analysis import Analyzer
     from .catalogue import load_catalogue
     from .engine import Engine
     from .outputs import write_analysis
-    from .volume import load_volume
 
+    texts, method, localizer = (*snippets, *([], "auto", None)[len(snippets):])  # (texts, method[, localizer])
+    _check_analyze_options(out, extra, method, localizer)
     _status(f"Reading {scan}")
-    volume = load_volume(scan)
+    volume = _load_scan(scan, allow_non_ct)
     engine = Engine(model, device=device, precision=precision, cache_dir=cache_dir, status_callback=_status)
     analyzer = Analyzer(engine, load_catalogue(findings) if findings else None)
     result = analyzer.analyze(volume, status_callback=_status)
     for text in extra:
         analyzer.add_finding(result, text)
     writers = [_report_writer(analyzer, result)] if report else []
-    if snippets and snippets[0]:
-        writers.append(_localization_writer(analyzer, result, *snippets))
+    if texts:
+        writers.append(_localization_writer(analyzer, result, texts, method, localizer))
     segmented = None
     if seg_head is not False:
         _status("Segmenting" + (f" with head {seg_head}" if seg_head else ""))
@@ -96,6 +140,37 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
     path = write_analysis(result, out, heatmaps="all" if heatmaps else None, extra_writers=writers)
     _print_findings(result)
     _status(f"Wrote {path}")
+
+
+def _load_scan(scan: Path, allow_non_ct: bool):
+    """The scan as a ``Volume``; UserError when its values do not look like CT (unless allowed)."""
+    import warnings
+
+    from .volume import load_volume, non_ct_reason
+
+    with warnings.catch_warnings():
+        if not allow_non_ct:  # refused below, in one line, instead of warned about
+            warnings.filterwarnings("ignore", message=".*does not look like CT", category=RuntimeWarning)
+        volume = load_volume(scan)
+    reason = non_ct_reason(volume.array)
+    if reason and not allow_non_ct:
+        raise UserError(f'"{scan}": {reason} Select a CT scan, or pass --allow-non-ct to analyse it anyway.')
+    return volume
+
+
+def _check_analyze_options(out: Path, extra: list[str], method: str, localizer: Path | None) -> None:
+    """Refuse options that cannot work before any slow step (UserError/ValueError naming the fix)."""
+    from .localization import METHODS
+    from .outputs import check_out_dir
+
+    check_out_dir(out)
+    if any(not text.strip() for text in extra):
+        raise UserError('--finding "" is empty: give the finding as words, e.g. --finding "rib fracture".')
+    if method not in METHODS:
+        raise UserError(f'Unknown --snippet-method "{method}"; use one of {", ".join(METHODS)}.')
+    if method == "head" and localizer is None:
+        raise UserError("--snippet-method head needs --localizer FOLDER, a head trained with"
+                        " `colipri-slicer train-localizer`; or use --snippet-method auto.")
 
 
 def _report_writer(analyzer, result):
@@ -121,10 +196,11 @@ def _summary_writer(result, segmented, truth: dict | None):
     return lambda folder: write_summary_png(result, folder / "summary.png", truth=truth, segmentation=segmented)
 
 
-def _localization_writer(analyzer, result, snippets, method: str = "auto"):
+def _localization_writer(analyzer, result, snippets, method: str = "auto", localizer: Path | None = None):
     import json
 
-    located = [_snippet_entry(text, analyzer.localize(result, text, method=method), result.volume) for text in snippets]
+    located = [_snippet_entry(text, analyzer.localize(result, text, method=method, head=localizer), result.volume)
+               for text in snippets]
     for entry in located:
         typer.echo(f"  {entry['snippet'][:50]!r} -> S {entry['ras'][2]:.1f} mm, slice {entry['slice_index']}"
                    f" ({entry['method']}, confidence {entry['confidence']:.2f})")
@@ -414,10 +490,16 @@ def cache_clear(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> 
     _run(action)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line: one line each, without the source line that raised them."""
+    return f"Warning: {' '.join(str(message).split())}\n"
+
+
 def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.formatwarning = _one_line_warning
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app()
 

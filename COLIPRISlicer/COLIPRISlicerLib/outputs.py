@@ -1,7 +1,8 @@
 """Write an analysis to a folder: findings.json, heatmaps/<slug>.nii.gz, report.md, ...
 
-Everything is staged in a temporary sibling folder and moved into place only when complete,
-so a failed or interrupted run leaves no half-written files. Every image output has exactly
+Everything is staged in a hidden temporary folder and moved into place only when complete,
+so a failed or interrupted run leaves no half-written files, and a re-run into the same folder
+leaves no file of the previous run beside the new ones. Every image output has exactly
 the input volume's size, spacing, origin and direction.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from .types import TypePath
 
 FINDINGS_FILENAME = "findings.json"
 HEATMAPS_DIRNAME = "heatmaps"
+#: Everything an analysis writes at the top of its folder (a re-run replaces exactly these).
+OUTPUT_NAMES = frozenset({FINDINGS_FILENAME, HEATMAPS_DIRNAME, "report.md", "localization.json", "summary.png",
+                          "segmentation.nii.gz", "segmentation.json", "dicom"})
 
 
 def write_volume(array_ijk: np.ndarray, ijk_to_ras: np.ndarray, path: TypePath) -> None:
@@ -46,17 +50,24 @@ def findings_document(result) -> dict:
 
 def write_analysis(result, out_dir: TypePath, *, heatmaps: Iterable[str] | str | None = "all",
                    extra_writers: Iterable[Callable[[Path], None]] = ()) -> Path:
-    """Write findings.json (+ heatmaps and whatever ``extra_writers`` add) atomically.
+    """Write findings.json (+ heatmaps and whatever ``extra_writers`` add); the folder then holds this run only.
+
+    Everything is written into a hidden staging folder first. A new folder is that staging
+    folder renamed; an existing one has the previous run's outputs (``OUTPUT_NAMES``) moved
+    out and the new ones moved in, ``findings.json`` last. Other files in it are left alone.
 
     Args:
         result: an ``AnalysisResult``.
-        out_dir: destination folder (created; existing files of the same names are replaced).
+        out_dir: destination folder: absent, empty, or holding a previous analysis.
         heatmaps: ``"all"``, a list of finding names, or None.
         extra_writers: callables that write more files into the staging folder.
+
+    Raises:
+        ValueError: ``out_dir`` is a file, or holds files of our names but no previous analysis.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".colipri-partial-", dir=out_dir))
+    check_out_dir(out_dir)
+    staging = _new_hidden_folder(_existing_ancestor(out_dir), ".colipri-partial-")
     try:
         document = findings_document(result)
         names = [f.name for f in result.findings] if heatmaps == "all" else list(heatmaps or [])
@@ -64,10 +75,56 @@ def write_analysis(result, out_dir: TypePath, *, heatmaps: Iterable[str] | str |
         for writer in extra_writers:
             writer(staging)
         (staging / FINDINGS_FILENAME).write_text(json.dumps(document, indent=2))
-        _move_into(staging, out_dir)
+        _replace_run(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir / FINDINGS_FILENAME
+
+
+def check_out_dir(out_dir: TypePath) -> None:
+    """ValueError unless ``out_dir`` can receive an analysis (call it before the work, too)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f'The output folder "{out_dir}" is an existing file; give a folder path (it is created'
+                         " when absent, and a previous analysis in it is replaced).")
+    if not out_dir.is_dir() or (out_dir / FINDINGS_FILENAME).is_file():
+        return
+    clashing = sorted(path.name for path in out_dir.iterdir() if path.name in OUTPUT_NAMES)
+    if clashing:
+        raise ValueError(f'The output folder "{out_dir}" holds {", ".join(clashing)} but no {FINDINGS_FILENAME}'
+                         " of a previous analysis; these are not ours to replace. Choose a new or empty folder.")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` itself when it exists, else its nearest existing parent (staging goes there)."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _new_hidden_folder(parent: Path, prefix: str) -> Path:
+    """A new folder in ``parent`` with the umask's permissions (``mkdtemp`` would make it private)."""
+    folder = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
+    folder.mkdir()
+    return folder
+
+
+def _replace_run(staging: Path, out_dir: Path) -> None:
+    """Make ``out_dir`` hold the staged run: a rename when new, else swap our outputs only."""
+    if not out_dir.exists():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.replace(out_dir)
+        return
+    previous = _new_hidden_folder(out_dir, ".colipri-previous-")
+    try:
+        for path in out_dir.iterdir():
+            if path.name in OUTPUT_NAMES:
+                path.replace(previous / path.name)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == FINDINGS_FILENAME):
+            path.replace(out_dir / path.name)
+    finally:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def _write_heatmaps(result, names: list[str], staging: Path, document: dict) -> None:
@@ -81,11 +138,3 @@ def _write_heatmaps(result, names: list[str], staging: Path, document: dict) -> 
         heatmap = heatmap_on_volume(finding, result.encoding.grid, result.volume)  # not kept: memory stays flat
         write_volume(heatmap, result.volume.ijk_to_ras, staging / relative)
         by_name[finding.name]["heatmap"] = relative
-
-
-def _move_into(staging: Path, out_dir: Path) -> None:
-    for path in sorted(staging.rglob("*")):
-        if path.is_file():
-            target = out_dir / path.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            path.replace(target)

@@ -149,14 +149,19 @@ def _unsigned_to_signed(array: np.ndarray) -> np.ndarray:
 
 
 def _warn_if_not_ct(array: np.ndarray) -> None:
-    low, high = float(array.min()), float(array.max())
+    reason = non_ct_reason(array)
+    if reason:
+        warnings.warn(f"{reason} Results are only meaningful for CT; check that the right volume is selected and"
+                      " that no rescaling was applied.", RuntimeWarning, stacklevel=3)
+
+
+def non_ct_reason(array: np.ndarray) -> str | None:
+    """Why the voxel values do not look like CT in Hounsfield units, or None when they do."""
+    low, high = float(np.min(array)), float(np.max(array))
     if low >= -200 or high > HU_MAX_EXPECTED or low < HU_MIN_EXPECTED * 3:
-        message = (
-            f"Intensities range from {low:g} to {high:g}, which does not look like CT in"
-            f" Hounsfield units (air is about -1000 HU). Results are only meaningful for CT;"
-            " check that the right volume is selected and that no rescaling was applied."
-        )
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return (f"Intensities range from {low:g} to {high:g}, which does not look like CT in"
+                " Hounsfield units (air is about -1000 HU).")
+    return None
 
 
 def load_volume(path: TypePath) -> Volume:
