@@ -138,6 +138,9 @@ def assert_sr_matches(out, sources: dict):
         assert region.GraphicType == "POINT" and region.ReferencedFrameOfReferenceUID == first.FrameOfReferenceUID
         peak_lps = np.asarray(finding["peak_ras"]) * [-1, -1, 1]
         np.testing.assert_allclose([float(v) for v in region.GraphicData], peak_lps, atol=0.006)
+    parsed = sr.content.get_planar_roi_measurement_groups()  # highdicom's own TID 1500 reader agrees
+    assert [group.tracking_identifier for group in parsed] == [finding["name"] for finding in document["findings"]]
+    assert [group.get_measurements()[0].value for group in parsed] == [f["likelihood"] for f in document["findings"]]
     texts = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
              for container in sr.ContentSequence if container.ValueType == "CONTAINER"
              for item in container.get("ContentSequence", []) if item.ValueType == "TEXT"}
@@ -258,3 +261,29 @@ def test_segmentation_without_labels_is_refused_with_the_reason():
     empty = SegmentationResult(np.zeros((2, 2, 2), np.int16), np.eye(4), [], "zero-shot", "nothing above threshold")
     with pytest.raises(ValueError, match="no label, so there is no segment to write"):
         build_segmentation(empty, None, None)
+
+
+def test_head_labels_with_gaps_keep_their_values_names_and_codes(tmp_path):
+    from COLIPRISlicerLib.dicom_seg import build_segmentation
+    from COLIPRISlicerLib.dicom_source import Provenance, derived_source_series
+    from COLIPRISlicerLib.segmentation_head_io import LabelInfo, SegmentationResult
+
+    volume = load_volume(require(NIFTI_SMALL))
+    labelmap = np.zeros(volume.shape, np.int16)
+    labelmap[10:20, 30:40, 5:8] = 2
+    labelmap[50:52, 60:61, 20] = 5
+    heart = {"category": {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"},
+             "type": {"scheme": "SCT", "code": "80891009", "meaning": "Heart"}}
+    labels = [LabelInfo(2, "Heart", (0.8, 0.2, 0.2), heart), LabelInfo(5, "Spot", (0.1, 0.9, 0.1), {})]
+    head = SegmentationResult(labelmap, volume.ijk_to_ras, labels, "head", "trained head, 2.5 mm")
+    source = derived_source_series(volume, tmp_path / "ct", derived_from="example_ct_sm")
+    provenance = Provenance("tests/head", "r1", "ab" * 32, "", "0.1.0")
+    seg = build_segmentation(head, source, provenance)
+    segments = seg.SegmentSequence
+    assert [(s.SegmentLabel, s.TrackingID) for s in segments] == [("Heart", "label 2"), ("Spot", "label 5")]
+    assert [s.SegmentedPropertyCategoryCodeSequence[0].CodeValue for s in segments] == ["123037004", "85756007"]
+    assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in segments] == ["80891009", "404684003"]
+    counts = {1: 0, 2: 0}
+    for frame, item in zip(seg.pixel_array, seg.PerFrameFunctionalGroupsSequence):
+        counts[item.SegmentIdentificationSequence[0].ReferencedSegmentNumber] += int(frame.sum())
+    assert counts == {1: 10 * 10 * 3, 2: 2}
