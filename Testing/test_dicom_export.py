@@ -232,6 +232,18 @@ def test_export_dicom_replaces_an_earlier_export_whole(tiny_engine, tmp_path):
     assert not list(tmp_path.glob(".colipri-partial-*"))
 
 
+def test_files_attached_in_any_order_are_matched_to_slices_by_position():
+    from COLIPRISlicerLib.dicom_source import read_source_series, with_dicom_files
+    from COLIPRISlicerLib.volume import Volume
+
+    volume = load_volume(require(TCIA_SERIES))
+    bare = Volume.from_array(volume.array, volume.ijk_to_ras, name="from Slicer")
+    attached = with_dicom_files(bare, sorted(str(path) for path in TCIA_SERIES.glob("*.dcm"))[::-1])
+    expected = [str(header.SOPInstanceUID) for header in read_source_series(volume).datasets]
+    assert [str(header.SOPInstanceUID) for header in read_source_series(attached).datasets] == expected
+    assert attached.content_hash() == bare.content_hash()
+
+
 def test_source_series_refuses_a_volume_without_dicom_files():
     from COLIPRISlicerLib.dicom_source import read_source_series
 

@@ -118,6 +118,18 @@ def read_source_series(volume: Volume) -> SourceSeries:
     return SourceSeries(tuple(by_slice[k] for k in range(volume.shape[2])))
 
 
+def with_dicom_files(volume: Volume, files: list[str]) -> Volume:
+    """The volume with the DICOM files it was loaded from, in any order (e.g. from Slicer's
+    ``DICOM.instanceUIDs`` attribute and ``slicer.dicomDatabase.fileForInstance``), so that
+    its export joins their study; :func:`read_source_series` matches them to slices by position."""
+    from dataclasses import replace
+
+    from .volume import SliceMetadata
+
+    numbers = volume.slices.instance_numbers if volume.slices is not None else (None,) * len(files)
+    return replace(volume, slices=SliceMetadata(tuple(numbers), files=tuple(str(file) for file in files)), _hash=[])
+
+
 def _slice_index(dataset, volume: Volume, file: str) -> int:
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     if (columns, rows) != volume.shape[:2]:
