@@ -209,3 +209,58 @@ def test_bf16_precision_runs_the_text_encoder_in_bf16_within_tolerance(tiny_mode
     likelihoods = {dtype: engine.pair_probabilities(engine.encode(volume), PAIRS) for dtype, engine in engines.items()}
     np.testing.assert_allclose(likelihoods["bf16"], likelihoods["fp32"], atol=0.01)
     assert engines["fp32"]._prompt_table() != engines["bf16"]._prompt_table()  # stored apart on disk
+
+
+@pytest.mark.parametrize("package", ["colipri", "torchio"])
+def test_a_new_release_never_serves_cached_numbers_of_the_old_one(tiny_model_folder, tmp_path, monkeypatch, package):
+    from COLIPRISlicerLib import cache
+
+    volume = Volume.from_array(*synthetic_chest(seed=11), name="versions")
+    old = Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path)
+    old.encode(volume)
+    old.embed_prompts(["Pleural effusion."])
+    old.save_prompt_embeddings()
+    old_key, old_table = old.cache_key(volume), old._prompt_table()
+    same = Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path)
+    same.encode(volume)
+    same.embed_prompts(["Pleural effusion."])
+    assert (same.image_forward_count, same.text_forward_count) == (0, 0)  # the cache serves the same release
+    released = cache.package_version
+    monkeypatch.setattr(cache, "package_version", lambda name: "99.0" if name == package else released(name))
+    cache.numbers_version.cache_clear()
+    try:
+        upgraded = Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path)
+        assert upgraded.cache_key(volume) != old_key
+        upgraded.encode(volume)
+        upgraded.embed_prompts(["Pleural effusion."])
+        assert (upgraded.image_forward_count, upgraded.text_forward_count) == (1, 1)
+        assert upgraded._prompt_table() != old_table
+    finally:
+        cache.numbers_version.cache_clear()
+
+
+def test_numbers_version_names_the_format_packages_and_sources():
+    from importlib.metadata import version
+
+    from COLIPRISlicerLib.cache import CACHE_FORMAT_VERSION, numbers_version
+
+    record = numbers_version()
+    assert record.startswith(f"format={CACHE_FORMAT_VERSION};colipri={version('colipri')};torchio={version('torchio')};")
+    assert len(record.split("sources=")[1]) == 16
+
+
+def test_head_training_feature_cache_path_changes_with_the_versions(tiny_engine, tmp_path, monkeypatch):
+    from COLIPRISlicerLib import cache
+    from COLIPRISlicerLib.segmentation_data import TrainingCase, _cache_path
+
+    image, label = tmp_path / "a.nii.gz", tmp_path / "a_label.nii.gz"
+    image.write_bytes(b"x")
+    label.write_bytes(b"y")
+    case = TrainingCase("a", image, label)
+    before = _cache_path(case, tiny_engine, tmp_path)
+    monkeypatch.setattr(cache, "CACHE_FORMAT_VERSION", cache.CACHE_FORMAT_VERSION + 1)
+    cache.numbers_version.cache_clear()
+    try:
+        assert _cache_path(case, tiny_engine, tmp_path) != before
+    finally:
+        cache.numbers_version.cache_clear()

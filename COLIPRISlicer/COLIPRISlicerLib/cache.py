@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +27,32 @@ CACHEDIR_SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55"
 PROMPTS_FOLDER = "prompts"
 _PARTIAL_NAME = re.compile(r".+\.\d+\.[0-9a-f]{8}\.partial")
 _PROMPT_TABLE_NAME = re.compile(r"[0-9a-f]{16}\.safetensors")
+#: Version of what the disk caches hold (layout and meaning of the tensors); bump it when that changes.
+CACHE_FORMAT_VERSION = 2
+#: Packages whose version can change the cached numbers (image preprocessing, encoders, tokenizer).
+NUMBERS_PACKAGES = ("colipri", "torchio", "torch", "transformers")
+#: This project's source files that compute cached numbers: any edit to them invalidates the caches.
+NUMBERS_SOURCES = ("preprocessing.py", "encoding.py", "text.py")
+
+
+@functools.lru_cache(maxsize=1)
+def numbers_version() -> str:
+    """Part of every disk-cache key: the cache format, the versions of ``NUMBERS_PACKAGES`` and a
+    digest of ``NUMBERS_SOURCES``, so that a new release never serves numbers an older one cached."""
+    package = Path(__file__).resolve().parent
+    sources = hashlib.sha256(b"".join((package / name).read_bytes() for name in NUMBERS_SOURCES)).hexdigest()[:16]
+    versions = ";".join(f"{name}={package_version(name)}" for name in NUMBERS_PACKAGES)
+    return f"format={CACHE_FORMAT_VERSION};{versions};sources={sources}"
+
+
+def package_version(name: str) -> str:
+    """The installed version of a distribution, or ``absent``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"
 
 
 class NotACacheError(ValueError):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import defaults
-from .cache import EncodingCache, PromptStore
+from .cache import EncodingCache, PromptStore, numbers_version
 from .encoding import ImageEncoding, run_image_encoder
 from .types import TypeStatusCallback
 from .volume import Volume
@@ -109,10 +109,10 @@ class Engine:
         return self.description.temperature
 
     def cache_key(self, volume: Volume) -> str:
-        """Everything that changes an encoding: voxels, geometry, weights, preprocessing, device, dtype."""
+        """Everything that changes an encoding: voxels, geometry, weights, preprocessing, device, dtype, versions."""
         identity = self.identity
         parts = (volume.content_hash(), identity.sha256, self.description.processor_signature, identity.device,
-                 identity.dtype)
+                 identity.dtype, numbers_version())
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
     def encode(self, volume: Volume) -> ImageEncoding:
@@ -176,7 +176,7 @@ class Engine:
 
     def _prompt_table(self) -> str:
         """Stored prompt embeddings belong to one set of weights and one text precision."""
-        return f"{self.identity.sha256}:{self.identity.dtype}"
+        return f"{self.identity.sha256}:{self.identity.dtype}:{numbers_version()}"
 
     def save_prompt_embeddings(self) -> None:
         """Write the prompt embeddings computed so far to the on-disk cache (when there is one)."""

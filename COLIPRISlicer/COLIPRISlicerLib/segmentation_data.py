@@ -122,9 +122,12 @@ def label_values(facts: list[dict], label_names: dict[int, str]) -> list[int]:
 
 
 def _cache_path(case: TrainingCase, engine, cache_dir: Path, refine: int = 1) -> Path:
-    """Cache file named by everything that changes its content (files, weights, preprocessing, dtype, grid)."""
+    """Cache file named by everything that changes its content (files, weights, preprocessing, dtype, grid,
+    versions: ``cache.numbers_version``)."""
     identity = engine.identity
-    parts = [identity.sha256, engine.description.processor_signature, identity.dtype]
+    from .cache import numbers_version
+
+    parts = [identity.sha256, engine.description.processor_signature, identity.dtype, numbers_version()]
     if refine != 1:
         parts.append(f"refine {refine}")
     for path in (case.image_path, case.label_path):
