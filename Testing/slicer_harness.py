@@ -125,8 +125,8 @@ def _parameter_node_wrapper(cls):
                     setattr(self, name, defaults[name])
 
         def __getattr__(self, name):
-            if name not in fields:
-                raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
+            if name not in fields:  # AddObserver, RemoveObserver, ...: the MRML node's
+                return getattr(self.parameterNode, name)
             kind, key = fields[name], self._prefix + name
             if getattr(kind, "_isPack", False):
                 return kind(self.parameterNode, key + ".")
@@ -305,7 +305,7 @@ class FakeWidget:
             return
         for slot in list(self._slots.get(signal, [])):
             try:
-                slot(*args)
+                slot(*args[:_positional_count(slot, len(args))])  # PythonQt drops arguments a slot does not take
             except Exception as error:  # noqa: BLE001 - as PythonQt: printed, recorded, not raised
                 traceback.print_exc()
                 self.app.slot_errors.append(error)
@@ -340,6 +340,16 @@ class FakeWidget:
         self.emit("textChanged()")
 
 
+def _positional_count(slot, available: int) -> int:
+    import inspect
+
+    parameters = inspect.signature(slot).parameters.values()
+    if any(parameter.kind is parameter.VAR_POSITIONAL for parameter in parameters):
+        return available
+    return min(available, sum(parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+                              for parameter in parameters))
+
+
 def ui_object_names(ui_file: Path) -> list[str]:
     from xml.etree import ElementTree
 
@@ -354,7 +364,7 @@ class PanelHarness:
     def __init__(self, monkeypatch):
         import slicer.util
 
-        self.app = FakeApplication()
+        self.app, self.widgets = FakeApplication(), []
         monkeypatch.setattr(slicer, "app", self.app, raising=False)
         monkeypatch.setattr(slicer.util, "loadUI", lambda path: self._load_ui(path))
         monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: widget.children)
@@ -374,7 +384,13 @@ class PanelHarness:
         widget = module.COLIPRISlicerWidget()
         widget.setup()
         widget.enter()
+        self.widgets.append(widget)
         return widget
+
+    def close(self) -> None:
+        """Stop the panels observing the scene (the test scene is emptied next)."""
+        for widget in self.widgets:
+            widget.removeObservers()
 
 
 # --- scene -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("slicer.util", reason="slicer-core is not installed (pip install slicer-core)")
 import slicer_harness
 from conftest import LABELS_18, RAS_NIFTI, TCIA_SERIES, require
+from test_slicer_worker import main_thread_waits  # noqa: F401 - fixture: the GUI thread's waits
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "Resources" / "Screenshots" / "slice_overlay.png"
@@ -458,3 +459,156 @@ def test_clearing_downloads_waits_for_background_reads_and_unloads_the_model(mod
     finally:
         clear_logic.shutdown()
     assert order == ["background read finished", "cleared"] and clear_logic.session._analyzer is None
+
+
+# --- the panel (Widget) on the same scene, with Slicer's lifecycle calls --------------------
+
+
+@pytest.fixture
+def panel(module, engine_session, scene, monkeypatch, tiny_model_folder):
+    """slicer.app, the .ui widgets and QSettings holding a user's choices (the tiny model, CPU)."""
+    harness = slicer_harness.PanelHarness(monkeypatch)
+    harness.settings.update({"COLIPRISlicer/modelSource": "folder", "COLIPRISlicer/modelFolder": str(tiny_model_folder),
+                             "COLIPRISlicer/device": "cpu", "COLIPRISlicer/precision": "fp32",
+                             "COLIPRISlicer/offline": "False", "COLIPRISlicer/diskCache": "False"})
+    yield harness
+    harness.close()
+
+
+def test_close_scene_during_a_run_raises_nothing_adds_nothing_and_keeps_the_settings(module, panel, scene, nifti):
+    widget = panel.make_widget(module)
+    stored = dict(panel.settings)
+    panel.app.when(lambda: widget.runState.busy, lambda: scene.scene.Clear(0))
+    widget.ui.analyzeButton.click()
+    assert panel.app.scheduled == 0 and panel.app.slot_errors == []
+    assert tagged_nodes(scene.scene) == [] and widget.runState.state == "idle"
+    settings = widget._parameterNode.settings
+    assert (settings.modelSource, settings.device, settings.precision) == ("folder", "cpu", "fp32")
+    widget._parameterNode.heatmapOpacity = 0.7  # any later change saves the settings
+    assert panel.settings == stored
+
+
+def test_settings_are_saved_when_changed_and_survive_close_scene(module, panel, scene, nifti):
+    widget = panel.make_widget(module)
+    widget._parameterNode.settings.offline = True
+    assert panel.settings["COLIPRISlicer/offline"] == "True"
+    scene.scene.Clear(0)
+    assert widget._parameterNode.settings.offline is True and panel.settings["COLIPRISlicer/offline"] == "True"
+    assert panel.settings["COLIPRISlicer/modelSource"] == "folder"
+
+
+def test_switching_module_during_a_run_lets_it_complete_and_import(module, panel, scene, nifti):
+    widget = panel.make_widget(module)
+    panel.app.when(lambda: widget.runState.busy, widget.exit)
+    widget.ui.analyzeButton.click()
+    assert panel.app.scheduled == 0 and panel.app.slot_errors == []
+    roles = sorted(node.GetAttribute("COLIPRISlicer.Role") for node in tagged_nodes(scene.scene))
+    assert roles == ["findingsChart", "findingsSeries", "findingsTable", "report"]
+    assert widget.runState.state == "idle" and widget.runState.detail.startswith("Done")
+    assert widget.ui.findingsTableWidget.rowCount() == 18
+    widget.enter()
+    assert widget.ui.findingsTableWidget.enabled
+
+
+class SlowAnalyzer:
+    """Encodes for up to 20 s, stopping within 10 ms of a cancel (as the engine does between steps)."""
+
+    def __init__(self):
+        self.thread = None
+
+    def analyze(self, volume, *, cancel, status_callback):
+        from COLIPRISlicerLib.analysis import AnalysisCancelled
+
+        self.thread = threading.current_thread()
+        status_callback("Encoding")
+        for _ in range(2000):
+            if cancel.wait(0.01):
+                raise AnalysisCancelled("Analysis cancelled.")
+        raise AssertionError("never cancelled")
+
+
+def test_quit_during_a_run_stops_the_worker_within_2_s_never_blocking_the_gui_over_02_s(
+        module, panel, scene, nifti, main_thread_waits, monkeypatch, tiny_model_folder):
+    from COLIPRISlicerNodes import session
+
+    quitting = session.EngineSession()
+    quitting.options = session.EngineOptions("folder", str(tiny_model_folder), "cpu", "fp32")
+    quitting._analyzer = analyzer = SlowAnalyzer()
+    monkeypatch.setattr(session, "_SHARED", [quitting])
+    widget, quit_at = panel.make_widget(module), []
+    panel.app.when(lambda: widget.runState.busy, lambda: quit_at.append(len(main_thread_waits)) or widget.cleanup())
+    widget.ui.analyzeButton.click()
+    assert quit_at and panel.app.slot_errors == []
+    assert not analyzer.thread.is_alive() and quitting.worker.thread is None
+    assert max(main_thread_waits) <= 0.2 and sum(main_thread_waits[quit_at[0]:]) <= 2.0
+    assert tagged_nodes(scene.scene) == []
+
+
+def test_two_quick_clicks_show_the_newest_heatmap_without_nested_waits(module, panel, scene, nifti):
+    widget = panel.make_widget(module)
+    widget.ui.analyzeButton.click()
+    table = widget.ui.findingsTableWidget
+    first, second = table.item(0, 0).text(), table.item(1, 0).text()
+    panel.app.max_depth = 0
+    panel.app.when(lambda: True, lambda: table.emit("cellClicked(int,int)", 1, 0))
+    table.emit("cellClicked(int,int)", 0, 0)
+    assert panel.app.scheduled == 0 and panel.app.slot_errors == []
+    heatmap = widget.logic.outputNode("heatmap")
+    assert f'"{second}"' in heatmap.GetDescription() and f'"{first}"' not in heatmap.GetDescription()
+    assert scene.scene.GetNodeByID("vtkMRMLSliceCompositeNodeRed").GetForegroundVolumeID() == heatmap.GetID()
+    assert panel.app.max_depth == 1  # the second click waited for the first instead of nesting a wait
+
+
+def test_close_scene_while_a_heatmap_is_computed_adds_nothing(module, panel, scene, nifti):
+    widget = panel.make_widget(module)
+    widget.ui.analyzeButton.click()
+    panel.app.when(lambda: True, lambda: scene.scene.Clear(0))
+    widget.ui.findingsTableWidget.emit("cellClicked(int,int)", 0, 0)
+    assert panel.app.scheduled == 0 and panel.app.slot_errors == []
+    assert tagged_nodes(scene.scene) == [] and not widget.ui.findingsTableWidget.enabled
+
+
+def test_clear_downloads_refreshes_the_panel(module, panel, scene, nifti, monkeypatch, tmp_path):
+    import slicer
+    from COLIPRISlicerNodes import runtime
+
+    widget, cleared = panel.make_widget(module), []
+    widget.ui.analyzeButton.click()
+    monkeypatch.setattr(runtime, "downloaded_folders", lambda: [tmp_path])
+    monkeypatch.setattr(runtime, "clear_downloads", lambda: cleared.append(True) or [tmp_path])
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *args, **kwargs: True)
+    widget.ui.clearWeightsButton.emit("clicked(bool)", False)
+    assert cleared == [True] and panel.app.slot_errors == []
+    assert widget.ui.findingsTableWidget.rowCount() == 0 and widget.ui.modelInfoLabel.text == ""
+    assert not widget.ui.segmentButton.enabled and not widget.ui.localizeButton.enabled
+
+
+def test_module_icon_loads_from_a_checkout_and_the_help_links_the_documentation(module):
+    import types
+
+    parent = types.SimpleNamespace(path=module.__file__)  # COLIPRISlicer/ added as a module path
+    module.COLIPRISlicer(parent)
+    assert Path(parent.icon.path) == REPO / "Resources" / "Icons" / "COLIPRISlicer.png"
+    assert 'href="https://github.com/COLIPRISlicer/SlicerCOLIPRI#readme"' in parent.helpText
+
+
+def test_self_test_skips_and_says_what_to_install_when_packages_are_missing(module, panel, scene, monkeypatch):
+    import unittest
+
+    from COLIPRISlicerNodes import dependencies
+
+    monkeypatch.setattr(dependencies, "missing_requirements", lambda requirements: ["colipri==0.1.3"])
+    with pytest.raises(unittest.SkipTest, match="missing Python packages colipri==0.1.3.*PyTorch extension"):
+        module.COLIPRISlicerTest().runTest()
+
+
+def test_self_test_runs_the_phantom_model_offline_on_the_shared_session(module, panel, scene, monkeypatch):
+    from COLIPRISlicerNodes import session
+
+    shared = session.EngineSession()
+    monkeypatch.setattr(session, "_SHARED", [shared])
+    try:
+        module.COLIPRISlicerTest().runTest()
+        assert shared.options.model_source == "phantom" and shared.options.offline
+    finally:
+        shared.shutdown()
