@@ -94,15 +94,21 @@ def assert_seg_matches(out, volume, sources: dict):
     orientation = np.asarray(direction).reshape(3, 3)[:, :2].T.ravel()
     written = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
     np.testing.assert_allclose(written, orientation, atol=1e-5)
-    labelmap, pixels = labelmap_ijk(out), seg.pixel_array
-    assert seg.NumberOfFrames == volume.shape[2] * len(labels)
+    labelmap = labelmap_ijk(out)
+    pixels = seg.pixel_array.reshape(-1, *labelmap.shape[1::-1])
+    expected = {(number, k) for number, label in enumerate(labels, 1) for k in range(volume.shape[2])
+                if (labelmap[:, :, k] == label["value"]).any()}  # empty frames are left out
+    assert seg.NumberOfFrames == len(expected) > 0
+    stored = set()
     for index, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
         uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
         position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
         np.testing.assert_allclose(position, [float(v) for v in sources[uid].ImagePositionPatient], atol=1e-4)
         k = int(round(geometry.ras_to_ijk(volume.ijk_to_ras, geometry.FLIP_XY @ np.asarray(position))[2]))
-        value = labels[frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber - 1]["value"]
-        np.testing.assert_array_equal(pixels[index], (labelmap[:, :, k] == value).T)
+        number = frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        np.testing.assert_array_equal(pixels[index], (labelmap[:, :, k] == labels[number - 1]["value"]).T)
+        stored.add((number, k))
+    assert stored == expected
 
 
 def sr_groups(sr):

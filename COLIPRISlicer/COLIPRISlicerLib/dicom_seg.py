@@ -2,8 +2,8 @@
 
 One BINARY segment per label of ``segmentation.json``, in the same order (segment number
 n is the n-th label; its label value is kept as the segment's TrackingID ``"label <value>"``).
-Every source slice gets one frame per segment, and each frame references the slice it
-derives from. Segment codes: the label's terminology (the catalogue's SNOMED CT code for
+One frame per segment and source slice where that segment has voxels (empty frames are left
+out), each frame referencing the slice it derives from. Segment codes: the label's terminology (the catalogue's SNOMED CT code for
 zero-shot findings), else the generic "Tissue" category and "Clinical finding" type.
 Algorithm: AUTOMATIC, family "Artificial Intelligence", named by the model id, versioned by
 its revision, with its sha256 and the project version as parameters.
@@ -53,7 +53,7 @@ def build_segmentation(segmentation: SegmentationResult, source: SourceSeries, p
         manufacturer_model_name=provenance.model_id[:64], software_versions=provenance.software_version,
         device_serial_number=provenance.sha256[:64], content_description=SEG_CONTENT_DESCRIPTION,
         content_label="COLIPRI_SEG", series_description=f"COLIPRI {segmentation.source} segmentation (AI)"[:64],
-        omit_empty_frames=False)
+        omit_empty_frames=bool(frames.any()))  # an all-empty SEG keeps its frames: DICOM needs at least one
 
 
 def _segment_number_frames(segmentation: SegmentationResult, source: SourceSeries) -> np.ndarray:
