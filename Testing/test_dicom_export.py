@@ -10,7 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import RAS_NIFTI, SHARED_DATA, TCIA_SERIES, require
+from conftest import RAS_NIFTI, SHARED_DATA, TCIA_SERIES, require, write_oblique_permuted_copy
 from typer.testing import CliRunner
 
 from COLIPRISlicerLib import geometry
@@ -248,6 +248,18 @@ def test_files_attached_in_any_order_are_matched_to_slices_by_position():
     expected = [str(header.SOPInstanceUID) for header in read_source_series(volume).datasets]
     assert [str(header.SOPInstanceUID) for header in read_source_series(attached).datasets] == expected
     assert attached.content_hash() == bare.content_hash()
+
+
+def test_derived_series_of_an_oblique_permuted_volume_keeps_every_voxel_in_place(tmp_path):
+    from COLIPRISlicerLib.dicom_source import derived_source_series
+
+    volume = load_volume(write_oblique_permuted_copy(require(NIFTI_SMALL), tmp_path / "oblique.nii.gz"))
+    assert abs(volume.ijk_to_ras[0, 1]) > 1  # rotated 20 degrees and axes permuted
+    source = derived_source_series(volume, tmp_path / "ct", derived_from="oblique")
+    reread = load_volume(tmp_path / "ct")
+    np.testing.assert_allclose(reread.ijk_to_ras, volume.ijk_to_ras, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(reread.array, volume.array)
+    assert [int(header.InstanceNumber) for header in source.datasets] == list(range(1, volume.shape[2] + 1))
 
 
 def test_source_series_refuses_a_volume_without_dicom_files():
