@@ -23,7 +23,7 @@ from .volume import Volume
 POSITION_TOLERANCE_VOXELS = 0.05
 DERIVED_SERIES_NUMBER = 9001
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-#: Stated in every SEG and SR, as in the draft report and the README.
+#: Stated in every SR (the SEG's ContentDescription says it in 64 characters), as in the README.
 RESEARCH_STATEMENT = "Research use only, not for clinical decisions."
 
 
