@@ -161,3 +161,32 @@ def test_importing_the_module_loads_no_torch_and_starts_no_thread():
     )
     output = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert output.strip().splitlines()[-1] == "[] 1"
+
+
+def cmake_value(text: str, variable: str) -> str:
+    match = re.search(rf'set\({variable}\s+"([^"]*)"\)', text)
+    if match is None:
+        raise AssertionError(f"{variable} not found in CMake text")
+    return match.group(1)
+
+
+def test_repository_name_and_urls_agree_in_cmake_catalog_entry_s4ext_readme_and_module():
+    import json
+
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    catalog = json.loads((REPO / "COLIPRISlicer.json").read_text(encoding="utf-8"))
+    s4ext = dict(line.split(" ", 1) for line in (REPO / "COLIPRISlicer.s4ext").read_text().splitlines()
+                 if line and not line.startswith("#") and " " in line)
+    repository = catalog["scm_url"].removesuffix(".git")
+    name = repository.rsplit("/", 1)[-1]
+    assert name.startswith("Slicer") and name != "SlicerCOLIPRISlicer"  # Extensions Index: check_git_repository_name
+    assert re.search(r"project\(COLIPRISlicer\)", cmake)  # the extension keeps its name
+    assert s4ext["scmurl"] == catalog["scm_url"] and s4ext["homepage"] == cmake_value(cmake, "EXTENSION_HOMEPAGE")
+    assert cmake_value(cmake, "EXTENSION_HOMEPAGE") == f"{repository}#readme"
+    assert f'DOCUMENTATION_URL = "{repository}#readme"' in MODULE_FILE.read_text(encoding="utf-8")
+    assert repository in (REPO / "README.md").read_text(encoding="utf-8")
+    raw = repository.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    images = [cmake_value(cmake, "EXTENSION_ICONURL"), *cmake_value(cmake, "EXTENSION_SCREENSHOTURLS").split()]
+    assert [s4ext["iconurl"], *s4ext["screenshoturls"].split()] == images
+    for url in images:  # resolve once pushed: each names a file of this repository on main
+        assert url.startswith(raw) and (REPO / url.removeprefix(raw)).is_file(), url
