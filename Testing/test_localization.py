@@ -341,3 +341,56 @@ def test_non_english_snippets_get_an_answer(tiny_engine, tcia, text):
     result = localize(tiny_engine, encoding, volume, text)
     assert 0 <= result.slice_index < volume.shape[2] and 0 <= result.confidence <= 1
     assert result.profile.sum() == pytest.approx(1.0)
+
+
+class _BusyCache(dict):
+    """The body-patch LRU as another thread sees it: right after our entry is stored, that
+    thread stores eight more (the LRU's size), which evicts ours."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.busy = False
+
+    def move_to_end(self, key):
+        value = self.pop(key)
+        self[key] = value
+
+    def popitem(self, last=True):
+        key = next(iter(self)) if not last else next(reversed(self))
+        return key, self.pop(key)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if not self.busy:
+            self.busy = True
+            for other in range(8):
+                super().__setitem__(("other thread", other), value)
+            self.busy = False
+
+
+def test_body_patches_survive_another_thread_filling_the_lru(tiny_engine, monkeypatch):
+    from COLIPRISlicerLib import localization
+
+    volume = Volume.from_array(*synthetic_chest(seed=21))
+    encoding = tiny_engine.encode(volume)
+    expected = localization.body_patches(volume, encoding)
+    monkeypatch.setattr(localization, "_BODY_PATCHES", _BusyCache())
+    inside = localization.body_patches(volume, encoding)
+    np.testing.assert_array_equal(inside, expected)
+    assert expected.any() and not expected.all()
+
+
+def test_body_patches_from_many_threads_equal_the_sequential_ones(tiny_engine, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from COLIPRISlicerLib import localization
+
+    volumes = [Volume.from_array(*synthetic_chest(seed=30 + i)) for i in range(12)]
+    encodings = [tiny_engine.encode(volume) for volume in volumes]
+    expected = [localization.body_patches(v, e) for v, e in zip(volumes, encodings)]
+    monkeypatch.setattr(localization, "_BODY_PATCHES", type(localization._BODY_PATCHES)())
+    with ThreadPoolExecutor(6) as pool:
+        found = list(pool.map(lambda i: localization.body_patches(volumes[i % 12], encodings[i % 12]), range(48)))
+    for i, inside in enumerate(found):
+        np.testing.assert_array_equal(inside, expected[i % 12])
+    assert len(localization._BODY_PATCHES) == localization._BODY_PATCHES_SIZE

@@ -27,3 +27,29 @@ def test_permuted_storage_is_transposed_into_display_order():
     plane = _in_display_order(volume, volume.array[:, :, 1], array_axis=2)
     assert plane.shape == (5, 3)  # (R, A)
     assert tuple(np.argwhere(plane == 1)[0]) == (0, 2)  # R index 0 is the most right: image left; A = 2: top
+
+
+def test_writing_the_summary_leaves_the_process_matplotlib_backend_alone(tiny_engine, tmp_path):
+    """Slicer's Python uses a Qt backend for its own plots: the picture must not switch it to Agg."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import matplotlib; matplotlib.use('svg');"
+        "from COLIPRISlicerLib.sample_volume import synthetic_chest_ct as make;"
+        "from COLIPRISlicerLib.engine import Engine; from COLIPRISlicerLib.analysis import Analyzer;"
+        "from COLIPRISlicerLib.summary_figure import write_summary_png;"
+        "engine = Engine(sys.argv[2], device='cpu', precision='fp32');"
+        "write_summary_png(Analyzer(engine).analyze(make()), sys.argv[3]);"
+        "print(matplotlib.get_backend())"
+    )
+    out = tmp_path / "summary.png"
+    completed = subprocess.run([sys.executable, "-c", code, str(REPO / "COLIPRISlicer"), tiny_engine.spec, str(out)],
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split()[0] == "svg"
+    from PIL import Image
+
+    assert Image.open(out).size == (1300, 650)

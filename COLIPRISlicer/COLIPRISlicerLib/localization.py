@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ DEFAULT_ANATOMY_WEIGHT = 1.0
 #: In-body patch masks kept, keyed by (volume content hash, encoding key).
 _BODY_PATCHES: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
 _BODY_PATCHES_SIZE = 8
+_BODY_PATCHES_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -103,16 +105,24 @@ class DepthProfile:
 
 
 def body_patches(volume: Volume, encoding: ImageEncoding) -> np.ndarray:
-    """(gx, gy, gz) bool: patches inside the scanned volume and mostly inside the body (cached)."""
+    """(gx, gy, gz) bool: patches inside the scanned volume and mostly inside the body.
+
+    Kept in a small LRU shared by all threads (the Slicer worker and the GUI thread), under a lock.
+    """
     from .landmarks import body_mask
 
     key = (volume.content_hash(), encoding.key)
-    if key not in _BODY_PATCHES:
-        fraction = mask_to_patch_fraction(body_mask(volume.array, volume.ijk_to_ras), volume, encoding.grid)
-        _BODY_PATCHES[key] = (fraction >= MIN_BODY_FRACTION) & patches_inside_volume(encoding.grid, volume)
+    with _BODY_PATCHES_LOCK:
+        if key in _BODY_PATCHES:
+            _BODY_PATCHES.move_to_end(key)
+            return _BODY_PATCHES[key]
+    fraction = mask_to_patch_fraction(body_mask(volume.array, volume.ijk_to_ras), volume, encoding.grid)
+    inside = (fraction >= MIN_BODY_FRACTION) & patches_inside_volume(encoding.grid, volume)
+    with _BODY_PATCHES_LOCK:
+        _BODY_PATCHES[key] = inside
         while len(_BODY_PATCHES) > _BODY_PATCHES_SIZE:
             _BODY_PATCHES.popitem(last=False)
-    return _BODY_PATCHES[key]
+    return inside
 
 
 def depth_profile(similarities: np.ndarray, grid: geometry.PatchGrid, *, temperature: float,

@@ -4,7 +4,8 @@ Left: horizontal bars of every finding's likelihood with its threshold (ticks) a
 ground truth is given (phantoms), a marker for the findings truly present. Right: the axial
 and coronal slices through the peak of the most likely present finding (or the most likely
 one), the CT in a lung window with the heatmap on top, and the segmentation's outline when
-given. Matplotlib renders it offscreen (Agg); the labels say which model made it.
+given. Matplotlib renders it offscreen on its own Agg canvas, without pyplot and without
+changing the process's backend; the labels say which model made it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ def write_summary_png(result, path: TypePath, *, truth: dict | None = None, segm
         truth: ``{finding: present}`` to mark (a phantom's ``truth["findings"]``), or None.
         segmentation: a ``SegmentationResult`` on the input grid, outlined on the slices.
     """
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure = plt.figure(figsize=(13, 6.5), dpi=100)
+    figure = Figure(figsize=(13, 6.5), dpi=100)  # not pyplot: the process's backend (Slicer's Qt) stays as it is
+    FigureCanvasAgg(figure)
     grid = figure.add_gridspec(2, 2, width_ratios=(1.1, 1.0))
     _likelihood_bars(figure.add_subplot(grid[:, 0]), result, truth)
     shown = _finding_to_show(result)
@@ -46,7 +46,6 @@ def write_summary_png(result, path: TypePath, *, truth: dict | None = None, segm
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path)
-    plt.close(figure)
     return path
 
 
