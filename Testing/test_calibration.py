@@ -7,7 +7,7 @@ import pytest
 from conftest import RAS_NIFTI, TCIA_SERIES, require
 from typer.testing import CliRunner
 
-from COLIPRISlicerLib.calibration import auroc, calibrate_scores, choose_threshold, read_label_csv
+from COLIPRISlicerLib.calibration import auroc, calibrate_scores, choose_threshold, learned_status, read_label_csv
 from COLIPRISlicerLib.catalogue import load_catalogue
 from COLIPRISlicerLib.cli import app
 
@@ -76,3 +76,17 @@ def test_calibration_recovers_a_known_threshold(method):
     above = scores[scores >= 0.62].min()
     assert below < threshold <= above
     assert auroc(labels, scores) == pytest.approx(1.0)
+
+
+def test_a_finding_is_not_learned_when_one_class_is_missing_the_threshold_is_degenerate_or_the_auroc_low():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    separated = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    assert learned_status(labels, separated, choose_threshold(labels, separated)) is None
+    assert learned_status(np.zeros(6), separated, 0.95) == "calibration data has no positive cases"
+    assert learned_status(np.ones(6), separated, 0.05) == "calibration data has no negative cases"
+    # the cases: lymphadenopathy at 0.004 (always present), calcification at 0.999 (never present)
+    squeezed = np.array([0.001, 0.002, 0.003, 0.005, 0.006, 0.007])
+    assert learned_status(labels, squeezed, choose_threshold(labels, squeezed)) == "degenerate threshold 0.004"
+    assert learned_status(labels, 1 - squeezed[::-1], 0.999) == "degenerate threshold 0.999"
+    mixed = np.array([0.2, 0.7, 0.4, 0.3, 0.6, 0.5])  # AUROC 5/9
+    assert learned_status(labels, mixed, 0.45) == "calibration AUROC 0.56 < 0.7"

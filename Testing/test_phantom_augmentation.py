@@ -66,14 +66,23 @@ def test_no_augmentation_is_the_identity(phantom_sample, tiny_loaded):
 
 
 def test_training_batches_are_augmented_unless_the_config_says_none(phantom_sample, tiny_loaded):
-    from COLIPRISlicerLib.phantom_training import _batch_arrays
+    from COLIPRISlicerLib.phantom_batches import TrainingTensors
 
-    samples, size = [phantom_sample, phantom_sample], tiny_loaded.patch_size
-    plain = _batch_arrays(samples, [0, 1], size, None, torch.Generator())
+    tensors, size = TrainingTensors.from_samples([phantom_sample, phantom_sample]), tiny_loaded.patch_size
+    plain = tensors.batch([0, 1], size, None, torch.Generator())
     assert torch.equal(plain[0], torch.stack([phantom_sample.image, phantom_sample.image]).float())
-    still = _batch_arrays(samples, [0, 1], size, Augmentation(0, 0.0), torch.Generator())
+    still = tensors.batch([0, 1], size, Augmentation(0, 0.0), torch.Generator())
     assert torch.equal(still[0], plain[0]) and torch.equal(still[1], plain[1])
     torch.testing.assert_close(still[2], plain[2], atol=1e-3, rtol=0)
-    moved = _batch_arrays(samples, [0, 1], size, Augmentation(), torch.Generator().manual_seed(2))
+    moved = tensors.batch([0, 1], size, Augmentation(), torch.Generator().manual_seed(2))
     assert not torch.equal(moved[0][0], moved[0][1])  # each phantom of a batch gets its own view
     assert torch.equal(moved[1], plain[1])
+
+
+def test_torch_bit_unpacking_equals_numpy_on_the_packed_training_masks(phantom_sample):
+    from COLIPRISlicerLib.phantom_batches import unpack_bits
+
+    depth = phantom_sample.image.shape[-1]
+    expected = unpack_masks(phantom_sample.model_masks, depth)
+    unpacked = unpack_bits(torch.from_numpy(phantom_sample.model_masks), depth)
+    assert expected.any() and np.array_equal(unpacked.numpy(), expected)

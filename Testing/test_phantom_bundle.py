@@ -92,3 +92,34 @@ def test_a_bundled_head_is_the_default_segmentation(model_copy, anatomy):
     extra = [name for _, (name, _) in sorted((anatomy or {}).items())]
     assert [label.name for label in segmented.labels] == list(HEAD_LABELS.values()) + extra
     assert segmented.labelmap.shape == volume.shape and np.array_equal(segmented.ijk_to_ras, volume.ijk_to_ras)
+
+
+def test_one_calibration_pass_stores_thresholds_weight_and_the_findings_not_learned(model_copy):
+    from COLIPRISlicerLib.phantom_bundle import calibrate, completed_stages
+
+    assert completed_stages(model_copy) == set()  # the tiny folder has no training record
+    result = calibrate(model_copy, n=4, seed_base=20_000_100, workers=2)
+    stored = yaml.safe_load((model_copy / "config.yaml").read_text(encoding="utf-8"))["colipri_slicer"]
+    assert stored["thresholds"] == result["thresholds"] == calibrate_thresholds(model_copy, n=4, seed_base=20_000_100)
+    assert stored["not_learned"] == result["not_learned"] and stored["localization"] == result["localization"]
+    # Bronchiectasis is never planted in phantoms: it cannot have been learned
+    assert result["not_learned"]["Bronchiectasis"] == "calibration data has no positive cases"
+
+
+def test_completed_stages_tell_resume_what_a_folder_already_holds(model_copy):
+    from COLIPRISlicerLib.phantom_bundle import _update_record, completed_stages
+
+    _update_record(model_copy, training={"n_train": 4})
+    assert completed_stages(model_copy) == {"train"}
+    _update_record(model_copy, thresholds={}, localization={}, not_learned={})
+    (model_copy / "validation_metrics.json").write_text("{}")
+    assert completed_stages(model_copy) == {"train", "calibrate", "evaluate"}
+    (model_copy / "model.safetensors").unlink()
+    assert completed_stages(model_copy) == set()  # no weights: everything is redone
+
+
+@pytest.mark.parametrize(("spacing_mm", "refine"), [(5.0, 2), (2.5, 1), (12.0, 4), (2.0, 1), (6.0, 2)])
+def test_the_head_decodes_onto_a_power_of_two_subdivision_no_finer_than_its_output_grid(spacing_mm, refine):
+    from COLIPRISlicerLib.phantom_bundle import head_refine
+
+    assert head_refine(spacing_mm) == refine

@@ -106,7 +106,7 @@ def test_dense_pair_loss_balances_positive_and_negative_patches_per_finding():
 
 
 def test_centring_makes_phantoms_pooled_embeddings_differ(tmp_path):
-    from COLIPRISlicerLib.phantom_training import TrainingConfig, _new_model, centre_tokens
+    from COLIPRISlicerLib.phantom_training import _new_model, centre_tokens
 
     vocab = require(CXR_BERT_VOCAB)
     config = _tiny_config()
@@ -120,10 +120,9 @@ def test_centring_makes_phantoms_pooled_embeddings_differ(tmp_path):
         return float((pooled @ pooled.T)[np.triu_indices(4, 1)].mean())
 
     before = mean_cosine()
-    centre_tokens(loaded.model, samples, torch.Generator().manual_seed(0), count=4)
+    centre_tokens(loaded.model, images, torch.Generator().manual_seed(0), count=4)
     after = mean_cosine()
     assert before > 0.99 and after < before - 0.1, (before, after)
-    assert isinstance(config, TrainingConfig)
 
 
 def _tiny_config():
@@ -203,3 +202,28 @@ def test_a_run_out_of_time_ends_the_image_phase_after_its_first_epoch_with_the_r
     image = [entry for entry in record["history"] if entry["phase"] == "image"]
     assert len(image) == 1 and 0.0 < image[0]["lr"] <= config.learning_rate
     assert any("ended after 1 of 3 epochs" in message for message in messages), messages
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--recipe", "tpu"], 'Unknown recipe "tpu"'),
+    (["--stages", "train,polish"], '--stages "train,polish": choose among train, head, calibrate, evaluate'),
+    (["--stages", "head"], "holds no trained teaching model"),
+    (["--stages", "calibrate", "--resume"], "holds no trained teaching model"),
+])
+def test_train_phantom_refuses_bad_recipes_and_stages_before_any_work(tmp_path, arguments, message):
+    from typer.testing import CliRunner
+
+    from COLIPRISlicerLib.cli import app
+
+    result = CliRunner().invoke(app, ["train-phantom", "--out", str(tmp_path / "model"), *arguments])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.partial").exists()
+
+
+def test_the_gpu_recipe_trains_on_a_finer_grid_than_the_cpu_recipe():
+    from COLIPRISlicerLib.phantom_training import RECIPES
+
+    cpu, gpu = RECIPES["cpu"].spec, RECIPES["gpu"].spec
+    assert cpu.input_size * cpu.spacing_mm == gpu.input_size * gpu.spacing_mm == 400.0  # same field of view
+    assert gpu.spacing_mm * 8 == 20.0 and cpu.spacing_mm * 8 == 40.0  # 20 mm patches instead of 40 mm
+    assert RECIPES["gpu"].recipe == "gpu" and RECIPES["gpu"].training_seeds()[:2] == [100_000, 100_001]

@@ -81,6 +81,31 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, method: str = "youd
     return float(np.clip(candidates[int(np.argmax(values))], 0.0, 1.0))
 
 
+#: A threshold this close to 0 or 1 calls (nearly) every scan present or absent: not a decision.
+DEGENERATE_MARGIN = 0.01
+#: Below this calibration AUROC the likelihood does not separate the classes well enough to be shown
+#: as a decision (0.5 is chance).
+MIN_LEARNED_AUROC = 0.7
+
+
+def learned_status(labels: np.ndarray, scores: np.ndarray, threshold: float) -> str | None:
+    """Why a finding counts as not learned on calibration data, or None when it is learned.
+
+    Not learned: only one class in the calibration labels (never or always present), a
+    threshold within :data:`DEGENERATE_MARGIN` of 0 or 1, or an AUROC below
+    :data:`MIN_LEARNED_AUROC`. Such a finding's likelihood is shown, its present/absent call is not.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.min() == labels.max():
+        return f"calibration data has no {'negative' if labels.min() else 'positive'} cases"
+    if not DEGENERATE_MARGIN <= threshold <= 1 - DEGENERATE_MARGIN:
+        return f"degenerate threshold {threshold:.3f}"
+    area = auroc(labels, scores)
+    if area < MIN_LEARNED_AUROC:
+        return f"calibration AUROC {area:.2f} < {MIN_LEARNED_AUROC}"
+    return None
+
+
 def _criterion(labels: np.ndarray, predicted: np.ndarray, method: str) -> float:
     tp = float((predicted & labels).sum())
     fp = float((predicted & ~labels).sum())

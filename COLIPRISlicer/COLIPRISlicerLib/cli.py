@@ -337,45 +337,83 @@ def phantom(
     _run(action)
 
 
+#: Stages of ``train-phantom``, in the order they run.
+TEACHING_STAGES = ("train", "head", "calibrate", "evaluate")
+
+
 @app.command("train-phantom")
 def train_phantom(
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
     vocab: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False,
                                                   help="BERT vocab.txt (default: the bundled model's CXR-BERT vocabulary).")] = None,
-    n_train: Annotated[int, typer.Option(min=2, help="Training phantoms.")] = 800,
-    epochs: Annotated[int, typer.Option(min=1, help="Image-phase epochs.")] = 65,
-    text_epochs: Annotated[int, typer.Option(min=1, help="Text-phase epochs.")] = 30,
+    recipe: Annotated[str, typer.Option(help="cpu (5 mm grid, two CPU cores) or gpu (2.5 mm grid, one GPU, ~8 min).")] = "cpu",
+    n_train: Annotated[Optional[int], typer.Option(min=2, help="Training phantoms (default: the recipe's).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Image-phase epochs (default: the recipe's).")] = None,
+    text_epochs: Annotated[Optional[int], typer.Option(min=1, help="Text-phase epochs (default: the recipe's).")] = None,
     seed: int = 0,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Minutes from the start: the image phase runs the epochs that fit, annealed.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Minutes from the start: the image phase runs the epochs that fit, annealed (default: the recipe's).")] = None,
     n_val: Annotated[int, typer.Option(min=2, help="Held-out phantoms for the validation figures.")] = 60,
     augment: Annotated[bool, typer.Option(help="Image phase: shift and add noise to every phantom at every batch.")] = True,
+    device: DeviceOption = "cpu",
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Processes generating phantoms (default: all CPU cores).")] = None,
+    resume: Annotated[bool, typer.Option(help="Keep the stages already done in --out (trained weights, head, calibration, figures).")] = False,
+    stages: Annotated[str, typer.Option(help="Comma-separated stages to run: train, head, calibrate, evaluate.")] = ",".join(TEACHING_STAGES),
 ) -> None:
-    """Train the synthetic teaching model on phantoms, calibrate it, add a segmentation head, validate.
+    """Train the synthetic teaching model on phantoms, add a segmentation head, calibrate it, validate.
 
-    Seeded end to end; the config is recorded in the folder's config.yaml and the held-out
-    figures in validation_metrics.json.
+    Stages in order: train, head, calibrate, evaluate; each is written into --out as it ends, so
+    --resume continues an interrupted run. Seeded end to end; the config is recorded in the
+    folder's config.yaml and the held-out figures in validation_metrics.json.
     """
 
     def action() -> None:
         from dataclasses import replace
 
-        from .phantom_bundle import calibrate_localization, calibrate_thresholds, train_head_on_phantoms
-        from .phantom_training import TrainingConfig, default_vocabulary, train_phantom_model
+        from .phantom_training import RECIPES, default_vocabulary
 
-        config = replace(TrainingConfig(), n_train=n_train, epochs=epochs, text_epochs=text_epochs, seed=seed,
-                         max_minutes=max_minutes)
+        if recipe not in RECIPES:
+            raise UserError(f'Unknown recipe "{recipe}"; choose one of {", ".join(RECIPES)}.')
+        chosen = [stage.strip() for stage in stages.split(",") if stage.strip()]
+        if not chosen or set(chosen) - set(TEACHING_STAGES):
+            raise UserError(f'--stages "{stages}": choose among {", ".join(TEACHING_STAGES)}, comma-separated.')
+        given = {"n_train": n_train, "epochs": epochs, "text_epochs": text_epochs, "max_minutes": max_minutes}
+        config = replace(RECIPES[recipe], seed=seed, **{key: value for key, value in given.items() if value is not None})
         if not augment:
             config = replace(config, augmentation=None)
-        record = train_phantom_model(out, vocab or default_vocabulary(), config, status_callback=_status)
-        _status(f"Trained in {record['train_minutes']} min; calibrating thresholds")
-        calibrate_thresholds(out, status_callback=_status)
-        _status("Calibrating snippet localisation")
-        calibrate_localization(out, status_callback=_status)
-        _status("Training the segmentation head")
-        train_head_on_phantoms(out)
-        _evaluate_phantom_model(str(out), n_val, out / "validation_metrics.json")
+        _train_phantom_stages(out, vocab or default_vocabulary(), config, n_val, device, workers or _cpu_count(), resume,
+                              set(chosen))
 
     _run(action)
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _train_phantom_stages(out: Path, vocab: Path, config, n_val: int, device: str, workers: int, resume: bool,
+                          chosen: set[str]) -> None:
+    from .phantom_bundle import calibrate, completed_stages, train_head_on_phantoms
+    from .phantom_training import train_phantom_model
+
+    done = completed_stages(out) if resume else set()
+    if done:
+        _status(f"Resuming {out}: done already: {', '.join(sorted(done))}")
+    if "train" not in done | chosen:
+        raise UserError(f'{out} holds no trained teaching model: run the "train" stage first (or pass --resume).')
+    done |= set(TEACHING_STAGES) - chosen
+    if "train" not in done:
+        record = train_phantom_model(out, vocab, config, workers=workers, device=device, status_callback=_status)
+        _status(f"Trained in {record['train_minutes']} min")
+    if "head" not in done:
+        _status("Training the segmentation head")
+        train_head_on_phantoms(out, device=device, workers=workers)
+    if "calibrate" not in done:
+        _status("Calibrating thresholds and snippet localisation")
+        calibrate(out, device=device, workers=workers, status_callback=_status)
+    if "evaluate" not in done:
+        _evaluate_phantom_model(str(out), n_val, out / "validation_metrics.json", device, workers)
 
 
 @app.command("eval-phantom")
@@ -383,20 +421,25 @@ def eval_phantom(
     model: ModelOption = PHANTOM_MODEL,
     n_val: Annotated[int, typer.Option(min=2, help="Held-out phantoms (validation seeds 10000000 + i).")] = 60,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON.")] = None,
+    device: DeviceOption = "cpu",
+    workers: Annotated[int, typer.Option(min=1, help="Processes generating phantoms.")] = 1,
 ) -> None:
-    """Acceptance figures on held-out phantoms: AUROC, snippet MAE vs middle slice, head Dice, report F1."""
-    _run(lambda: _evaluate_phantom_model(model, n_val, json_out))
+    """Acceptance figures on held-out phantoms: AUROC, pointing, snippet MAE vs middle slice, head Dice, report F1."""
+    _run(lambda: _evaluate_phantom_model(model, n_val, json_out, device, workers))
 
 
-def _evaluate_phantom_model(model: str, n_val: int, json_out: Path | None) -> None:
+def _evaluate_phantom_model(model: str, n_val: int, json_out: Path | None, device: str = "cpu",
+                            workers: int = 1) -> None:
     import json
 
     from .phantom_evaluation import evaluate_on_phantoms, format_summary
 
-    figures = evaluate_on_phantoms(model, n_val=n_val, status_callback=_status)
+    figures = evaluate_on_phantoms(model, n_val=n_val, device=device, workers=workers, status_callback=_status)
     typer.echo(format_summary(figures))
     if json_out is not None:
-        json_out.write_text(json.dumps(figures, indent=2), encoding="utf-8")
+        partial = json_out.with_name(json_out.name + ".partial")
+        partial.write_text(json.dumps(figures, indent=2), encoding="utf-8")
+        partial.replace(json_out)
         _status(f"Wrote {json_out}")
 
 

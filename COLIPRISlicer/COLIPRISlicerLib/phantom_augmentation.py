@@ -62,7 +62,8 @@ def shift_volume(tensor, shift: tuple[int, int, int], fill: float):
     return moved
 
 
-def augment_batch(images, masks, patch_size: tuple[int, int, int], augmentation: Augmentation, generator):
+def augment_batch(images, masks, patch_size: tuple[int, int, int], augmentation: Augmentation, generator,
+                  noise_generator=None):
     """Shift and add noise to a batch; the patch fractions follow the shifted masks.
 
     Args:
@@ -70,7 +71,10 @@ def augment_batch(images, masks, patch_size: tuple[int, int, int], augmentation:
         masks: (B, F, X, Y, Z) bool model-grid finding masks.
         patch_size: the encoder's patch size ``p`` (voxels per axis).
         augmentation: the ranges.
-        generator: torch generator (the training run's, so runs stay reproducible).
+        generator: CPU torch generator for the shifts and noise levels (the training run's, so
+            runs stay reproducible).
+        noise_generator: generator on the images' device for the noise itself (default
+            ``generator``; on a GPU the noise is drawn there instead of copied over).
 
     Returns:
         ``(images, fractions)``: (B, 1, X, Y, Z) float32 in ``[-1, 1]`` and (B, F, N) float32 share
@@ -83,9 +87,10 @@ def augment_batch(images, masks, patch_size: tuple[int, int, int], augmentation:
     shifts = torch.randint(-limit, limit + 1, (len(images), 3), generator=generator).tolist()
     noise_levels = torch.rand(len(images), generator=generator) * augmentation.max_noise
     moved = torch.stack([shift_volume(image, shift, AIR) for image, shift in zip(images, shifts)])
-    noise = torch.randn(moved.shape, generator=generator) * noise_levels.view(-1, 1, 1, 1, 1)
+    noise = torch.randn(moved.shape, generator=noise_generator or generator, device=moved.device)
+    noise *= noise_levels.to(moved.device).view(-1, 1, 1, 1, 1)
     grid = [size // p for size, p in zip(images.shape[2:], patch_size)]
-    fractions = torch.zeros(masks.shape[0], masks.shape[1], *grid)
+    fractions = torch.zeros(masks.shape[0], masks.shape[1], *grid, device=moved.device)
     for index, shift in enumerate(shifts):
         present = masks[index].flatten(1).any(dim=1)  # absent findings stay zero whatever the shift
         if present.any():

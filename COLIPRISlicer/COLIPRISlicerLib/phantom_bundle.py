@@ -31,29 +31,63 @@ VESSEL_ANATOMY = {6: ("Pulmonary vessels", "lung vessel")}
 ANATOMY_WEIGHTS = (1.0, 0.5, 0.25, 0.0)
 
 
-def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None = None, method: str = "youden",
-                         status_callback: TypeStatusCallback | None = None) -> dict[str, float]:
-    """Choose per-finding thresholds on calibration phantoms and store them in the folder's config.yaml."""
-    from .calibration import choose_threshold
+def calibrate(folder: TypePath, *, n: int = 60, seed_base: int | None = None, method: str = "youden",
+              weights: tuple[float, ...] = ANATOMY_WEIGHTS, device: str = "cpu", workers: int = 1,
+              status_callback: TypeStatusCallback | None = None) -> dict:
+    """Thresholds and the anatomy prior's weight from one pass over the calibration phantoms
+    (see :func:`calibrate_thresholds` and :func:`calibrate_localization`); both are stored.
 
-    scores, labels = [], []
-    for _, truth, result in _analysed_phantoms(folder, n, seed_base, "Calibrated thresholds", status_callback):
+    Returns:
+        ``{"thresholds": {...}, "not_learned": {...}, "localization": {...}}``.
+    """
+    scores, labels, errors = [], [], {float(w): [] for w in weights}
+    for analyzer, truth, result in _analysed_phantoms(folder, n, seed_base, "Calibrated", status_callback,
+                                                      device, workers):
         scores.append({f.name: f.likelihood for f in result.findings})
         labels.append(truth["findings"])
-    thresholds = {}
+        _localization_errors(analyzer, result, truth, errors)
+    thresholds, not_learned = _thresholds(scores, labels, method)
+    localization = _localization_record(errors, n, seed_base)
+    _update_record(folder, thresholds=thresholds, not_learned=not_learned, localization=localization,
+                   calibration={"phantoms": n, "method": method, "seeds": f"{_seed_base(seed_base)} + i"})
+    return {"thresholds": thresholds, "not_learned": not_learned, "localization": localization}
+
+
+def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None = None, method: str = "youden",
+                         device: str = "cpu", workers: int = 1,
+                         status_callback: TypeStatusCallback | None = None) -> dict[str, float]:
+    """Choose per-finding thresholds on calibration phantoms and store them in the folder's config.yaml,
+    with the findings the model did not learn (:func:`.calibration.learned_status`)."""
+    scores, labels = [], []
+    for _, truth, result in _analysed_phantoms(folder, n, seed_base, "Calibrated thresholds", status_callback,
+                                               device, workers):
+        scores.append({f.name: f.likelihood for f in result.findings})
+        labels.append(truth["findings"])
+    thresholds, not_learned = _thresholds(scores, labels, method)
+    _update_record(folder, thresholds=thresholds, not_learned=not_learned,
+                   calibration={"phantoms": n, "method": method, "seeds": f"{_seed_base(seed_base)} + i"})
+    return thresholds
+
+
+def _thresholds(scores: list[dict], labels: list[dict], method: str) -> tuple[dict[str, float], dict[str, str]]:
+    """Per-finding thresholds, and the findings not learned with the reason."""
+    from .calibration import choose_threshold, learned_status
+
+    thresholds, not_learned = {}, {}
     for name in scores[0]:
         truth = np.array([row[name] for row in labels], float)
         values = np.array([row[name] for row in scores])
         # findings never planted get a threshold above every score seen (never reported present)
         thresholds[name] = round(float(choose_threshold(truth, values, method) if truth.min() != truth.max()
                                        else min(1.0, values.max() + 1e-3)), 6)
-    _update_record(folder, thresholds=thresholds,
-                   calibration={"phantoms": n, "method": method, "seeds": f"{_seed_base(seed_base)} + i"})
-    return thresholds
+        reason = learned_status(truth, values, thresholds[name])
+        if reason is not None:
+            not_learned[name] = reason
+    return thresholds, not_learned
 
 
 def calibrate_localization(folder: TypePath, *, n: int = 60, seed_base: int | None = None,
-                           weights: tuple[float, ...] = ANATOMY_WEIGHTS,
+                           weights: tuple[float, ...] = ANATOMY_WEIGHTS, device: str = "cpu", workers: int = 1,
                            status_callback: TypeStatusCallback | None = None) -> dict:
     """Choose the anatomy prior's exponent in snippet localisation on calibration phantoms; store it.
 
@@ -65,18 +99,50 @@ def calibrate_localization(folder: TypePath, *, n: int = 60, seed_base: int | No
         ``{"anatomy_weight": w, "mae_mm": {w: MAE}, "snippets": k, "phantoms": n, "seeds": ...}``.
     """
     errors: dict[float, list[float]] = {float(w): [] for w in weights}
-    for analyzer, truth, result in _analysed_phantoms(folder, n, seed_base, "Calibrated localisation", status_callback):
-        for entry in truth["snippets"]:
-            for weight, found in errors.items():
-                located = analyzer.localize(result, entry["text"], anatomy_weight=weight)
-                if located.method == "reference":
-                    break  # an explicit reference resolves whatever the weight
-                found.append(abs(located.s_mm - entry["ras_s"]))
-    mae = {weight: round(float(np.mean(found)), 3) if found else float("inf") for weight, found in errors.items()}
-    record = {"anatomy_weight": min(mae, key=mae.get), "mae_mm": mae, "snippets": len(errors[float(weights[0])]),
-              "phantoms": n, "seeds": f"{_seed_base(seed_base)} + i"}
+    for analyzer, truth, result in _analysed_phantoms(folder, n, seed_base, "Calibrated localisation",
+                                                      status_callback, device, workers):
+        _localization_errors(analyzer, result, truth, errors)
+    record = _localization_record(errors, n, seed_base)
     _update_record(folder, localization=record)
     return record
+
+
+def _localization_errors(analyzer, result, truth: dict, errors: dict[float, list[float]]) -> None:
+    """Append each weight's absolute S error (mm) of every unreferenced snippet of ``truth``."""
+    for entry in truth["snippets"]:
+        for weight, found in errors.items():
+            located = analyzer.localize(result, entry["text"], anatomy_weight=weight)
+            if located.method == "reference":
+                break  # an explicit reference resolves whatever the weight
+            found.append(abs(located.s_mm - entry["ras_s"]))
+
+
+def _localization_record(errors: dict[float, list[float]], n: int, seed_base: int | None) -> dict:
+    mae = {weight: round(float(np.mean(found)), 3) if found else float("inf") for weight, found in errors.items()}
+    return {"anatomy_weight": min(mae, key=mae.get), "mae_mm": mae, "snippets": len(next(iter(errors.values()))),
+            "phantoms": n, "seeds": f"{_seed_base(seed_base)} + i"}
+
+
+def completed_stages(folder: TypePath) -> set[str]:
+    """Stages of ``train-phantom`` already written into ``folder``: ``train`` (weights and record),
+    ``head``, ``calibrate`` (thresholds and localisation) and ``evaluate`` (validation figures)."""
+    import yaml
+
+    from .defaults import CONFIG_FILENAME, WEIGHTS_FILENAME
+
+    folder = Path(folder)
+    try:
+        record = yaml.safe_load((folder / CONFIG_FILENAME).read_text(encoding="utf-8"))["colipri_slicer"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return set()
+    done = {"train"} if (folder / WEIGHTS_FILENAME).is_file() and "training" in record else set()
+    if (folder / "segmentation_head" / "head.json").is_file():
+        done.add("head")
+    if {"thresholds", "localization", "not_learned"} <= set(record):
+        done.add("calibrate")
+    if (folder / "validation_metrics.json").is_file():
+        done.add("evaluate")
+    return done if "train" in done else set()
 
 
 def _seed_base(seed_base: int | None) -> int:
@@ -86,16 +152,17 @@ def _seed_base(seed_base: int | None) -> int:
 
 
 def _analysed_phantoms(folder: TypePath, n: int, seed_base: int | None, done: str,
-                       status_callback: TypeStatusCallback | None):
-    """Yield (analyzer, truth, analysis) for calibration phantoms ``seed_base + i`` analysed by the folder's model."""
+                       status_callback: TypeStatusCallback | None, device: str = "cpu", workers: int = 1):
+    """Yield (analyzer, truth, analysis) for calibration phantoms ``seed_base + i`` analysed by the
+    folder's model on ``device`` (fp32), generated in ``workers`` processes."""
     from .analysis import Analyzer
     from .catalogue import load_catalogue
     from .engine import Engine
-    from .phantom import generate_phantom
+    from .phantom_stream import phantom_stream
 
-    analyzer = Analyzer(Engine(str(folder), device="cpu", precision="fp32"), load_catalogue())
-    for index in range(n):
-        volume, truth = generate_phantom(_seed_base(seed_base) + index)
+    analyzer = Analyzer(Engine(str(folder), device=device, precision="fp32"), load_catalogue())
+    seeds = [_seed_base(seed_base) + index for index in range(n)]
+    for index, (volume, truth) in enumerate(phantom_stream(seeds, workers=workers)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             result = analyzer.analyze(volume)
@@ -113,13 +180,17 @@ def _update_record(folder: TypePath, **entries) -> None:
     path = Path(folder) / CONFIG_FILENAME
     document = yaml.safe_load(path.read_text(encoding="utf-8"))
     document.setdefault("colipri_slicer", {}).update(entries)
-    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    partial.replace(path)
 
 
 #: Head training: phantoms, epochs, crop edge (patches), decoder width and output subdivision of the
 #: bundled head (refine 2: a 2.5 mm grid, on which a perfect prediction of the held-out nodules reaches
 #: Dice 0.97 on the input grid, against 0.70 on the 5 mm model grid).
-HEAD_PHANTOMS, HEAD_EPOCHS, HEAD_CROP_PATCHES, HEAD_BASE_CHANNELS, HEAD_REFINE = 80, 20, 4, 8, 2
+HEAD_PHANTOMS, HEAD_EPOCHS, HEAD_CROP_PATCHES, HEAD_BASE_CHANNELS = 80, 20, 4, 8
+#: The head's output grid: the model grid subdivided until its voxels are this size (5 mm grid: refine 2).
+HEAD_OUTPUT_MM = 2.5
 #: Small classes (``segmentation_training.RareClasses``): half the foreground-centred crops centred on a
 #: class drawn first with weights voxels^-0.5 (a nodule beside an effusion ~10x as often), and 0.1 x the
 #: class-balanced cross-entropy in every epoch, without which the nodule probability stayed below 0.005
@@ -149,21 +220,40 @@ def head_labelmap(truth: dict, anatomy: dict | None = None) -> np.ndarray:
     return labelmap
 
 
+def head_refine(spacing_mm: float) -> int:
+    """Subdivisions (a power of two, at least 1) of a ``spacing_mm`` model grid whose voxels come
+    closest to :data:`HEAD_OUTPUT_MM` without being finer: 5 mm -> 2, 2.5 mm -> 1, 12 mm -> 4."""
+    import math
+
+    return 2 ** max(0, math.floor(math.log2(spacing_mm / HEAD_OUTPUT_MM + 1e-9)))
+
+
+def _model_spacing_mm(folder: Path) -> float:
+    """The model grid's voxel size from the folder's processor config (colipri's Resample target)."""
+    import yaml
+
+    from .defaults import CONFIG_FILENAME
+
+    document = yaml.safe_load((folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    return float(document["processor"]["image_transform"]["transforms"]["resample"]["target"])
+
+
 def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_base: int = HEAD_SEED_BASE,
                            epochs: int = HEAD_EPOCHS, crop_patches: int | None = HEAD_CROP_PATCHES,
-                           base_channels: int = HEAD_BASE_CHANNELS, refine: int = HEAD_REFINE,
-                           max_minutes: float | None = None, anatomy: dict | None = None) -> dict:
+                           base_channels: int = HEAD_BASE_CHANNELS, refine: int | None = None,
+                           max_minutes: float | None = None, anatomy: dict | None = None, device: str = "cpu",
+                           workers: int = 1) -> dict:
     """Train the segmentation head on phantoms and install it as ``<folder>/segmentation_head``.
 
     The phantoms have the training set's coarse geometry (2.5-3 mm in-plane; the model
     grid is 5 mm, so finer voxels would only cost generation time); the head trains on
     random crops of ``crop_patches`` patches (:func:`.segmentation_training.random_patch_crop`).
     ``anatomy`` (e.g. ``VESSEL_ANATOMY``; default none) adds tissue labels, which findings overwrite.
+    ``refine`` None: the head decodes onto a grid of :data:`HEAD_OUTPUT_MM` (:func:`head_refine`).
     """
     from .engine import Engine
     from .outputs import write_volume
-    from .phantom import generate_phantom
-    from .phantom_dataset import coarse_geometry
+    from .phantom_stream import phantom_stream
     from .segmentation_training import train_segmentation_head
 
     folder = Path(folder)
@@ -173,11 +263,12 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
         images, labels = Path(work) / "images", Path(work) / "labels"
         images.mkdir()
         labels.mkdir()
-        for seed in range(seed_base, seed_base + n):
-            volume, truth = generate_phantom(seed, **coarse_geometry(seed))
+        seeds = list(range(seed_base, seed_base + n))
+        for seed, (volume, truth) in zip(seeds, phantom_stream(seeds, workers=workers, coarse=True)):
             write_volume(volume.array, volume.ijk_to_ras, images / f"phantom_{seed}.nii.gz")
             write_volume(head_labelmap(truth, anatomy), volume.ijk_to_ras, labels / f"phantom_{seed}.nii.gz")
-        engine = Engine(str(folder), device="cpu", precision="fp32")
+        engine = Engine(str(folder), device=device, precision="fp32")
+        refine = refine or head_refine(_model_spacing_mm(folder))
         staging = Path(work) / "head"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -115,15 +115,11 @@ def make_samples(seeds: list[int], image_transform, patch_size: tuple[int, int, 
     import multiprocessing
 
     samples = []
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread) as pool:
+    from .phantom_stream import one_thread
+
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=one_thread) as pool:
         for index, sample in enumerate(pool.imap(job, seeds, chunksize=4)):
             samples.append(sample)
             if status_callback is not None and (index + 1) % 100 == 0:
                 status_callback(f"Generated {index + 1}/{len(seeds)} phantoms")
     return samples
-
-
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)

@@ -107,7 +107,8 @@ def snippet_loss(dense: torch.Tensor, inside: torch.Tensor, grid_shape: tuple[in
     similarity = torch.einsum("snd,sd->sn", dense[owner], snippets).masked_fill(~inside[owner], -1.0)
     per_level = rearrange(similarity, "s (x y z) -> s z (x y)", x=gx, y=gy, z=gz)
     logits = per_level.topk(min(SNIPPET_TOP_K, gx * gy), dim=-1).values.mean(dim=-1) / temperature
-    offsets = (torch.arange(gz, dtype=torch.float32)[None] - levels[:, None]) / (SNIPPET_SIGMA_MM / level_mm)
+    offsets = (torch.arange(gz, dtype=torch.float32, device=levels.device)[None] - levels[:, None]) / (
+        SNIPPET_SIGMA_MM / level_mm)
     target = torch.softmax(-0.5 * offsets**2, dim=-1)
     return -(target * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
 
@@ -115,7 +116,7 @@ def snippet_loss(dense: torch.Tensor, inside: torch.Tensor, grid_shape: tuple[in
 def report_loss(pooled: torch.Tensor, reports: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE between (B, D) images and their (B, D) reports."""
     similarity = pooled @ reports.T / temperature
-    target = torch.arange(len(pooled))
+    target = torch.arange(len(pooled), device=similarity.device)
     return (F.cross_entropy(similarity, target) + F.cross_entropy(similarity.T, target)) / 2
 
 
@@ -139,14 +140,20 @@ class PromptBank:
 
     def directions(self, model) -> torch.Tensor:
         """(P, D) ``t_pos - t_neg`` for every pair (through the text encoder, differentiable)."""
-        text = model.encode_text(self.ids, self.mask)
+        device = _device_of(model)
+        text = model.encode_text(self.ids.to(device), self.mask.to(device))
         return text[1::2] - text[0::2]
 
 
 def encode_texts(model, tokenizer, texts: list[str]) -> torch.Tensor:
     """(len(texts), D) normalised embeddings, padded to the longest text."""
     encoded = tokenizer(texts, padding="longest", truncation=True, max_length=512, return_tensors="pt")
-    return model.encode_text(encoded["input_ids"], encoded["attention_mask"])
+    device = _device_of(model)
+    return model.encode_text(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def inside_body(images: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
@@ -191,35 +198,39 @@ class ImageEmbeddingCache:
     inside: torch.Tensor
 
 
-def cache_image_embeddings(model, samples, patch_size, batch_size: int = 8) -> ImageEmbeddingCache:
+def cache_image_embeddings(model, images: torch.Tensor, patch_size, batch_size: int = 8,
+                           autocast: bool = False) -> ImageEmbeddingCache:
+    """Frozen image-side outputs of (N, 1, X, Y, Z) ``images`` (on the model's device), in batches;
+    ``autocast``: bf16 autocast on CUDA."""
     pooled, dense, inside = [], [], []
-    with torch.no_grad():
-        for start in range(0, len(samples), batch_size):
-            images = torch.stack([s.image for s in samples[start:start + batch_size]]).float()
-            p, d, _ = encode_pooled_and_dense(model, images)
-            pooled.append(p)
+    with torch.no_grad(), torch.autocast(images.device.type, torch.bfloat16, enabled=autocast):
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].float()
+            p, d, _ = encode_pooled_and_dense(model, batch)
+            pooled.append(p.float())
             dense.append(d.half())
-            inside.append(inside_body(images, patch_size))
+            inside.append(inside_body(batch, patch_size))
     return ImageEmbeddingCache(torch.cat(pooled), torch.cat(dense), torch.cat(inside))
 
 
 def text_terms(model, tokenizer, bank: PromptBank, samples, indices: list[int], cache: ImageEmbeddingCache,
-               directions: torch.Tensor, temperature: float) -> dict:
-    """Text-phase losses on cached image embeddings of the phantoms at ``indices``."""
-    pooled, dense, inside = cache.pooled[indices], cache.dense[indices].float(), cache.inside[indices]
-    labels = torch.from_numpy(np.stack([samples[i].labels for i in indices]))
-    fractions = torch.from_numpy(np.stack([samples[i].patch_fractions for i in indices]).astype(np.float32))
-    text = bank.directions(model)
-    target = directions[bank.finding_of_pair]
-    terms = {"pooled": pooled_pair_loss(pooled, text, labels[:, bank.finding_of_pair], temperature),
+               tensors, directions: torch.Tensor, temperature: float) -> dict:
+    """Text-phase losses on cached image embeddings of the phantoms at ``indices``; ``tensors``
+    (:class:`.phantom_batches.TrainingTensors`) holds their labels and patch fractions."""
+    index = torch.as_tensor(indices, device=cache.pooled.device)
+    pooled, dense, inside = cache.pooled[index], cache.dense[index].float(), cache.inside[index]
+    labels, fractions = tensors.labels[index], tensors.fractions[index]
+    text = bank.directions(model).float()
+    target = directions[bank.finding_of_pair.to(directions.device)]
+    terms = {"pooled": pooled_pair_loss(pooled, text, labels[:, bank.finding_of_pair.to(labels.device)], temperature),
              "dense": dense_pair_loss(dense, text[bank.dense_pairs], fractions[:, bank.dense_rows].flatten(2),
                                       temperature),
              "align": F.mse_loss(text, target)}
     texts, owner, levels = snippet_batch(samples, indices)
     if texts:
-        terms["snippet"] = snippet_loss(dense, inside, samples[indices[0]].patch_fractions.shape[1:],
-                                        encode_texts(model, tokenizer, texts), owner, levels,
-                                        samples[indices[0]].level_mm, temperature)
-    reports = encode_texts(model, tokenizer, [samples[i].report for i in indices])
+        terms["snippet"] = snippet_loss(dense, inside, tuple(fractions.shape[2:]),
+                                        encode_texts(model, tokenizer, texts).float(), owner.to(dense.device),
+                                        levels.to(dense.device), samples[indices[0]].level_mm, temperature)
+    reports = encode_texts(model, tokenizer, [samples[i].report for i in indices]).float()
     terms["report"] = report_loss(pooled, reports, temperature)
     return terms

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 TEACHING_MODEL_ID = "colipri-slicer/phantom-teaching"
 TEACHING_LABEL = "synthetic teaching model - not COLIPRI, not for clinical use"
-TEACHING_VERSION = "v6"
+TEACHING_VERSION = "v7"
 #: Validation phantoms: seeds VALIDATION_SEED_BASE + i; calibration: CALIBRATION_SEED_BASE + i.
 VALIDATION_SEED_BASE = 10_000_000
 CALIBRATION_SEED_BASE = 20_000_000
@@ -71,11 +71,26 @@ class TrainingConfig:
         input_size=80, spacing_mm=5.0, image_embed_dim=96, image_depth=3, image_heads=2, projection_dim=64,
         text_layers=2, text_heads=2, text_intermediate=128, pool_heads=8, drop_path_rate=0.0))
 
+    #: Name of the recipe this config started from (:data:`RECIPES`).
+    recipe: str = "cpu"
+
     def training_seeds(self) -> list[int]:
         base = 100_000 * (self.seed + 1)
         if base + self.n_train >= VALIDATION_SEED_BASE:
             raise ValueError("Training seeds would reach the validation range; use seed < 99 and n_train < 100000.")
         return list(range(base, base + self.n_train))
+
+
+#: Named recipes. ``cpu``: 5 mm grid (80^3, 40 mm patches), sized for two CPU cores (v3: 69 min).
+#: ``gpu``: 2.5 mm grid (160^3, 20 mm patches, so a calcified plaque or a nodule fills a larger share of
+#: its patch), 1200 phantoms, the image phase inside a 6-minute budget from the start (generation
+#: included) on one GPU under bf16 autocast.
+RECIPES: dict[str, TrainingConfig] = {
+    "cpu": TrainingConfig(),
+    "gpu": TrainingConfig(n_train=1200, epochs=60, text_epochs=30, max_minutes=6.0, recipe="gpu", spec=SmallModelSpec(
+        input_size=160, spacing_mm=2.5, image_embed_dim=96, image_depth=3, image_heads=2, projection_dim=64,
+        text_layers=2, text_heads=2, text_intermediate=128, pool_heads=8, drop_path_rate=0.0)),
+}
 
 
 def default_vocabulary() -> Path:
@@ -89,7 +104,8 @@ def default_vocabulary() -> Path:
 
 
 def train_phantom_model(out_dir: TypePath, vocab: TypePath, config: TrainingConfig = TrainingConfig(), *,
-                        workers: int = 2, status_callback: TypeStatusCallback | None = None) -> dict:
+                        workers: int = 2, device: str = "cpu",
+                        status_callback: TypeStatusCallback | None = None) -> dict:
     """Generate phantoms, train, write the model folder (replaced atomically when complete).
 
     Args:
@@ -97,6 +113,8 @@ def train_phantom_model(out_dir: TypePath, vocab: TypePath, config: TrainingConf
         vocab: a BERT ``vocab.txt`` (CXR-BERT's; copied into the folder).
         config: sizes, schedule, loss weights, seeds.
         workers: processes generating phantoms.
+        device: ``cpu``, ``cuda`` or ``auto``; on CUDA the forward passes run under bf16 autocast
+            and the training phantoms are kept on the GPU.
         status_callback: receives one line per stage and epoch.
 
     Returns:
@@ -106,22 +124,25 @@ def train_phantom_model(out_dir: TypePath, vocab: TypePath, config: TrainingConf
     from safetensors.torch import save_model
 
     from .defaults import WEIGHTS_FILENAME
+    from .devices import select_device
     from .phantom_dataset import make_samples
 
     notify = status_callback or (lambda message: logger.info(message))
-    torch.manual_seed(config.seed)
     out_dir = Path(out_dir)
     check_replaceable(out_dir)
+    target = select_device(device)
+    torch.manual_seed(config.seed)
     staging = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     start = time.perf_counter()
-    loaded = _new_model(staging, vocab, config)
-    notify(f"Generating {config.n_train} training phantoms")
+    loaded = _new_model(staging, vocab, config, target)
+    notify(f"Generating {config.n_train} training phantoms ({workers} processes)")
     samples = make_samples(config.training_seeds(), loaded.image_transform, loaded.patch_size,
                            workers=workers, status_callback=notify)
     history = fit(loaded, samples, config, notify, start)
-    save_model(loaded.model, str(staging / WEIGHTS_FILENAME))
-    record = {"history": history, "train_minutes": round((time.perf_counter() - start) / 60, 2)}
+    save_model(loaded.model.cpu(), str(staging / WEIGHTS_FILENAME))
+    record = {"history": history, "train_minutes": round((time.perf_counter() - start) / 60, 2),
+              "device": _device_name(target), "autocast": "bf16" if target.type == "cuda" else None}
     write_record(staging, config, record)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -129,8 +150,9 @@ def train_phantom_model(out_dir: TypePath, vocab: TypePath, config: TrainingConf
     return record
 
 
-def _new_model(staging: Path, vocab: TypePath, config: TrainingConfig):
-    """Write a seeded random model folder and load it through the engine's own loader, trainable."""
+def _new_model(staging: Path, vocab: TypePath, config: TrainingConfig, device=None):
+    """Write a seeded random model folder and load it through the engine's own loader, trainable,
+    on ``device`` (default CPU)."""
     import torch
 
     from .model_folder import write_small_model
@@ -138,11 +160,18 @@ def _new_model(staging: Path, vocab: TypePath, config: TrainingConfig):
 
     identity = {"model_id": TEACHING_MODEL_ID, "revision": TEACHING_VERSION, "label": TEACHING_LABEL}
     write_small_model(staging, vocab, config.spec, extra=identity)
-    loaded = load_model(str(staging), device="cpu", precision="fp32")
+    loaded = load_model(str(staging), device="cpu", precision="fp32")  # seeded weights, made on the CPU
     loaded.model.softmax_temperature = torch.tensor(float(config.temperature))  # colipri's default is int 1
+    loaded.model.to(device or "cpu")
     for parameter in loaded.model.parameters():
         parameter.requires_grad_(True)
     return loaded
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def fit(loaded, samples: list, config: TrainingConfig, notify, start: float) -> list[dict]:
@@ -158,16 +187,19 @@ def fit(loaded, samples: list, config: TrainingConfig, notify, start: float) -> 
     """
     import torch
 
+    from .phantom_batches import TrainingTensors
     from .phantom_dataset import PLANTED_FINDINGS
     from .phantom_objectives import PromptBank
 
+    device = next(loaded.model.parameters()).device
+    tensors = TrainingTensors.from_samples(samples, device)
     bank = PromptBank(loaded.tokenizer, PLANTED_FINDINGS)
     generator = torch.Generator().manual_seed(config.seed)
-    centre_tokens(loaded.model, samples, generator)
+    centre_tokens(loaded.model, tensors.images, generator)
     initial = torch.randn(18, config.spec.projection_dim, generator=generator)
-    directions = torch.nn.Parameter(torch.nn.functional.normalize(initial, dim=-1))
-    history = _image_phase(loaded, bank, samples, directions, config, generator, notify, start)
-    history += _text_phase(loaded, bank, samples, directions.detach(), config, generator, notify, start)
+    directions = torch.nn.Parameter(torch.nn.functional.normalize(initial, dim=-1).to(device))
+    history = _image_phase(loaded, bank, tensors, directions, config, generator, notify, start)
+    history += _text_phase(loaded, bank, samples, tensors, directions.detach(), config, generator, notify, start)
     loaded.model.eval()
     return history
 
@@ -181,13 +213,15 @@ def _optimiser(parameters, config: TrainingConfig, steps: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), factor
 
 
-def _image_phase(loaded, bank, samples, directions, config: TrainingConfig, generator, notify, start) -> list[dict]:
+def _image_phase(loaded, bank, tensors, directions, config: TrainingConfig, generator, notify, start) -> list[dict]:
     import torch
 
     from . import phantom_objectives as objectives
 
     encoder = loaded.model.image_encoder
-    batches = math.ceil(len(samples) / config.batch_size)
+    device = tensors.device
+    noise_generator = torch.Generator(device).manual_seed(config.seed + 1) if device.type != "cpu" else None
+    batches = math.ceil(len(tensors) / config.batch_size)
     optimizer, schedule, factor = _optimiser(
         [{"params": encoder.parameters()}, {"params": [directions], "weight_decay": 0.0}], config, config.epochs * batches)
     history, planned, phase_start = [], config.epochs, time.perf_counter()
@@ -198,11 +232,13 @@ def _image_phase(loaded, bank, samples, directions, config: TrainingConfig, gene
             break
         encoder.train()
         terms = []
-        for batch in torch.randperm(len(samples), generator=generator).split(config.batch_size):
-            images, labels, fractions = _batch_arrays(samples, batch.tolist(), loaded.patch_size,
-                                                      config.augmentation, generator)
-            pooled, dense, weights = objectives.encode_pooled_and_dense(loaded.model, images)
-            parts = objectives.image_terms(pooled, dense, weights, directions, labels, fractions, config.temperature)
+        for batch in torch.randperm(len(tensors), generator=generator).split(config.batch_size):
+            images, labels, fractions = tensors.batch(batch.tolist(), loaded.patch_size, config.augmentation,
+                                                      generator, noise_generator)
+            with _autocast(device):
+                pooled, dense, weights = objectives.encode_pooled_and_dense(loaded.model, images)
+            parts = objectives.image_terms(pooled.float(), dense.float(), weights.float(), directions, labels,
+                                           fractions, config.temperature)
             terms.append(_apply(parts, config.weights, optimizer))
             schedule.step()
             with torch.no_grad():  # the text side can only reach |t_pos - t_neg| < 2
@@ -216,13 +252,15 @@ def _image_phase(loaded, bank, samples, directions, config: TrainingConfig, gene
     return history
 
 
-def _text_phase(loaded, bank, samples, directions, config: TrainingConfig, generator, notify, start) -> list[dict]:
+def _text_phase(loaded, bank, samples, tensors, directions, config: TrainingConfig, generator, notify,
+                start) -> list[dict]:
     import torch
 
     from . import phantom_objectives as objectives
 
     model = loaded.model
-    cache = objectives.cache_image_embeddings(model, samples, loaded.patch_size)
+    cache = objectives.cache_image_embeddings(model, tensors.images, loaded.patch_size,
+                                              autocast=tensors.device.type == "cuda")
     for parameter in model.image_encoder.parameters():
         parameter.requires_grad_(False)
     batch_size = 4 * config.batch_size
@@ -233,8 +271,9 @@ def _text_phase(loaded, bank, samples, directions, config: TrainingConfig, gener
     for epoch in range(config.text_epochs):
         terms = []
         for batch in torch.randperm(len(samples), generator=generator).split(batch_size):
-            parts = objectives.text_terms(model, loaded.tokenizer, bank, samples, batch.tolist(), cache, directions,
-                                          config.temperature)
+            with _autocast(tensors.device):
+                parts = objectives.text_terms(model, loaded.tokenizer, bank, samples, batch.tolist(), cache, tensors,
+                                              directions, config.temperature)
             terms.append(_apply(parts, config.weights, optimizer))
             schedule.step()
         history.append(_epoch_record("text", epoch, terms, start))
@@ -244,21 +283,11 @@ def _text_phase(loaded, bank, samples, directions, config: TrainingConfig, gener
     return history
 
 
-def _batch_arrays(samples, indices: list[int], patch_size, augmentation: Augmentation | None, generator):
-    """(B, 1, X, Y, Z) images, (B, 18) labels, (B, 10, N) patch fractions as float32 tensors,
-    shifted and noised by :func:`.phantom_augmentation.augment_batch` unless ``augmentation`` is None."""
+def _autocast(device):
+    """bf16 autocast on CUDA (the forward passes; losses are taken in float32), nothing elsewhere."""
     import torch
 
-    from .phantom_augmentation import augment_batch, unpack_masks
-
-    images = torch.stack([samples[i].image for i in indices]).float()
-    labels = torch.from_numpy(np.stack([samples[i].labels for i in indices]))
-    if augmentation is None:
-        fractions = torch.from_numpy(np.stack([samples[i].patch_fractions for i in indices]).astype(np.float32))
-        return images, labels, fractions.flatten(2)
-    masks = torch.from_numpy(np.stack([unpack_masks(samples[i].model_masks, images.shape[-1]) for i in indices]))
-    images, fractions = augment_batch(images, masks, patch_size, augmentation, generator)
-    return images, labels, fractions
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _apply(parts: dict, weights: LossWeights, optimizer) -> dict:
@@ -270,8 +299,10 @@ def _apply(parts: dict, weights: LossWeights, optimizer) -> dict:
     return {"loss": float(loss.detach()), **{name: float(value.detach()) for name, value in parts.items()}}
 
 
-def centre_tokens(model, samples: list, generator, count: int = 32) -> None:
+def centre_tokens(model, images, generator, count: int = 32) -> None:
     """Shrink the component shared by all phantoms' tokens to the size of what differs between them.
+
+    ``images``: (N, 1, X, Y, Z) training inputs on the model's device.
 
     Phantoms (like CTs) share most of their content, so at initialisation the mean token
     dominates every pooled embedding (cosine 0.999 between phantoms) and the pooled zero-shot
@@ -284,11 +315,11 @@ def centre_tokens(model, samples: list, generator, count: int = 32) -> None:
     from einops import reduce
 
     encoder = model.image_encoder
-    chosen = torch.randperm(len(samples), generator=generator)[:count].tolist()
+    chosen = torch.randperm(len(images), generator=generator)[:count].tolist()
     model.eval()
     with torch.no_grad():
-        means = torch.cat([reduce(encoder.projector(encoder.backbone(torch.stack([samples[i].image for i in part])
-                                                                     .float())), "b c x y z -> b c", "mean")
+        means = torch.cat([reduce(encoder.projector(encoder.backbone(images[torch.as_tensor(part)].float())),
+                                  "b c x y z -> b c", "mean")
                            for part in np.array_split(chosen, max(1, len(chosen) // 8))])
         shared = means.mean(dim=0)
         spread = (means - shared).norm(dim=1).mean()
