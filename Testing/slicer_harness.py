@@ -5,10 +5,16 @@ Tables, Texts, SubjectHierarchy and Plots module logics (reachable as
 ``slicer.modules.<name>.logic()``), the Red/Yellow/Green slice and slice-composite nodes
 (made by ``vtkMRMLLayoutLogic`` + ``vtkMRMLSliceLogic``) and ``slicer.util``.
 
-Stubbed, because ``slicer-core`` lacks them and the module file imports them: the module
-base classes (``slicer.ScriptedLoadableModule``), ``qt``, ``slicer.parameterNodeWrapper``
-and ``slicer.i18n``. Nothing else is faked; there is no ``slicer.app``, so the Logic's
-``processEvents`` is a no-op here.
+Stand-ins, because ``slicer-core`` lacks them, each behaving like Slicer where the module
+depends on it: the module base classes (``slicer.ScriptedLoadableModule``: icon looked
+up beside the module file only; singleton parameter node), ``slicer.parameterNodeWrapper``
+(values stored on the MRML node, so Close Scene, which resets the singleton node, resets
+them), ``qt`` (QSettings, QIcon, table items), ``slicer.i18n``; for the panel
+(:class:`PanelHarness`): ``slicer.app`` whose ``processEvents`` runs scheduled user
+actions (clicks, Close Scene, module switch, quit) and counts nesting, and the .ui widgets
+with their signals, slots called as PythonQt calls them. Slicer versions: ``slicer.packaging``
+absent (5.10) or present (5.12), and the PyTorch extension's ``PyTorchUtils``. Without a
+:class:`PanelHarness` there is no ``slicer.app`` and the Logic's ``processEvents`` does nothing.
 
 Also: loading volumes the way Slicer does (``AddArchetypeVolume``) and an offscreen VTK
 rendering of an axial slice with the CT, a colour-mapped heatmap and segment outlines in

@@ -18,6 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "COLIPRISlicer"
 MODULE_FILE = MODULE_DIR / "COLIPRISlicer.py"
+PANEL_FILE = MODULE_DIR / "COLIPRISlicerNodes" / "panel.py"
 UI_FILE = REPO / "Resources" / "UI" / "COLIPRISlicer.ui"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 #: Third-party packages the Extensions Index allows at file scope of a module file.
@@ -71,7 +72,8 @@ def file_scope_imports(tree: ast.Module) -> list[tuple[str, int]]:
 
 
 def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
-    used = {node.attr for node in ast.walk(module_tree()) if isinstance(node, ast.Attribute)
+    trees = (module_tree(), ast.parse(PANEL_FILE.read_text(encoding="utf-8")))
+    used = {node.attr for tree in trees for node in ast.walk(tree) if isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
             and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
     assert len(used) >= 10
@@ -109,8 +111,8 @@ def test_cmake_check_reports_a_file_that_is_not_listed():
 
 
 def test_resources_the_module_loads_are_shipped():
-    text = MODULE_FILE.read_text(encoding="utf-8")
-    loaded = set(re.findall(r'resourcePath\("([^"]+)"\)', text))
+    text = MODULE_FILE.read_text(encoding="utf-8") + PANEL_FILE.read_text(encoding="utf-8")
+    loaded = set(re.findall(r'(?:resourcePath|resource_path)\("([^"]+)"\)', text))
     assert loaded == {"UI/COLIPRISlicer.ui", "requirements.txt"}
     resources = set(cmake_list(MODULE_CMAKE.read_text(encoding="utf-8"), "MODULE_TOP_LEVEL_RESOURCES"))
     assert {f"Resources/{name}" for name in loaded} <= resources

@@ -549,10 +549,16 @@ def test_two_quick_clicks_show_the_newest_heatmap_without_nested_waits(module, p
     widget.ui.analyzeButton.click()
     table = widget.ui.findingsTableWidget
     first, second = table.item(0, 0).text(), table.item(1, 0).text()
-    panel.app.max_depth = 0
-    panel.app.when(lambda: True, lambda: table.emit("cellClicked(int,int)", 1, 0))
+    panel.app.max_depth, shown_while_busy = 0, []
+
+    def second_click():
+        shown_while_busy.append((widget.ui.statusLabel.text, widget.ui.analyzeButton.enabled))
+        table.emit("cellClicked(int,int)", 1, 0)
+
+    panel.app.when(lambda: True, second_click)
     table.emit("cellClicked(int,int)", 0, 0)
     assert panel.app.scheduled == 0 and panel.app.slot_errors == []
+    assert shown_while_busy == [("Working...", False)]  # the panel shows the running job
     heatmap = widget.logic.outputNode("heatmap")
     assert f'"{second}"' in heatmap.GetDescription() and f'"{first}"' not in heatmap.GetDescription()
     assert scene.scene.GetNodeByID("vtkMRMLSliceCompositeNodeRed").GetForegroundVolumeID() == heatmap.GetID()

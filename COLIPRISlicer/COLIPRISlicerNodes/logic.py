@@ -76,7 +76,7 @@ class AnalysisLogic:
     def __init__(self, processEvents=None, session: EngineSession | None = None) -> None:
         self.processEvents = processEvents or _application_process_events
         self.session = session or shared_session()
-        self.options = EngineOptions()
+        self.options = self.session.options  # a new Logic uses the model already loaded
         self.results = ResultStore()
         self.inputVolumeNode = None
 
