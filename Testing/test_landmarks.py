@@ -328,3 +328,23 @@ def test_left_upper_lobe_prior_peaks_inside_the_tcia_tumour(tcia, tcia_landmarks
 
     assert terms == ["left", "upper lobe"]
     assert TUMOUR_S_RANGE[0] <= slices_s[np.argmax(profile)] <= TUMOUR_S_RANGE[1]
+
+
+def test_lungs_cut_by_the_scan_edges_are_recorded(abdomen, tcia_landmarks):
+    landmarks = detect_landmarks(*abdomen)
+    assert landmarks.lungs_cut_at_top == ("right", "left") and landmarks.lungs_cut_at_bottom == ()
+    assert tcia_landmarks.lungs_cut_at_top == () and tcia_landmarks.lungs_cut_at_bottom == ()
+
+
+def test_apex_beyond_the_top_of_the_scan_is_placed_at_the_top_slice_and_said(abdomen):
+    from COLIPRISlicerLib.anatomy_prior import edge_notes
+
+    landmarks = detect_landmarks(*abdomen)
+    top = landmarks.scan_s_range[1]
+    assert top == pytest.approx(427.3, abs=0.1)
+    levels = np.arange(landmarks.scan_s_range[0], top + 1e-6, 3.0)
+    profile, terms = anatomy_prior("Small nodule at the right lung apex.", landmarks, levels)
+    assert terms == ["right", "lung apex"] and levels[np.argmax(profile)] == pytest.approx(top, abs=1e-6)
+    assert edge_notes("Small nodule at the right lung apex.", landmarks) == [
+        f"The right lung apex lies at or beyond the top edge of the scan (S = {top:.1f} mm): placed at that edge."]
+    assert edge_notes("Small nodule at the right lung base.", landmarks) == []

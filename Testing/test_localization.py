@@ -394,3 +394,24 @@ def test_body_patches_from_many_threads_equal_the_sequential_ones(tiny_engine, m
     for i, inside in enumerate(found):
         np.testing.assert_array_equal(inside, expected[i % 12])
     assert len(localization._BODY_PATCHES) == localization._BODY_PATCHES_SIZE
+
+
+@pytest.mark.parametrize(("top_slice", "expected_s", "at_edge"), [
+    (63, -174.0, False),  # whole series: apex measured at S = -164 (slice 55); the prior sits 10 mm below it
+    (50, -189.0, True),  # field of view begins inside the lungs: the apex is at or beyond the top slice
+])
+def test_apex_snippet_lands_at_the_measured_landmark(tiny_engine, top_slice, expected_s, at_edge):
+    from COLIPRISlicerLib.analysis import Analyzer
+
+    whole = load_volume(require(TCIA_SERIES))
+    volume = Volume.from_array(whole.array[:, :, :top_slice + 1], whole.ijk_to_ras, name="cropped")
+    analyzer = Analyzer(tiny_engine)
+    result = analyzer.analyze(volume)
+    assert (result.landmarks.apex_right_s is None) == at_edge
+    if not at_edge:
+        assert result.landmarks.apex_right_s == pytest.approx(-164.0, abs=0.5)
+    located = analyzer.localize(result, "Small nodule at the right lung apex.", method="anatomy")
+    assert located.s_mm == pytest.approx(expected_s, abs=0.5)
+    assert located.slice_index == round((expected_s + 439.0) / 5.0)
+    said = "The right lung apex lies at or beyond the top edge of the scan (S = -189.0 mm): placed at that edge."
+    assert (said in located.explanation) == at_edge and (said in located.warnings) == at_edge

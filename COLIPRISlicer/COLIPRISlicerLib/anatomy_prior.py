@@ -60,18 +60,25 @@ def _zone_bump(landmarks: Landmarks, zone: int) -> list[TypeBump]:
 
 
 def _apex(landmarks: Landmarks, sides: tuple[str, ...]) -> list[TypeBump]:
-    """10 mm below each apex, sigma 15 mm."""
-    return _side_bumps(landmarks.side_values("apex"), sides, -10.0, 15.0)
+    """10 mm below each apex, sigma 15 mm; at the top edge of the scan where the lung reaches it
+    (the apex lies at or beyond the edge: the top slice is the nearest place the scan shows)."""
+    top = landmarks.scan_s_range[1]
+    return [(top, 15.0) if side in landmarks.lungs_cut_at_top else (apex - 10.0, 15.0)
+            for side, apex in landmarks.side_values("apex").items()
+            if side in sides and (apex is not None or side in landmarks.lungs_cut_at_top)]
 
 
 def _lung_base(landmarks: Landmarks, sides: tuple[str, ...]) -> list[TypeBump]:
     """Midway between dome and lowest recess, sigma half that gap (at least 10 mm);
-    10 mm above the recess (sigma 15 mm) when the dome is unknown."""
+    10 mm above the recess (sigma 15 mm) when the dome is unknown; at the bottom edge of the
+    scan (sigma 15 mm) where the lung reaches it."""
     bumps = []
     domes, bases = landmarks.side_values("dome"), landmarks.side_values("base")
     for side in sides:
         base, dome = bases[side], domes[side]
-        if base is not None and dome is not None:
+        if side in landmarks.lungs_cut_at_bottom:  # the base lies at or below the bottom edge
+            bumps.append((landmarks.scan_s_range[0], 15.0))
+        elif base is not None and dome is not None:
             bumps.append(((dome + base) / 2, max(10.0, (dome - base) / 2)))
         elif base is not None:
             bumps.append((base + 10.0, 15.0))
@@ -175,8 +182,7 @@ def anatomy_prior(
         )
         raise ValueError(message)
     side_words = [name for name, pattern in _SIDE_PATTERNS.items() if pattern.search(text)]
-    sides = tuple(side for side in _SIDES if side in side_words or "bilateral" in side_words)
-    sides = sides or _SIDES
+    sides = _named_sides(text)
     found = sorted((match.start(), term) for term in ANATOMY_TERMS if (match := term.pattern.search(text)))
     profiles, names = [], []
     for _, term in found:
@@ -189,6 +195,27 @@ def anatomy_prior(
         return None
     profile = np.mean(profiles, axis=0)
     return profile / profile.sum(), side_words + names
+
+
+def edge_notes(text: str, landmarks: Landmarks) -> list[str]:
+    """Sentences saying which landmarks named in ``text`` lie at or beyond the edge of the scan
+    (the lung reaches the top or bottom slice), so the prior placed them at that edge."""
+    top, bottom = landmarks.scan_s_range[1], landmarks.scan_s_range[0]
+    named = {term.name for term in ANATOMY_TERMS if term.pattern.search(text)}
+    sides = _named_sides(text)
+    notes = []
+    for name, cut, edge, where in (("lung apex", landmarks.lungs_cut_at_top, top, "top"),
+                                   ("lung base", landmarks.lungs_cut_at_bottom, bottom, "bottom")):
+        for side in (side for side in sides if name in named and side in cut):
+            notes.append(f"The {side} {name} lies at or beyond the {where} edge of the scan (S = {edge:.1f} mm):"
+                         " placed at that edge.")
+    return notes
+
+
+def _named_sides(text: str) -> tuple[str, ...]:
+    """Sides named in ``text`` ("bilateral" names both); both when none is named."""
+    side_words = [name for name, pattern in _SIDE_PATTERNS.items() if pattern.search(text)]
+    return tuple(side for side in _SIDES if side in side_words or "bilateral" in side_words) or _SIDES
 
 
 def _mixture(bumps: list[TypeBump], levels: np.ndarray) -> np.ndarray:

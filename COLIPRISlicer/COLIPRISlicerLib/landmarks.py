@@ -88,6 +88,8 @@ class Landmarks:
         carina_ras: RAS point (mm) at the carina, in the trachea's lumen.
         midline_r: R coordinate (mm) of the body midline used to split the lungs.
         scan_s_range: Lowest and highest S of the scanned volume's voxel centres.
+        lungs_cut_at_top: Sides whose lung reaches the top of the scan (apex at or beyond it).
+        lungs_cut_at_bottom: Sides whose lung reaches the bottom of the scan (base at or beyond it).
         notes: Why a landmark is missing or less reliable.
     """
 
@@ -106,6 +108,8 @@ class Landmarks:
     carina_ras: tuple[float, float, float] | None = None
     midline_r: float | None = None
     scan_s_range: tuple[float, float] = (0.0, 0.0)
+    lungs_cut_at_top: tuple[str, ...] = ()
+    lungs_cut_at_bottom: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
 
     def side_values(self, name: str) -> dict[str, float | None]:
@@ -622,5 +626,12 @@ def _assemble(
         carina_ras=trachea.carina_ras if trachea else None,
         midline_r=midline_r,
         scan_s_range=(float(corner_s.min()), float(corner_s.max())),
+        lungs_cut_at_top=tuple(side for side in present if _reaches_level(sides[side], -1)),
+        lungs_cut_at_bottom=tuple(side for side in present if _reaches_level(sides[side], 0)),
         notes=notes,
     )
+
+
+def _reaches_level(mask: np.ndarray, level: int) -> bool:
+    """Whether a lung mask has voxels in the first (0) or last (-1) axial level of the scan."""
+    return bool(mask[..., level].any())

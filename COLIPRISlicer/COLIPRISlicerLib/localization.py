@@ -324,20 +324,28 @@ def _profile_result(engine, encoding, volume, text, method, head, landmarks, not
         profiles, combined = {"zero-shot": zero_shot.probabilities}, zero_shot.probabilities
     combined = combined / combined.sum()
     level = int(np.argmax(combined))
-    point, where = _in_plane_point(encoding.grid, zero_shot, level, landmarks, terms)
-    if method == "anatomy":  # the prior alone: the slice of the peak level where it is highest
-        point[2] = _refine_s(snippet, landmarks, volume, zero_shot.s_mm[level], zero_shot.level_mm)
-        centre = "the prior's peak"
+    if method == "anatomy":  # the prior alone, on the scan's own slices: it lands at the measured landmark
+        peak_s, centre = _prior_peak_s(snippet, landmarks, volume), "the prior's peak over the slices"
+        level = int(np.argmin(np.abs(zero_shot.s_mm - peak_s)))
     else:
-        point[2], centre = peak_centroid_s(zero_shot.s_mm, combined), "mean of the peak level and its neighbours"
+        peak_s, centre = peak_centroid_s(zero_shot.s_mm, combined), "mean of the peak level and its neighbours"
+    point, where = _in_plane_point(encoding.grid, zero_shot, level, landmarks, terms)
+    point[2] = peak_s
     slice_index, more = geometry.slice_index_of(volume, point)
+    edges = _edge_notes(snippet, landmarks) if "anatomy" in profiles else []
     name = next(iter(profiles)) if len(profiles) == 1 else "combined"
     how = " x ".join(sources[key] for key in profiles) + (" (product, renormalised)" if len(profiles) > 1 else "")
     explanation = (f"Depth profile from {how} over {len(combined)} levels of {zero_shot.level_mm:.0f} mm: peak at"
                    f" S = {zero_shot.s_mm[level]:.1f} mm; point at S = {point[2]:.1f} mm ({centre}),"
-                   f" in-plane: {where}.")
+                   f" in-plane: {where}." + "".join(f" {note}" for note in edges))
     return LocalizationResult(point, slice_index, float(point[2]), name, profile_confidence(zero_shot.s_mm, combined),
-                              explanation, zero_shot.s_mm, combined, notes + more)
+                              explanation, zero_shot.s_mm, combined, notes + more + edges)
+
+
+def _edge_notes(snippet: str, landmarks) -> list[str]:
+    from .anatomy_prior import edge_notes
+
+    return edge_notes(snippet, landmarks)
 
 
 def _in_plane_point(grid, zero_shot: DepthProfile, level: int, landmarks, terms: list[str]) -> tuple[np.ndarray, str]:
@@ -350,11 +358,9 @@ def _in_plane_point(grid, zero_shot: DepthProfile, level: int, landmarks, terms:
         "the most similar patch inside the body")
 
 
-def _refine_s(snippet: str, landmarks, volume: Volume, level_s: float, level_mm: float) -> float:
-    """S of the slice inside the chosen level where the anatomy prior peaks (finer than a patch)."""
+def _prior_peak_s(snippet: str, landmarks, volume: Volume) -> float:
+    """S of the slice where the anatomy prior peaks, over all the volume's slices (finer than a patch level)."""
     from .anatomy_prior import anatomy_prior
 
     s_values = geometry.slice_s_mm(volume)
-    candidates = s_values[np.abs(s_values - level_s) <= level_mm / 2]
-    prior = anatomy_prior(snippet, landmarks, candidates) if candidates.size else None
-    return float(candidates[int(np.argmax(prior[0]))]) if prior is not None else float(level_s)
+    return float(s_values[int(np.argmax(anatomy_prior(snippet, landmarks, s_values)[0]))])
