@@ -99,6 +99,17 @@ def test_shutdown_of_a_busy_job_waits_in_short_steps_up_to_two_seconds(main_thre
     release.set()
 
 
+def test_a_job_still_running_when_shutdown_gives_up_is_abandoned_so_its_waiter_returns():
+    worker, started, release = Worker(), threading.Event(), threading.Event()
+    job = worker.submit(lambda: started.set() or release.wait(10) and "late result")
+    assert started.wait(5)
+    assert worker.shutdown(timeout=0.05) is False
+    with pytest.raises(WorkerStopped, match="stopped .* while this job ran"):
+        wait_for(job, lambda: None)  # returns at once instead of waiting for the job
+    release.set()
+    assert job.result.value is None
+
+
 def test_jobs_queued_behind_a_shutdown_never_run():
     (worker, release), ran = busy_worker(), []
     queued = worker.submit(lambda: ran.append("queued"))

@@ -56,11 +56,12 @@ class Job(NamedTuple):
 
 
 class _Thread(NamedTuple):
-    """One worker thread with its own queue and stop flag (never shared with a later thread)."""
+    """One worker thread with its own queue, stop flag and running job (never shared with a later thread)."""
 
     thread: threading.Thread
     jobs: queue.SimpleQueue
     stopping: threading.Event
+    running: Holder
 
 
 class Worker:
@@ -100,10 +101,10 @@ class Worker:
         job = Job(threading.Event(), Holder(), Holder())
         with self._lock:
             if not self.is_alive:
-                jobs, stopping = queue.SimpleQueue(), threading.Event()
-                thread = threading.Thread(target=_loop, args=(jobs, stopping), name=self.name, daemon=True)
+                current = _Thread(None, queue.SimpleQueue(), threading.Event(), Holder())
+                thread = threading.Thread(target=_loop, args=(current,), name=self.name, daemon=True)
+                self._current = current._replace(thread=thread)
                 thread.start()
-                self._current = _Thread(thread, jobs, stopping)
             self._current.jobs.put((fn, job))
         return job
 
@@ -134,24 +135,38 @@ class Worker:
                 process_events()
         if current.thread.is_alive():
             logger.warning("Worker thread %s still busy after %.1f s; leaving it to finish.", self.name, timeout)
+            _finish(current.running.value, WorkerStopped("The COLIPRI worker was stopped (module closed or reloaded)"
+                                                         " while this job ran; its result is dropped."))
             return False
         return True
 
 
-def _loop(jobs: queue.SimpleQueue, stopping: threading.Event) -> None:
+def _finish(job: Job | None, error: BaseException) -> None:
+    """Hand ``error`` to whoever waits for ``job`` (a job abandoned by shutdown)."""
+    if job is not None and not job.done.is_set():
+        job.error.value = error
+        job.done.set()
+
+
+def _loop(current: _Thread) -> None:
     while True:
-        item = jobs.get()
+        item = current.jobs.get()
         if item is None:
             return
         fn, job = item
+        current.running.value = job
         try:
-            if stopping.is_set():
+            if current.stopping.is_set():
                 raise WorkerStopped("The COLIPRI worker was stopped (module closed or reloaded) before this job"
                                     " ran; start it again.")
-            job.result.value = fn()
+            result = fn()
+            if not job.done.is_set():
+                job.result.value = result
         except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
-            job.error.value = error
+            if not job.done.is_set():
+                job.error.value = error
         finally:
+            current.running.value = None
             job.done.set()
 
 

@@ -169,12 +169,13 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def job():
             from COLIPRISlicerLib.analysis import AnalysisCancelled
+            from COLIPRISlicerLib.slicer_worker import WorkerStopped
             self.showState()  # "Working..." and Analyze/Clear disabled while it runs
             try:
                 with slicer.util.tryWithErrorDisplay(failure, waitCursor=True):
                     action()
-            except AnalysisCancelled as error:
-                logging.info("%s", error)  # scene closed or cancelled while the worker computed
+            except (AnalysisCancelled, WorkerStopped) as error:
+                logging.info("%s", error)  # scene closed, cancelled or module unloaded meanwhile
             finally:
                 self.showState()
         self.jobs.request(job)
