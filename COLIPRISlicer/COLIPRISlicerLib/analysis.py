@@ -77,7 +77,8 @@ class Analyzer:
     def catalogue(self) -> Catalogue:
         """The catalogue given, else the bundled one with the model folder's calibrated thresholds."""
         if self._catalogue is None:
-            self._catalogue = load_catalogue().with_thresholds(self.engine.extras.thresholds)
+            extras = self.engine.extras
+            self._catalogue = load_catalogue().with_thresholds(extras.thresholds, extras.not_learned)
         return self._catalogue
 
     def analyze(self, volume: Volume, *, cancel: threading.Event | None = None,

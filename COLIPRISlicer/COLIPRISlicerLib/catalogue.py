@@ -32,6 +32,8 @@ class Finding:
     synonyms: tuple[str, ...] = ()
     terminology: dict | None = None
     free_text: bool = False
+    #: Why the model's calibration says it did not learn this finding (None: learned or not calibrated).
+    not_learned: str | None = None
 
     @property
     def slug(self) -> str:
@@ -67,8 +69,11 @@ class Catalogue:
         kept = tuple(f for f in self.findings if f.slug != finding.slug)
         return replace(self, findings=kept + (finding,))
 
-    def with_thresholds(self, thresholds: dict[str, float]) -> Catalogue:
-        updated = tuple(replace(f, threshold=float(thresholds.get(f.name, f.threshold))) for f in self.findings)
+    def with_thresholds(self, thresholds: dict[str, float], not_learned: dict[str, str] | None = None) -> Catalogue:
+        """The catalogue with a model's calibrated thresholds and its findings not learned (name -> reason)."""
+        not_learned = not_learned or {}
+        updated = tuple(replace(f, threshold=float(thresholds.get(f.name, f.threshold)),
+                                not_learned=not_learned.get(f.name, f.not_learned)) for f in self.findings)
         return replace(self, findings=updated)
 
     def to_yaml(self, path: TypePath, header: str = "") -> None:

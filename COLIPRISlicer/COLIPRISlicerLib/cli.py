@@ -223,7 +223,7 @@ def _print_findings(result) -> None:
     if label:
         typer.echo(f"Model: {result.model['model_id']} - {label}")
     for finding in sorted(result.findings, key=lambda f: -f.likelihood):
-        flag = "PRESENT" if finding.present else ""
+        flag = {"present": "PRESENT", "absent": "", "not learned": "not learned"}[finding.status]
         typer.echo(f"  {finding.name:<36} {finding.likelihood:6.3f}  (threshold {finding.threshold:.2f}) {flag}")
 
 

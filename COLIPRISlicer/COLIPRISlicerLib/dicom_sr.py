@@ -100,7 +100,8 @@ def _finding_group(finding, frame_of_reference_uid: str, algorithm):
         referenced_region=hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT, graphic_data=peak_lps[None],
                                               frame_of_reference_uid=frame_of_reference_uid),
         finding_type=concept, algorithm_id=algorithm, measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(concept, _coded(PRESENT if finding.present else ABSENT))])
+        qualitative_evaluations=[] if finding.not_learned else [  # not learned: no present/absent call
+            hd.sr.QualitativeEvaluation(concept, _coded(PRESENT if finding.present else ABSENT))])
 
 
 def _text_container(report_text: str | None, statement: str):

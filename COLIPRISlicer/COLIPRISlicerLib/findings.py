@@ -20,7 +20,8 @@ from .catalogue import Finding
 @dataclass
 class FindingResult:
     """A scored finding. ``peak_ras`` is the RAS centre (mm) of the hottest patch inside the
-    input volume; ``logit_map`` the (gx, gy, gz) positive-minus-negative map."""
+    input volume; ``logit_map`` the (gx, gy, gz) positive-minus-negative map. ``not_learned``: why
+    the model's calibration found it not learned; then it is neither present nor absent."""
 
     name: str
     slug: str
@@ -34,15 +35,25 @@ class FindingResult:
     logit_map: np.ndarray = field(repr=False)
     terminology: dict | None = None
     free_text: bool = False
+    not_learned: str | None = None
 
     @property
     def present(self) -> bool:
-        return self.likelihood >= self.threshold
+        """Likelihood at or above the threshold, for a finding the model learned."""
+        return self.not_learned is None and self.likelihood >= self.threshold
+
+    @property
+    def status(self) -> str:
+        """``present``, ``absent`` or ``not learned`` (the threshold decides nothing then)."""
+        if self.not_learned is not None:
+            return "not learned"
+        return "present" if self.present else "absent"
 
     def as_dict(self) -> dict:
         return {
             "name": self.name, "likelihood": self.likelihood, "threshold": self.threshold,
-            "present": self.present, "region": self.region, "prompt_pairs": [list(p) for p in self.prompt_pairs],
+            "present": self.present, "status": self.status, "not_learned": self.not_learned, "region": self.region,
+            "prompt_pairs": [list(p) for p in self.prompt_pairs],
             "pair_probabilities": self.pair_probabilities, "peak_ras": [round(float(v), 2) for v in self.peak_ras],
             "colour": list(self.colour), "terminology": self.terminology, "free_text": self.free_text,
         }
@@ -72,6 +83,7 @@ def score_findings(engine, encoding, findings: Sequence[Finding], volume) -> lis
             finding.name, finding.slug, float(probabilities[start:stop].mean()), finding.threshold, finding.region,
             finding.colour, list(finding.prompts), [float(p) for p in probabilities[start:stop]],
             peak_ras(logit_map, encoding.grid, inside), logit_map, finding.terminology, finding.free_text,
+            finding.not_learned,
         ))
         start = stop
     return results

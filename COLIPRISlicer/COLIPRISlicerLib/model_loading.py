@@ -60,11 +60,13 @@ class ModelExtras:
         segmentation_head: a head folder shipped inside the model folder, if any.
         anatomy_weight: calibrated exponent of the anatomy prior in snippet localisation
             (``localization.localize``); None: the module default.
+        not_learned: {finding name: why calibration found it not learned} (no present/absent call).
     """
 
     thresholds: dict = field(default_factory=dict)
     segmentation_head: Path | None = None
     anatomy_weight: float | None = None
+    not_learned: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -224,7 +226,8 @@ def _resolve_folder(folder: Path, source: str = "folder") -> _ResolvedSpec:
     head = folder / "segmentation_head"
     weight = (meta.get("localization") or {}).get("anatomy_weight")
     extras = ModelExtras({str(k): float(v) for k, v in (meta.get("thresholds") or {}).items()},
-                         head if head.is_dir() else None, None if weight is None else float(weight))
+                         head if head.is_dir() else None, None if weight is None else float(weight),
+                         {str(k): str(v) for k, v in (meta.get("not_learned") or {}).items()})
     return _ResolvedSpec(model_id, meta.get("revision"), source, weights, config, str(meta.get("label", "")), extras)
 
 

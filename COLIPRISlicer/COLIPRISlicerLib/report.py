@@ -44,6 +44,8 @@ class FindingEvidence:
         side: Patient side of the heatmap's hot region (see :func:`side_and_zone`).
         zone: Lung zone of the hot region.
         section: Report section; overrides the bank's (free-text default: the bank's ``free_text``).
+        not_learned: the model did not learn this finding: the report neither asserts nor
+            denies it, and says so.
     """
 
     name: str
@@ -52,6 +54,7 @@ class FindingEvidence:
     side: TypeSide | None = None
     zone: TypeZone | None = None
     section: str | None = None
+    not_learned: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.strip():
@@ -67,8 +70,8 @@ class FindingEvidence:
 
     @property
     def is_positive(self) -> bool:
-        """Whether the likelihood reaches the decision threshold."""
-        return self.likelihood >= self.threshold
+        """Whether the likelihood reaches the decision threshold (never for a finding not learned)."""
+        return not self.not_learned and self.likelihood >= self.threshold
 
 
 def side_and_zone(heatmap: np.ndarray, centres_ras: np.ndarray, *, midline_r: float,
@@ -226,12 +229,12 @@ class TemplateReportComposer:
             sections[self._section(item)].append(sentence)
             impression.append(f"{sentence.rstrip('.')} (likelihood {item.likelihood:.2f}).")
         for item in evidence:
-            line = None if item.is_positive else self._negative_line(item, context.phrase_scorer)
+            line = None if item.is_positive or item.not_learned else self._negative_line(item, context.phrase_scorer)
             if line is not None:
                 sections[self._section(item)].append(line)
         for lines in sections.values():
             lines[:] = lines or [self.bank.neutral_line]
-        footer = self._footer(context)
+        footer = self._footer(context, [item.name for item in evidence if item.not_learned])
         logger.debug("Composed draft report: %d positive finding(s).", len(impression))
         return DraftReport(self.bank.header, sections, impression or [self.bank.no_positive_impression], footer)
 
@@ -265,7 +268,7 @@ class TemplateReportComposer:
                              f"sentences, got shape {scores.shape}.")
         return candidates[int(np.argmax(scores))]
 
-    def _footer(self, context: ReportContext) -> str:
+    def _footer(self, context: ReportContext, not_learned: list[str]) -> str:
         values = sorted(set(context.thresholds.values()))
         if len(values) == 1:
             thresholds = f"{values[0]:.2f} for every finding"
@@ -276,7 +279,8 @@ class TemplateReportComposer:
                           for b in self.bank.bands)
         return (f"Model: {context.model_id} (revision {context.revision}); composer: {type(self).__name__}.\n"
                 f"Decision thresholds (likelihood): {thresholds}.\n"
-                f"Wording: {bands}; stated absent at likelihood <= {self.bank.confident_negative_at_most:.2f}.")
+                f"Wording: {bands}; stated absent at likelihood <= {self.bank.confident_negative_at_most:.2f}."
+                + (f"\nNot assessed (this model did not learn them): {', '.join(not_learned)}." if not_learned else ""))
 
 
 def _check_evidence(evidence: Sequence[FindingEvidence], context: ReportContext) -> None:

@@ -52,4 +52,5 @@ def _evidence(finding: FindingResult, heatmap, centres, midline: float, lung_ran
     if finding.present:
         side, zone = side_and_zone(heatmap, centres, midline_r=midline, lung_s_range=lung_range)
     section = REGION_SECTIONS[finding.region] if finding.free_text else None
-    return FindingEvidence(finding.name, finding.likelihood, finding.threshold, side, zone, section)
+    return FindingEvidence(finding.name, finding.likelihood, finding.threshold, side, zone, section,
+                           finding.not_learned is not None)

@@ -57,12 +57,16 @@ def _finding_to_show(result):
 def _likelihood_bars(ax, result, truth: dict | None) -> None:
     findings = sorted(result.findings, key=lambda f: f.likelihood)
     y = np.arange(len(findings))
-    ax.barh(y, [f.likelihood for f in findings], color=[f.colour for f in findings], edgecolor="black", linewidth=0.4)
+    colours = [(0.8, 0.8, 0.8) if f.not_learned else f.colour for f in findings]  # grey: no decision
+    bars = ax.barh(y, [f.likelihood for f in findings], color=colours, edgecolor="black", linewidth=0.4)
+    for bar, finding in zip(bars, findings):
+        bar.set_hatch(".." if finding.not_learned else "")
     ax.scatter([f.threshold for f in findings], y, marker="|", s=180, color="black", label="threshold")
     if truth is not None:
         truly = [i for i, f in enumerate(findings) if truth.get(f.name)]
         ax.scatter([1.02] * len(truly), truly, marker="*", s=60, color="crimson", clip_on=False, label="truly present")
-    ax.set_yticks(y, [f.name + (" (present)" if f.present else "") for f in findings], fontsize=8)
+    ax.set_yticks(y, [f.name + {"present": " (present)", "absent": "", "not learned": " (not learned)"}[f.status]
+                      for f in findings], fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_xlabel("zero-shot likelihood")
     ax.legend(loc="lower right", fontsize=8)

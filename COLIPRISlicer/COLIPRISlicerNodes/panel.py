@@ -212,7 +212,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table, findings = self.ui.findingsTableWidget, self.logic.result.findings
         table.setRowCount(len(findings))
         for row, finding in enumerate(findings):
-            present = _("yes") if finding.present else _("no")
+            present = {"present": _("yes"), "absent": _("no"), "not learned": _("not learned")}[finding.status]
             for column, text in enumerate((finding.name, f"{finding.likelihood:.3f}", present)):
                 table.setItem(row, column, qt.QTableWidgetItem(text))
         self.ui.reportTextEdit.blockSignals(True)

@@ -23,6 +23,9 @@ TISSUE = {"scheme": "SCT", "code": "85756007", "meaning": "Tissue"}
 PRIVATE_SCHEME = "99COLIPRISLICER"
 
 
+#: The findings table's "Present" column: a finding the model did not learn is neither yes nor no.
+_PRESENT_WORDS = {"present": "yes", "absent": "no", "not learned": "not learned"}
+
 def _column(vtk_class, name: str, values) -> vtk.vtkAbstractArray:
     column = vtk_class()
     column.SetName(name)
@@ -32,12 +35,12 @@ def _column(vtk_class, name: str, values) -> vtk.vtkAbstractArray:
 
 
 def fill_findings_table(table_node, findings) -> None:
-    """One row per finding: name, likelihood, threshold, present (yes/no), region."""
+    """One row per finding: name, likelihood, threshold, present (yes/no/not learned), region."""
     table = vtk.vtkTable()
     table.AddColumn(_column(vtk.vtkStringArray, "Finding", [f.name for f in findings]))
     table.AddColumn(_column(vtk.vtkDoubleArray, "Likelihood", [float(f.likelihood) for f in findings]))
     table.AddColumn(_column(vtk.vtkDoubleArray, "Threshold", [float(f.threshold) for f in findings]))
-    table.AddColumn(_column(vtk.vtkStringArray, "Present", ["yes" if f.present else "no" for f in findings]))
+    table.AddColumn(_column(vtk.vtkStringArray, "Present", [_PRESENT_WORDS[f.status] for f in findings]))
     table.AddColumn(_column(vtk.vtkStringArray, "Region", [f.region for f in findings]))
     table_node.SetAndObserveTable(table)
     table_node.SetUseColumnTitleAsColumnHeader(True)

@@ -1,0 +1,80 @@
+"""Findings a model did not learn: neither present nor absent wherever a result is shown."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+
+from COLIPRISlicerLib.analysis import Analyzer
+from COLIPRISlicerLib.engine import Engine
+from COLIPRISlicerLib.phantom import generate_phantom
+from COLIPRISlicerLib.phantom_bundle import _update_record
+
+#: One finding a threshold of 0 would call present everywhere, one that 1 would call absent everywhere.
+NOT_LEARNED = {"Lymphadenopathy": "degenerate threshold 0.004", "Emphysema": "degenerate threshold 0.999"}
+
+
+@pytest.fixture(scope="module")
+def analysed(tiny_model_folder, tmp_path_factory):
+    folder = shutil.copytree(tiny_model_folder, tmp_path_factory.mktemp("not-learned") / "model")
+    _update_record(folder, thresholds={"Lymphadenopathy": 0.0, "Emphysema": 1.0}, not_learned=NOT_LEARNED)
+    analyzer = Analyzer(Engine(str(folder), device="cpu", precision="fp32"))
+    volume, _ = generate_phantom(20_000_300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return analyzer, analyzer.analyze(volume)
+
+
+def test_a_finding_not_learned_is_neither_present_nor_absent(analysed):
+    _, result = analysed
+    lymph, emphysema = result.finding("Lymphadenopathy"), result.finding("Emphysema")
+    assert lymph.likelihood >= lymph.threshold == 0.0  # the degenerate threshold would call it present
+    assert lymph.status == emphysema.status == "not learned" and not lymph.present and not emphysema.present
+    assert lymph.as_dict()["not_learned"] == "degenerate threshold 0.004" and lymph.as_dict()["status"] == "not learned"
+    others = [f for f in result.findings if f.name not in NOT_LEARNED]
+    assert all(f.status == ("present" if f.likelihood >= f.threshold else "absent") for f in others)
+
+
+def test_the_report_neither_asserts_nor_denies_a_finding_not_learned_and_says_so(analysed):
+    analyzer, result = analysed
+    report = analyzer.report(result)
+    body = "\n".join(line for lines in report.sections.values() for line in lines) + "\n".join(report.impression)
+    assert "lymphadenopathy" not in body.lower() and "emphysema" not in body.lower()
+    assert "Not assessed (this model did not learn them): Lymphadenopathy, Emphysema." in report.footer or \
+        "Not assessed (this model did not learn them): Emphysema, Lymphadenopathy." in report.footer
+
+
+def test_the_command_line_table_and_findings_json_say_not_learned(analysed, tmp_path, capsys):
+    from COLIPRISlicerLib.cli import _print_findings
+    from COLIPRISlicerLib.outputs import write_analysis
+
+    _, result = analysed
+    _print_findings(result)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert lines["Lymphadenopathy"].rstrip().endswith("not learned")
+    document = json.loads(write_analysis(result, tmp_path / "out", heatmaps=None).read_text())
+    by_name = {entry["name"]: entry for entry in document["findings"]}
+    assert by_name["Emphysema"]["status"] == "not learned" and by_name["Emphysema"]["present"] is False
+
+
+def test_the_summary_picture_labels_findings_not_learned(analysed, tmp_path):
+    from matplotlib.figure import Figure
+
+    from COLIPRISlicerLib.summary_figure import _likelihood_bars
+
+    _, result = analysed
+    ax = Figure().add_subplot()
+    _likelihood_bars(ax, result, None)
+    labels = [tick.get_text() for tick in ax.get_yticklabels()]
+    assert "Lymphadenopathy (not learned)" in labels and "Emphysema (not learned)" in labels
+    hatched = {label for label, bar in zip(labels, ax.patches) if bar.get_hatch()}
+    assert hatched == {"Lymphadenopathy (not learned)", "Emphysema (not learned)"}
+
+
+def test_the_model_record_reaches_the_engine_and_the_catalogue(analysed):
+    analyzer, _ = analysed
+    assert analyzer.engine.extras.not_learned == NOT_LEARNED
+    assert {f.name: f.not_learned for f in analyzer.catalogue if f.not_learned} == NOT_LEARNED
