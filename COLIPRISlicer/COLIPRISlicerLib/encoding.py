@@ -63,6 +63,8 @@ def run_image_encoder(loaded, tensor, *, precision: str):
         projected = encoder.projector(features)
         pooled = encoder.pooler(rearrange(projected, "b c x y z -> b (x y z) c"))
         dense = loaded.dense_pooler(projected)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not its launch
     seconds = time.perf_counter() - start
     pooled = F.normalize(pooled.float(), dim=1)[0].cpu()
     dense = F.normalize(dense.float(), dim=1)[0].cpu()

@@ -31,6 +31,8 @@ class Engine:
         cache_dir: folder for the on-disk encoding cache, or None for memory only.
         cache_max_bytes: size bound of that folder's encodings (least recently used go first); None: none.
         status_callback: receives one line per long step.
+        preprocessing: ``fast`` (torch, on ``device``; see ``preprocessing``) or ``reference``
+            (colipri's TorchIO transform on the CPU).
 
     Example:
         >>> engine = Engine("demo")  # doctest: +SKIP
@@ -40,7 +42,13 @@ class Engine:
 
     def __init__(self, model: str = defaults.DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
                  cache_dir: str | Path | None = None, cache_max_bytes: int | None = None,
-                 status_callback: TypeStatusCallback | None = None):
+                 status_callback: TypeStatusCallback | None = None, preprocessing: str = "fast"):
+        from .preprocessing import PREPROCESSING_METHODS
+
+        if preprocessing not in PREPROCESSING_METHODS:
+            message = f'Unknown preprocessing "{preprocessing}"; choose one of {", ".join(PREPROCESSING_METHODS)}.'
+            raise ValueError(message)
+        self.preprocessing = preprocessing
         self.spec = str(model)
         self.device = device
         self.precision = precision
@@ -126,11 +134,11 @@ class Engine:
 
         loaded = self.loaded
         self._notify("Preprocessing")
-        processed = preprocess(volume, loaded.image_transform)
+        processed = preprocess(volume, loaded.image_transform, method=self.preprocessing, device=self.identity.device)
         self._notify("Encoding")
         pooled, dense, features, seconds = self._forward_with_cpu_fallback(processed.tensor)
         self.image_forward_count += 1
-        return ImageEncoding(pooled, dense, features, processed.tensor, processed.patch_grid(loaded.patch_size),
+        return ImageEncoding(pooled, dense, features, processed.tensor.cpu(), processed.patch_grid(loaded.patch_size),
                              processed.cropped_mm, key, seconds)
 
     def _forward_with_cpu_fallback(self, tensor):
