@@ -28,6 +28,7 @@ import sys
 import traceback
 import types
 import typing
+import unittest
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,7 @@ class _ScriptedLoadableModuleLogic:
     """As Slicer's: one singleton ``vtkMRMLScriptedModuleNode`` per module as parameter node."""
 
     def __init__(self, parent=None):
+        super().__init__()  # as Slicer's, so a mixed-in base is initialised with its defaults first
         self.moduleName = type(self).__name__.removesuffix("Logic")
 
     def getParameterNode(self):
@@ -95,15 +97,11 @@ class _ScriptedLoadableModuleLogic:
         return node
 
 
-class _ScriptedLoadableModuleTest:
+class _ScriptedLoadableModuleTest(unittest.TestCase):
+    """As Slicer's: a ``unittest.TestCase`` (so ``SkipTest`` reports a skip) with ``delayDisplay``."""
+
     def delayDisplay(self, message, msec=None):
         print(message)
-
-    def assertEqual(self, first, second):
-        assert first == second, f"{first!r} != {second!r}"
-
-    def assertAlmostEqual(self, first, second, places=7):
-        assert round(abs(first - second), places) == 0, f"{first!r} != {second!r} to {places} places"
 
 
 def _value_type(annotation):
