@@ -390,3 +390,82 @@ def test_non_ct_scan_is_refused_unless_allowed(tiny_model_folder, tmp_path):
                                   "--device", "cpu", "--allow-non-ct", "--no-segmentation", "--no-heatmaps"])
     assert allowed.exit_code == 0, allowed.output
     assert (tmp_path / "b" / "findings.json").is_file()
+
+
+def _model_with_broken_config(tiny_model_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_folder, folder)
+    (folder / "config.yaml").write_text("model: [\n")
+    return folder
+
+
+def _model_with_truncated_weights(tiny_model_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_folder, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    return folder
+
+
+@pytest.mark.parametrize(("broken", "expected"), [
+    (_model_with_broken_config, "config.yaml\" is not valid YAML"),
+    (_model_with_truncated_weights, "The file is corrupt or incomplete: download it again"),
+])
+def test_damaged_model_folders_get_one_line(tiny_model_folder, tmp_path, broken, expected):
+    model = broken(tiny_model_folder, tmp_path)
+    result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", str(model), "--out",
+                                 str(tmp_path / "out"), "--device", "cpu"])
+    assert expected in _one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("option", "expected"), [
+    ("--seg-head", "lacks head.json, head.safetensors: it is not a trained head folder"),
+    ("--localizer", "lacks localizer.json, localizer.safetensors: it is not a trained head folder"),
+    ("--cache-dir", "is a file, not a cache folder"),
+])
+def test_bad_head_and_cache_folders_are_refused_before_any_work(tiny_model_folder, tmp_path, option, expected,
+                                                                 monkeypatch):
+    import COLIPRISlicerLib.volume as volume_module
+
+    monkeypatch.setattr(volume_module, "load_volume", lambda path: pytest.fail("the scan was read"))
+    given = tmp_path / "given"
+    if option == "--cache-dir":
+        given.write_text("a file")
+    else:
+        given.mkdir()
+    result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", str(tiny_model_folder), "--out",
+                                 str(tmp_path / "out"), "--device", "cpu", option, str(given)])
+    assert expected in _one_line_error(result)
+
+
+def test_cache_commands_on_a_file_or_foreign_safetensors(tmp_path):
+    a_file = tmp_path / "settings.ini"
+    a_file.write_text("[x]")
+    for command in ("list", "clear"):
+        result = runner.invoke(app, ["cache", command, "--cache-dir", str(a_file)])
+        assert "is a file, not a cache folder" in _one_line_error(result)
+    assert a_file.read_text() == "[x]"
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "damaged.safetensors").write_bytes(b"junk")
+    (folder / "weights.safetensors").write_bytes(_foreign_safetensors())
+    listing = runner.invoke(app, ["cache", "list", "--cache-dir", str(folder)])
+    assert listing.exit_code == 0 and "0 cached encoding(s)" in listing.output
+
+
+def test_file_system_errors_are_one_line(tiny_model_folder, tmp_path, monkeypatch):
+    import COLIPRISlicerLib.volume as volume_module
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(volume_module, "load_volume", denied)
+    result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", str(tiny_model_folder), "--out",
+                                 str(tmp_path / "out"), "--device", "cpu"])
+    assert _one_line_error(result) == (f'Error: Permission denied: "{RAS_NIFTI}". Check the path, its permissions and'
+                                       " the free disk space.")

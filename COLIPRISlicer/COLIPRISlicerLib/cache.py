@@ -181,7 +181,8 @@ class EncodingCache:
         from safetensors import safe_open
 
         result = []
-        for path in sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True):
+        encodings, _ = cache_files(self.folder)  # other safetensors files (damaged, not ours) are not listed
+        for path in sorted(encodings, key=lambda p: p.stat().st_mtime, reverse=True):
             with safe_open(str(path), framework="pt") as file:
                 meta = json.loads(file.metadata().get("colipri_slicer", "{}"))
             result.append(CacheEntry(path.stem, path, path.stat().st_size, meta))

@@ -118,6 +118,12 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
 
     texts, method, localizer = (*snippets, *([], "auto", None)[len(snippets):])  # (texts, method[, localizer])
     _check_analyze_options(out, extra, method, localizer)
+    if Path(out).absolute() == Path(scan).absolute():
+        raise UserError(f'--out "{out}" is the scan itself; give another folder for the results.')
+    if cache_dir:
+        _check_cache_dir(Path(cache_dir))
+    if seg_head:
+        _check_head_folder(Path(seg_head), ("head.json", "head.safetensors"), "--seg-head", "train-seg-head")
     _status(f"Reading {scan}")
     volume = _load_scan(scan, allow_non_ct)
     engine = Engine(model, device=device, precision=precision, cache_dir=cache_dir, status_callback=_status)
@@ -171,6 +177,16 @@ def _check_analyze_options(out: Path, extra: list[str], method: str, localizer: 
     if method == "head" and localizer is None:
         raise UserError("--snippet-method head needs --localizer FOLDER, a head trained with"
                         " `colipri-slicer train-localizer`; or use --snippet-method auto.")
+    if localizer is not None:
+        _check_head_folder(localizer, ("localizer.json", "localizer.safetensors"), "--localizer", "train-localizer")
+
+
+def _check_head_folder(folder: Path, names: tuple[str, ...], option: str, command: str) -> None:
+    """UserError naming the missing file unless ``folder`` holds all of ``names``."""
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise UserError(f'{option} "{folder}" lacks {", ".join(missing)}: it is not a trained head folder.'
+                        f" Train one with `colipri-slicer {command}`.")
 
 
 def _report_writer(analyzer, result):
@@ -513,10 +529,21 @@ def cache_list(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> N
     from .cache import EncodingCache
 
     folder = cache_dir or embedding_cache_dir()
-    entries = EncodingCache(0, folder).entries()
-    typer.echo(f"{len(entries)} cached encoding(s) in {folder}")
-    for entry in entries:
-        typer.echo(f"  {entry.key}  {entry.size_bytes / 1e6:7.1f} MB  {entry.metadata.get('volume', '?')}  {entry.metadata.get('model', '')}")
+
+    def action() -> None:
+        _check_cache_dir(folder)
+        entries = EncodingCache(0, folder).entries()
+        typer.echo(f"{len(entries)} cached encoding(s) in {folder}")
+        for entry in entries:
+            typer.echo(f"  {entry.key}  {entry.size_bytes / 1e6:7.1f} MB  {entry.metadata.get('volume', '?')}"
+                       f"  {entry.metadata.get('model', '')}")
+
+    _run(action)
+
+
+def _check_cache_dir(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f'--cache-dir "{folder}" is a file, not a cache folder; pass the folder that holds the cache.')
 
 
 @cache_app.command("clear")
@@ -527,6 +554,7 @@ def cache_clear(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> 
     folder = cache_dir or embedding_cache_dir()
 
     def action() -> None:
+        _check_cache_dir(folder)
         removed = EncodingCache(0, folder).clear()
         typer.echo(f"Removed {removed} cached encoding(s) from {folder}")
 

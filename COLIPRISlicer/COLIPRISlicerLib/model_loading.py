@@ -245,8 +245,15 @@ def _bundled_phantom_model() -> Path:
 def _load_folder_config(path: Path) -> dict:
     import yaml
 
-    with open(path, encoding="utf-8") as file:
-        config = yaml.safe_load(file) or {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            config = yaml.safe_load(file) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        detail = " ".join(str(error).split())
+        raise ValueError(f'"{path}" is not valid YAML ({detail}). Restore the model folder\'s config.yaml or'
+                         " download the model again.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f'"{path}" holds a {type(config).__name__}, not colipri\'s config mapping; restore it.')
     missing = [key for key in ("model", "processor") if key not in config]
     if missing:
         message = (
