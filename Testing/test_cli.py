@@ -469,3 +469,12 @@ def test_file_system_errors_are_one_line(tiny_model_folder, tmp_path, monkeypatc
                                  str(tmp_path / "out"), "--device", "cpu"])
     assert _one_line_error(result) == (f'Error: Permission denied: "{RAS_NIFTI}". Check the path, its permissions and'
                                        " the free disk space.")
+
+
+@pytest.mark.parametrize("command", ["demo", "phantom"])
+def test_demo_and_phantom_refuse_an_out_that_is_a_file(tmp_path, command):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine")
+    result = runner.invoke(app, [command, "--out", str(existing)])
+    assert "is an existing file; give a folder path" in _one_line_error(result)
+    assert existing.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -256,8 +256,10 @@ def demo(
 def _demo(out: Path, device: str, seed: int) -> None:
     import json
 
+    from .outputs import check_out_dir
     from .phantom import write_phantom
 
+    check_out_dir(out)
     model = _demo_model_spec()
     truth_path = write_phantom(seed, out / "phantom")
     truth = json.loads(truth_path.read_text(encoding="utf-8"))
@@ -347,6 +349,8 @@ def phantom(
     def action() -> None:
         from .phantom import write_phantom
 
+        if out.exists() and not out.is_dir():
+            raise UserError(f'--out "{out}" is an existing file; give a folder path (it is created when absent).')
         path = write_phantom(seed, out)
         _status(f"Wrote {path}")
 
