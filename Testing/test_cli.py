@@ -478,3 +478,26 @@ def test_demo_and_phantom_refuse_an_out_that_is_a_file(tmp_path, command):
     result = runner.invoke(app, [command, "--out", str(existing)])
     assert "is an existing file; give a folder path" in _one_line_error(result)
     assert existing.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_failed_swap_keeps_the_previous_run_whole(tiny_engine, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.outputs import write_analysis
+
+    result = Analyzer(tiny_engine).analyze(load_volume(require(RAS_NIFTI)))
+    out = tmp_path / "out"
+    write_analysis(result, out, heatmaps=None, extra_writers=[lambda folder: (folder / "report.md").write_text("v1")])
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    real_replace = Path.replace
+
+    def failing_replace(self, target):
+        if Path(target) == out / "findings.json" and "partial" in self.parent.name:
+            raise OSError(28, "No space left on device", str(target))
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        write_analysis(result, out, heatmaps=None, extra_writers=[lambda folder: (folder / "report.md").write_text("v2")])
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before

@@ -118,13 +118,30 @@ def _replace_run(staging: Path, out_dir: Path) -> None:
         return
     previous = _new_hidden_folder(out_dir, ".colipri-previous-")
     try:
-        for path in out_dir.iterdir():
-            if path.name in OUTPUT_NAMES:
-                path.replace(previous / path.name)
-        for path in sorted(staging.iterdir(), key=lambda p: p.name == FINDINGS_FILENAME):
-            path.replace(out_dir / path.name)
+        _swap_outputs(staging, out_dir, previous)
     finally:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def _swap_outputs(staging: Path, out_dir: Path, previous: Path) -> None:
+    """Move our previous outputs into ``previous`` and the staged ones in (``findings.json`` last);
+    if a move fails, the new outputs go and the previous ones come back before the error propagates."""
+    old = [path.name for path in out_dir.iterdir() if path.name in OUTPUT_NAMES]
+    new = sorted((path.name for path in staging.iterdir()), key=lambda name: name == FINDINGS_FILENAME)
+    moved: list[str] = []
+    try:
+        for name in old:
+            (out_dir / name).replace(previous / name)
+        for name in new:
+            (staging / name).replace(out_dir / name)
+            moved.append(name)
+    except OSError:
+        for name in moved:
+            (out_dir / name).replace(staging / name)
+        for name in old:
+            if (previous / name).exists():
+                (previous / name).replace(out_dir / name)
+        raise
 
 
 def _write_heatmaps(result, names: list[str], staging: Path, document: dict) -> None:
