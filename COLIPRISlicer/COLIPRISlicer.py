@@ -45,7 +45,7 @@ class COLIPRISlicer(ScriptedLoadableModule):
 @parameterPack
 class COLIPRISlicerSettings:
     modelSource: Annotated[str, Choice(["hub", "folder", "phantom", "demo"])] = "hub"
-    modelFolder: Path = Path()
+    modelFolder: str = ""  # bound by the panel, not the .ui: a Path() would show as "."
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
     offline: bool = False
@@ -59,7 +59,7 @@ class COLIPRISlicerParameterNode:
     freeTextFinding: str = ""
     snippet: str = ""
     segmentationSource: Annotated[str, Choice(["zero-shot", "head"])] = "zero-shot"
-    headFolder: Path = Path()
+    headFolder: str = ""
     settings: COLIPRISlicerSettings
 
 

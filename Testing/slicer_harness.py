@@ -151,10 +151,23 @@ def _parameter_node_wrapper(cls):
                 self.parameterNode.SetParameter(key, str(value))
 
         def connectGui(self, ui):
-            return ("gui", id(ui))
+            """As Slicer's connectors: each .ui widget with a SlicerParameterName shows its value
+            (a path field the text ``str(value)``), now and after every change of the node."""
+            bound = [widget for widget in vars(ui).values() if getattr(widget, "parameterName", None)]
+
+            def show(caller=None, event=None):
+                for widget in bound:
+                    value = self
+                    for part in widget.parameterName.split("."):
+                        value = getattr(value, part)
+                    widget.show(value)
+
+            show()
+            return ("gui", self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, show))
 
         def disconnectGui(self, tag):
             assert tag is not None and tag[0] == "gui", "disconnectGui needs the tag connectGui returned"
+            self.parameterNode.RemoveObserver(tag[1])
 
     Wrapper.__name__ = Wrapper.__qualname__ = cls.__name__
     Wrapper.__doc__ = cls.__doc__
@@ -293,9 +306,9 @@ class FakeWidget:
     signature. A slot's exception is recorded in ``app.slot_errors`` (PythonQt prints it and
     carries on), so a test can assert that no slot failed."""
 
-    def __init__(self, name: str, app: FakeApplication):
-        self.objectName, self.app = name, app
-        self.enabled, self.text, self.value, self.plainText = True, "", 0, ""
+    def __init__(self, name: str, app: FakeApplication, widget_class: str = "QWidget", parameter_name: str = ""):
+        self.objectName, self.app, self.widgetClass, self.parameterName = name, app, widget_class, parameter_name
+        self.enabled, self.text, self.value, self.plainText, self.currentPath = True, "", 0, "", ""
         self._slots: dict[str, list] = {}
         self._blocked = False
         self._items: dict[tuple[int, int], object] = {}
@@ -318,6 +331,13 @@ class FakeWidget:
         """A user's click: nothing happens on a disabled widget."""
         if self.enabled:
             self.emit("clicked(bool)", False)
+
+    def show(self, value) -> None:
+        """Display a parameter value as the parameter node wrapper's connector for this class does."""
+        if self.widgetClass == "ctkPathLineEdit":
+            self.currentPath = str(value)
+        else:
+            self.shown = value
 
     def setMRMLScene(self, scene) -> None:
         self.mrmlScene = scene
@@ -354,10 +374,16 @@ def _positional_count(slot, available: int) -> int:
                               for parameter in parameters))
 
 
-def ui_object_names(ui_file: Path) -> list[str]:
+def ui_widgets(ui_file: Path) -> list[tuple[str, str, str]]:
+    """(name, class, SlicerParameterName or "") of every widget in a .ui file."""
     from xml.etree import ElementTree
 
-    return [element.get("name") for element in ElementTree.parse(ui_file).iter() if element.tag == "widget"]
+    widgets = []
+    for element in ElementTree.parse(ui_file).iter("widget"):
+        parameter = next((prop.findtext("string") for prop in element.findall("property")
+                          if prop.get("name") == "SlicerParameterName"), "")
+        widgets.append((element.get("name"), element.get("class"), parameter))
+    return widgets
 
 
 class PanelHarness:
@@ -376,7 +402,8 @@ class PanelHarness:
 
     def _load_ui(self, path):
         root = FakeWidget(Path(path).stem, self.app)
-        root.children = types.SimpleNamespace(**{name: FakeWidget(name, self.app) for name in ui_object_names(path)})
+        root.children = types.SimpleNamespace(**{name: FakeWidget(name, self.app, widget_class, parameter)
+                                                 for name, widget_class, parameter in ui_widgets(path)})
         return root
 
     @property

@@ -618,3 +618,17 @@ def test_self_test_runs_the_phantom_model_offline_on_the_shared_session(module, 
         assert shared.options.model_source == "phantom" and shared.options.offline
     finally:
         shared.shutdown()
+
+
+def test_no_folder_chosen_shows_empty_path_fields_not_a_dot(module, panel, scene, nifti):
+    del panel.settings["COLIPRISlicer/modelFolder"]
+    panel.settings["COLIPRISlicer/modelSource"] = "hub"
+    widget = panel.make_widget(module)
+    assert widget.ui.modelFolderPathLineEdit.currentPath == "" and widget.ui.headFolderPathLineEdit.currentPath == ""
+    widget.ui.modelFolderPathLineEdit.emit("currentPathChanged(QString)", "/models/colipri")
+    assert widget._parameterNode.settings.modelFolder == "/models/colipri"
+    assert panel.settings["COLIPRISlicer/modelFolder"] == "/models/colipri"
+    widget._parameterNode.segmentationSource = "head"
+    widget.ui.segmentButton.emit("clicked(bool)", False)
+    assert [str(error) for error in panel.app.slot_errors] == [
+        "Choose the segmentation head folder (Segmentation, Head folder), or zero-shot."]

@@ -41,7 +41,7 @@ def test_unknown_state_is_refused():
 
 
 def test_settings_round_trip_through_strings():
-    settings = SimpleNamespace(modelSource="folder", modelFolder=Path("/models/colipri"), device="cpu",
+    settings = SimpleNamespace(modelSource="folder", modelFolder="/models/colipri", device="cpu",
                                precision="bf16", offline=True, diskCache=True)
     stored = runtime.settings_to_strings(settings)
     assert stored == {"modelSource": "folder", "modelFolder": "/models/colipri", "device": "cpu",
@@ -95,7 +95,7 @@ def test_offline_mode_reaches_an_imported_huggingface_hub_and_is_undone(monkeypa
 
 
 def test_no_model_folder_is_stored_and_shown_as_empty_not_as_a_dot():
-    settings = SimpleNamespace(modelSource="hub", modelFolder=Path(), device="auto", precision="auto",
+    settings = SimpleNamespace(modelSource="hub", modelFolder="", device="auto", precision="auto",
                                offline=False, diskCache=False)
     assert runtime.settings_to_strings(settings)["modelFolder"] == ""
     assert runtime.settings_from_strings({"modelFolder": "."}) == {}

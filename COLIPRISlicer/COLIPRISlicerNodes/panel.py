@@ -70,7 +70,24 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.localizeButton.connect("clicked(bool)", self.onLocalizeButton)
         self.ui.openWeightsFolderButton.connect("clicked(bool)", self.onOpenWeightsFolder)
         self.ui.clearWeightsButton.connect("clicked(bool)", self.onClearWeights)
+        for widget, pack, field in self.pathFields():
+            widget.connect("currentPathChanged(QString)",
+                           lambda path, pack=pack, field=field: self.onPathChanged(pack, field, path))
         self.initializeParameterNode()
+
+    def pathFields(self) -> tuple:
+        """(widget, pack, field) of the path fields bound here, not through the .ui: Slicer's
+        Path connector would show "no folder chosen" as "."."""
+        return ((self.ui.modelFolderPathLineEdit, "settings", "modelFolder"),
+                (self.ui.headFolderPathLineEdit, None, "headFolder"))
+
+    def pathOwner(self, pack: str | None):
+        return getattr(self._parameterNode, pack) if pack else self._parameterNode
+
+    def onPathChanged(self, pack: str | None, field: str, path: str) -> None:
+        from . import runtime
+        if self._parameterNodeGuiTag is not None and getattr(self.pathOwner(pack), field) != runtime.path_text(path):
+            setattr(self.pathOwner(pack), field, runtime.path_text(path))
 
     def loadSettings(self, parameterNode) -> None:
         """Persistent settings (QSettings) into the parameter node; Close Scene resets the node."""
@@ -136,6 +153,9 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         views.set_foreground_opacity(slicer.mrmlScene, parameters.heatmapOpacity, self.logic.outputNode("heatmap"))
         folder = runtime.path_text(runtime.weights_folder(settings.modelSource, settings.modelFolder))
         self.ui.weightsFolderLabel.text = folder or _("Choose a model folder.")
+        for widget, pack, field in self.pathFields():
+            if widget.currentPath != getattr(self.pathOwner(pack), field):
+                widget.currentPath = getattr(self.pathOwner(pack), field)
         self.showState()
 
     def showState(self, state: str | None = None, detail: str = "") -> None:
@@ -239,8 +259,13 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             reportNode.SetText(self.ui.reportTextEdit.plainText)
 
     def onSegmentButton(self) -> None:
-        head = str(self._parameterNode.headFolder) if self._parameterNode.segmentationSource == "head" else None
-        self.runJob(_("Segmentation failed."), lambda: self.logic.segment(head))
+        head = self._parameterNode.headFolder if self._parameterNode.segmentationSource == "head" else None
+
+        def segment():
+            if head == "":
+                raise ValueError(_("Choose the segmentation head folder (Segmentation, Head folder), or zero-shot."))
+            self.logic.segment(head)
+        self.runJob(_("Segmentation failed."), segment)
 
     def onLocalizeButton(self) -> None:
         from . import views

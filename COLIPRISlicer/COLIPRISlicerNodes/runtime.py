@@ -32,8 +32,8 @@ SETTINGS_CHOICES = {"modelSource": MODEL_SOURCES, "device": DEVICES, "precision"
 
 def settings_to_strings(settings) -> dict[str, str]:
     """The persistent settings of a settings object (attribute per key) as strings."""
-    return {key: path_text(value) if isinstance(value, Path) else str(value)
-            for key, value in ((key, getattr(settings, key)) for key in SETTINGS_CHOICES)}
+    return {key: path_text(getattr(settings, key)) if key == "modelFolder" else str(getattr(settings, key))
+            for key in SETTINGS_CHOICES}
 
 
 def path_text(path: str | os.PathLike | None) -> str:
@@ -53,7 +53,7 @@ def settings_from_strings(stored: dict) -> dict:
             settings[key] = text.lower() in ("1", "true", "yes")
         elif key == "modelFolder":
             if path_text(text):
-                settings[key] = Path(text)
+                settings[key] = path_text(text)
         elif text in choices:
             settings[key] = text
     return settings
