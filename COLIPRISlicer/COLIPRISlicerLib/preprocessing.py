@@ -157,11 +157,12 @@ def fast_steps(image_transform) -> tuple[FastSteps | None, str]:
 
 
 def source_tensor(array: np.ndarray, device=None):
-    """A volume's voxels as a contiguous tensor on ``device`` (the CPU: a view, no copy), dtype kept.
+    """A volume's voxels, contiguous, dtype kept: the numpy array itself for the CPU (no copy; numpy's
+    gathers beat torch's ``index_select`` there 3-7x), else a tensor on ``device``.
 
     Returns:
-        The tensor, (I, J, K) for a C-ordered array and (K, J, I) for a Fortran-ordered one
-        (Slicer's arrays, transposed), and the array axis of each tensor dimension.
+        The array or tensor, (I, J, K) for a C-ordered array and (K, J, I) for a Fortran-ordered
+        one (Slicer's arrays, transposed), and the array axis of each dimension.
     """
     import torch
 
@@ -172,27 +173,27 @@ def source_tensor(array: np.ndarray, device=None):
             array, dims = array.T, (2, 1, 0)
         else:
             array = np.ascontiguousarray(array)
+    if device is None or torch.device(device).type == "cpu":
+        return array, dims
     with warnings.catch_warnings():  # volumes are read-only; nothing here writes to them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tensor = torch.from_numpy(array)
-    return (tensor if device is None else tensor.to(device)), dims
+        return torch.from_numpy(array).to(device), dims
 
 
-def resample_axis(tensor, dim: int, sampling):
+def resample_axis(values, dim: int, sampling):
     """Linear interpolation along one dimension, with ITK's ``LinearInterpolateImageFunction``
     arithmetic (``low + (high - low) * distance``; the edge voxel repeated up to half a voxel out).
 
     Args:
-        tensor: (..., n, ...) tensor of any dtype, ``n = sampling.source_size`` along ``dim``.
+        values: (..., n, ...) numpy array or torch tensor of any dtype, ``n = sampling.source_size``
+            along ``dim``.
         dim: the dimension to resample.
         sampling: a ``geometry.AxisSampling`` (continuous indices on the reoriented axis).
 
     Returns:
-        (..., m, ...) float32 tensor (``m = len(sampling.coordinates)``) and an (m,) bool tensor:
-        samples inside ITK's buffer (within half a voxel of the outermost centres).
+        (..., m, ...) float32 array or tensor (``m = len(sampling.coordinates)``) and an (m,) bool
+        numpy array: samples inside ITK's buffer (within half a voxel of the outermost centres).
     """
-    import torch
-
     size = sampling.source_size
     coordinates = np.asarray(sampling.coordinates, dtype=np.float64)
     inside = (coordinates >= -0.5) & (coordinates <= size - 0.5)
@@ -202,33 +203,44 @@ def resample_axis(tensor, dim: int, sampling):
     distance = np.where(high > low, distance, 0.0)
     if sampling.flipped:
         low, high = size - 1 - low, size - 1 - high
-    device = tensor.device
-    values_low = tensor.index_select(dim, torch.from_numpy(low).to(device)).to(torch.float32)
-    values_high = tensor.index_select(dim, torch.from_numpy(high).to(device)).to(torch.float32)
-    shape = [1] * tensor.dim()
+    shape = [1] * values.ndim
     shape[dim] = len(coordinates)
-    weights = torch.from_numpy(distance.astype(np.float32)).to(device).view(shape)
-    values_high -= values_low
+    weights = distance.astype(np.float32).reshape(shape)
+    if isinstance(values, np.ndarray):
+        values_low = np.take(values, low, axis=dim).astype(np.float32, copy=False)
+        values_high = np.take(values, high, axis=dim).astype(np.float32, copy=False)
+    else:
+        import torch
+
+        device = values.device
+        values_low = values.index_select(dim, torch.from_numpy(low).to(device)).to(torch.float32)
+        values_high = values.index_select(dim, torch.from_numpy(high).to(device)).to(torch.float32)
+        weights = torch.from_numpy(weights).to(device)
+    values_high -= values_low  # ITK: low + (high - low) * distance
     values_high *= weights
     values_high += values_low
-    return values_high, torch.from_numpy(inside).to(device)
+    return values_high, inside
 
 
 def resample_separable(source, plan, dims=(0, 1, 2)):
-    """(X, Y, Z) float32: the ``source`` (array axis ``dims[d]`` along dimension d) on a ``geometry.ResamplingPlan``'s grid, ITK's default
-    pixel value (0) outside the input. The axis that shrinks most goes first (least work); float32
-    arithmetic (float64 costs 10x on CPUs and consumer GPUs, and moves values by < 1e-3 HU)."""
-    order = sorted(range(3), key=lambda axis: len(plan.axes[axis].coordinates) / plan.axes[axis].source_size)
+    """(X, Y, Z) float32 tensor: ``source`` (array or tensor, array axis ``dims[d]`` along dimension d)
+    on a ``geometry.ResamplingPlan``'s grid, ITK's default pixel value (0) outside the input.
+
+    One pass per axis, the axis that shrinks most first (least work). float32 arithmetic: float64
+    costs 10x on CPUs and consumer GPUs and moves no value by more than 1e-3 HU.
+    """
+    import torch
+
     values, current, inside = source, list(dims), [None, None, None]
-    for axis in order:
-        sampling = plan.axes[axis]
-        dim = current.index(sampling.source_axis)
-        values, inside[axis] = resample_axis(values, dim, sampling)
+    for axis in sorted(range(3), key=lambda a: len(plan.axes[a].coordinates) / plan.axes[a].source_size):
+        dim = current.index(plan.axes[axis].source_axis)
+        values, inside[axis] = resample_axis(values, dim, plan.axes[axis])
         current[dim] = 3 + axis
+    values = torch.from_numpy(values) if isinstance(values, np.ndarray) else values
     values = values.permute([current.index(3 + axis) for axis in range(3)])
     outside = ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
-    if bool(outside.any()):
-        values = values.masked_fill(outside, 0.0)
+    if outside.any():
+        values = values.masked_fill(torch.from_numpy(outside).to(values.device), 0.0)
     return values
 
 
@@ -237,14 +249,13 @@ def _preprocess_fast(volume: Volume, steps: FastSteps, device) -> PreprocessedIm
 
     plan = resampling_plan(volume.ijk_to_ras, volume.shape, steps.orientation, steps.spacing_mm)
     source, dims = source_tensor(volume.array, device)
-    image = _cast_like_itk(resample_separable(source, plan, dims), source.dtype)
-    if steps.clamp is not None:
-        image = image.clamp(*steps.clamp)
-    image = image.to(torch.float32)
+    image = _cast_like_itk(resample_separable(source, plan, dims), _torch_dtype(source.dtype), steps.clamp)
     if steps.rescale is not None:
         in_min, in_max, out_min, out_max = steps.rescale
-        # TorchIO's order of operations, and a true division (a scalar divisor becomes a reciprocal product)
-        image = (image - in_min) / torch.full_like(image, in_max - in_min) * (out_max - out_min) + out_min
+        # TorchIO's order of operations, and a true division: CUDA turns a Python-number divisor
+        # into a reciprocal product (one bit off), a 0-d tensor on the device it divides by
+        divisor = torch.tensor(float(in_max - in_min), dtype=torch.float32, device=image.device)
+        image = image.sub_(in_min).div_(divisor).mul_(out_max - out_min).add_(out_min)
     padding, cropping = crop_or_pad_bounds(image.shape, steps.target_shape)
     excess = cropping.sum(axis=1)
     cropped = excess * spacing_of(plan.resampled_to_ras)
@@ -262,58 +273,30 @@ def _preprocess_fast(volume: Volume, steps: FastSteps, device) -> PreprocessedIm
     return result
 
 
-def _cast_like_itk(values, dtype):
-    """ITK's cast of interpolated values to the image's pixel type: integers are clamped
-    to the type's range and truncated toward zero (``static_cast``); floats are rounded."""
+def _torch_dtype(dtype):
+    """The torch dtype of a numpy dtype or torch dtype."""
+    import torch
+
+    return dtype if isinstance(dtype, torch.dtype) else torch.from_numpy(np.zeros(0, dtype)).dtype
+
+
+def _cast_like_itk(values, dtype, clamp: tuple | None = None):
+    """(X, Y, Z) float32: interpolated values as TorchIO holds them after Resample and Clamp.
+
+    ITK casts to the image's pixel type: integers are clamped to the type's range and truncated
+    toward zero (``static_cast``), floats rounded; ``Clamp`` then limits the range. For integer
+    types the values stay float32 (exact integers below 2^24), in place.
+    """
     import torch
 
     if dtype.is_floating_point:
-        return values.to(dtype)
+        values = values.to(dtype)
+        return (values if clamp is None else values.clamp(*clamp)).to(torch.float32)
     info = torch.iinfo(dtype)
-    return values.clamp_(max(info.min, -2.0**24), min(info.max, 2.0**24)).trunc_().to(dtype)
-
-
-def resample_for_head(volume: Volume, image_transform, shape: tuple[int, int, int], ijk_to_ras: np.ndarray):
-    """The volume on another grid with the processor's intensity steps: (1, X, Y, Z) float32 tensor.
-
-    For a segmentation head that decodes on a finer grid than the model's (``PatchGrid.subdivided``):
-    trilinear resampling of the HU values onto ``(shape, ijk_to_ras)``, the volume's minimum
-    outside it (as the processor's "minimum" padding), then the transform's intensity steps
-    (Clamp, RescaleIntensity for COLIPRI) exactly as the processor runs them.
-
-    Args:
-        volume: the input volume (not modified).
-        image_transform: the processor's TorchIO transform.
-        shape: (X, Y, Z) of the target grid.
-        ijk_to_ras: its IJK->RAS matrix.
-    """
-    import torch
-    import torchio as tio
-
-    values = resample_to_volume(np.asarray(volume.array, np.float32), volume.ijk_to_ras, shape, ijk_to_ras)
-    values = np.where(np.isnan(values), np.float32(np.min(volume.array)), values).astype(np.float32)
-    image = tio.ScalarImage(tensor=torch.from_numpy(values[np.newaxis]), affine=np.asarray(ijk_to_ras))
-    for step in _steps(image_transform):
-        if isinstance(step, tio.IntensityTransform):
-            image = step(image)
-    return image.data.to(torch.float32)
-
-
-def head_input(volume: Volume, image_transform, encoding, refine: int):
-    """(1, X, Y, Z) image a segmentation head decodes with, on the model grid subdivided ``refine`` times.
-
-    The model input itself for 1 (``encoding.image``), else :func:`resample_for_head` onto
-    ``encoding.grid.subdivided(refine)``.
-
-    Raises:
-        ValueError: If ``refine`` > 1 and no processor transform is given.
-    """
-    if refine == 1:
-        return encoding.image
-    if image_transform is None:
-        raise ValueError(f"This head decodes on a {refine}x finer grid than the model's and needs the"
-                         " processor's image transform (engine.loaded.image_transform) to resample the volume.")
-    return resample_for_head(volume, image_transform, *encoding.grid.subdivided(refine))
+    low, high = max(info.min, -2.0**24), min(info.max, 2.0**24)
+    if clamp is not None:
+        low, high = max(low, clamp[0]), min(high, clamp[1])
+    return values.trunc_().clamp_(low, high)
 
 
 def _steps(image_transform) -> list:
