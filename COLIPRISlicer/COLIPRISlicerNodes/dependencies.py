@@ -62,7 +62,8 @@ def torchvision_problem() -> str | None:
     for text in importlib.metadata.requires("torchvision") or []:
         requirement = Requirement(text)
         if requirement.name == "torch" and not requirement.specifier.contains(torch_version, prereleases=True):
-            return f"torchvision {vision_version} needs torch{requirement.specifier} but torch {torch_version} is installed"
+            return (f"torchvision {vision_version} needs torch{requirement.specifier}"
+                    f" but torch {torch_version} is installed")
     expected = (0, torch_version.minor + TORCHVISION_MINOR_OFFSET)
     if torch_version.major == 2 and vision_version.release[:2] != expected:
         return (f"torchvision {vision_version} is not built for torch {torch_version}"

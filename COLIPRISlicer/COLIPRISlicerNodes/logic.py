@@ -10,7 +10,6 @@ the scene (Close Scene) or whose cancel event was set adds no nodes.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 from collections import OrderedDict
 
@@ -18,8 +17,6 @@ import slicer
 
 from . import importer, outputs, runtime, views, volume_nodes
 from .session import EngineOptions, EngineSession, shared_session
-
-logger = logging.getLogger(__name__)
 
 #: Analyses kept in memory (each holds a copy of its volume and its patch embeddings).
 MAX_RESULTS = 2
