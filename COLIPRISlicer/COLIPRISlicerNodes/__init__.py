@@ -1,12 +1,15 @@
-"""Slicer side of COLIPRISlicer: MRML nodes in and out of the engine, views, dependencies.
+"""Slicer side of COLIPRISlicer: the panel, the Logic, MRML nodes in and out of the engine.
 
 Unlike ``COLIPRISlicerLib`` (the engine, which never imports Slicer), this package works
-on MRML nodes. It runs on Slicer's main thread only and holds no model state: the
-module's Logic owns the engine and its worker thread.
+on MRML nodes and on Slicer's main thread; only ``session`` touches the worker thread,
+which owns the engine (one ``EngineSession`` per process, shared by every Logic).
 
-Modules, in data-flow order: ``volume_nodes`` (volume node -> engine ``Volume``, heatmap
-volume nodes), ``outputs`` (tagging, replacing and rolling back this module's nodes),
-``result_nodes`` (findings table and chart, report, segmentation, snippet point and depth
-profile), ``views`` (slice layers, jumps, layout), ``runtime`` (device, offline mode,
-weights folders; no Slicer import) and ``dependencies`` (asking, then installing).
+Modules: ``panel`` (the module panel: GUI <-> parameter node, lifecycle), ``jobs`` (one
+panel action at a time, newest request wins), ``run_state`` (the Analyze state machine),
+``logic`` (``AnalysisLogic``: nodes in, engine calls, nodes out), ``session`` (worker
+thread, engine, status lines and warnings), ``volume_nodes`` (volume node -> engine
+``Volume``, signatures, heatmap volume nodes), ``importer``/``outputs``/``result_nodes``
+(this module's nodes: created together, replaced on re-run, rolled back on failure),
+``views`` (slice layers, jumps, layout), ``runtime`` (device, offline mode, weights
+folders, settings; no Slicer import) and ``dependencies`` (asking, then installing).
 """
