@@ -331,4 +331,4 @@ def _warn_cropped(cropped_mm: tuple[float, float, float], name: str) -> None:
         f" {axes} (split between both ends), including tissue. Findings outside the crop are"
         " not seen: crop the volume to the region of interest first if this matters."
     )
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)  # the caller of preprocess()
