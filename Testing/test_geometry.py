@@ -192,3 +192,40 @@ def test_subdivided_refuses_a_factor_below_one():
 
     with pytest.raises(ValueError, match="at least 1, got 0"):
         PatchGrid((4, 4, 4), np.eye(4), (2, 2, 2)).subdivided(0)
+
+
+def test_resampling_plan_reproduces_torchio_orientation_and_resample_affines():
+    """ToOrientation(RAS) + Resample(2 mm) from the affines alone, on an oblique, permuted, flipped,
+    anisotropic grid whose extents are not multiples of 2 mm."""
+    import torch
+    import torchio as tio
+
+    matrix = oblique_matrix(spacing=(0.8, 0.9, 2.5), angle_deg=17.0)
+    shape = (51, 37, 23)
+    image = tio.ScalarImage(tensor=torch.zeros((1, *shape), dtype=torch.int16), affine=matrix)
+    reoriented = tio.ToOrientation("RAS")(image)
+    resampled = tio.Resample(2.0)(reoriented)
+    plan = geometry.resampling_plan(matrix, shape, "RAS", 2.0)
+    np.testing.assert_allclose(plan.reoriented_to_ras, reoriented.affine, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(plan.resampled_to_ras, resampled.affine, rtol=0, atol=1e-9)
+    assert plan.resampled_shape == tuple(resampled.spatial_shape)
+    # each output axis samples one input axis: the output voxel centre maps to the coordinate given
+    for axis, sampling in enumerate(plan.axes):
+        index = np.zeros(3)
+        index[axis] = 5
+        on_input = geometry.ras_to_ijk(matrix, geometry.ijk_to_ras(plan.resampled_to_ras, index))
+        expected = on_input[sampling.source_axis]
+        if sampling.flipped:
+            expected = shape[sampling.source_axis] - 1 - expected
+        assert sampling.coordinates[5] == pytest.approx(expected, abs=1e-9)
+
+
+def test_crop_or_pad_bounds_put_the_odd_voxel_first():
+    padding, cropping = geometry.crop_or_pad_bounds((215, 192, 20), (192, 192, 192))
+    np.testing.assert_array_equal(cropping, [[12, 11], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(padding, [[0, 0], [0, 0], [86, 86]])
+
+
+def test_orientation_code_is_checked():
+    with pytest.raises(ValueError, match='Orientation "RAR" is not a code like "RAS"'):
+        geometry.resampling_plan(np.eye(4), (4, 4, 4), "RAR", 2.0)

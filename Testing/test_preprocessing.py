@@ -161,3 +161,20 @@ def test_fast_path_likelihoods_equal_official_pipeline(name, scans, grid_model_f
     engine = Engine(str(grid_model_folder), device="cpu", precision="fp32", preprocessing="fast")
     ours = engine.pair_probabilities(engine.encode(volume), PAIRS)
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_device_branch_resamples_exactly_as_the_cpu_branch(scans):
+    """The torch branch (used on CUDA) and the numpy branch (CPU) run the same float32 arithmetic."""
+    import torch
+
+    from COLIPRISlicerLib.geometry import resampling_plan
+    from COLIPRISlicerLib.preprocessing import resample_separable, source_tensor
+
+    volume = scans["oblique_nifti"]
+    plan = resampling_plan(volume.ijk_to_ras, volume.shape, "RAS", 2.0)
+    array, dims = source_tensor(volume.array)
+    assert isinstance(array, np.ndarray)
+    on_numpy = resample_separable(array, plan, dims)
+    on_torch = resample_separable(torch.from_numpy(np.array(array)), plan, dims)
+    assert tuple(on_torch.shape) == plan.resampled_shape
+    torch.testing.assert_close(on_torch, on_numpy, rtol=0, atol=0)
