@@ -181,3 +181,20 @@ def test_folder_of_images_points_at_the_file(tmp_path):
     (tmp_path / "scan.nii.gz").write_bytes(require(RAS_NIFTI).read_bytes())
     with pytest.raises(FileNotFoundError, match=r'No DICOM series .* give its path, e.g. "[^"]*scan.nii.gz"'):
         load_volume(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_dicom_series_with_a_missing_or_truncated_slice_is_refused(tmp_path, damage):
+    import shutil
+
+    folder = tmp_path / "series"
+    shutil.copytree(require(TCIA_SERIES), folder)
+    victim = folder / "1-30.dcm"
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    else:
+        victim.unlink()
+    files = 64 if damage == "truncate" else 63
+    with pytest.raises(ValueError, match=rf"is missing slices: 10.0 mm between the slices at .* 5.0 mm apart \(the folder"
+                                         rf" holds {files} files, the series 63 readable slices\)"):
+        load_volume(folder)

@@ -69,15 +69,19 @@ def user_error_message(error: BaseException) -> str | None:
 
 
 def _raised_here(error: BaseException) -> bool:
-    """Whether the innermost frame of ``error`` is a ``raise`` statement of this package."""
-    import traceback
+    """Whether ``error`` comes from a ``raise`` statement of this package (its innermost frame is in
+    this package and stopped at a raise instruction: read from the bytecode, not the source file)."""
+    import dis
 
-    frames = traceback.extract_tb(error.__traceback__)
-    if not frames:
+    tb = error.__traceback__
+    if tb is None:
         return False
-    last = frames[-1]
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
     package = str(Path(__file__).resolve().parent)
-    return str(Path(last.filename).resolve()).startswith(package) and (last.line or "").lstrip().startswith("raise")
+    in_package = str(Path(code.co_filename).resolve()).startswith(package)
+    return in_package and dis.opname[code.co_code[tb.tb_lasti]] in ("RAISE_VARARGS", "RERAISE")
 
 
 @app.command()

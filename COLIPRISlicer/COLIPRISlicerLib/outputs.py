@@ -135,7 +135,7 @@ def _swap_outputs(staging: Path, out_dir: Path, previous: Path) -> None:
         for name in new:
             (staging / name).replace(out_dir / name)
             moved.append(name)
-    except OSError:
+    except BaseException:  # a failed move, or Ctrl-C in the middle: the previous run comes back
         for name in moved:
             (out_dir / name).replace(staging / name)
         for name in old:

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 TAG_INSTANCE_NUMBER = "0020|0013"
 TAG_SERIES_NUMBER = "0020|0011"
 TAG_SERIES_DESCRIPTION = "0008|103e"
+TAG_IMAGE_POSITION = "0020|0032"
 #: A loaded file or series must span at least this along each axis (a volume, not a few slices).
 MIN_EXTENT_MM = 20.0
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -293,7 +294,44 @@ def _read_dicom_series(folder: Path):
         image = reader.Execute()
     except RuntimeError as error:
         raise ValueError(_unreadable_message(folder, error)) from None
+    check_slice_spacing(_slice_positions(files, image.GetDirection()), f'The DICOM series in "{folder}"',
+                        len([path for path in folder.iterdir() if path.is_file()]))
     return image, _slice_metadata(files)
+
+
+def _slice_positions(files, direction) -> np.ndarray:
+    """Position (mm) of each file's slice along the series' slice normal (ImagePositionPatient)."""
+    import SimpleITK as sitk
+
+    normal = np.asarray(direction, float).reshape(3, 3)[:, 2]
+    header, positions = sitk.ImageFileReader(), []
+    for file in files:
+        header.SetFileName(file)
+        header.ReadImageInformation()
+        if not header.HasMetaDataKey(TAG_IMAGE_POSITION):
+            return np.array([])
+        positions.append(float(np.dot([float(v) for v in header.GetMetaData(TAG_IMAGE_POSITION).split("\\")], normal)))
+    return np.sort(np.asarray(positions))
+
+
+def check_slice_spacing(positions: np.ndarray, what: str, files_in_folder: int) -> None:
+    """ValueError when slices are missing (a gap over 1.5 typical spacings) or doubled (two at one place).
+
+    ITK would stack such a series as if it were evenly spaced, stretching or squeezing the anatomy.
+    """
+    gaps = np.diff(positions)
+    if gaps.size < 2:
+        return
+    typical = float(np.median(gaps))
+    widest, narrowest = int(np.argmax(gaps)), int(np.argmin(gaps))
+    found = f"the folder holds {files_in_folder} files, the series {positions.size} readable slices"
+    if gaps[widest] > 1.5 * typical:
+        raise ValueError(f"{what} is missing slices: {gaps[widest]:.1f} mm between the slices at {positions[widest]:.1f}"
+                         f" and {positions[widest + 1]:.1f} mm where the others are {typical:.1f} mm apart ({found})."
+                         " A file is missing, incomplete or unreadable: copy or download the whole series again.")
+    if gaps[narrowest] < 0.1 * typical:
+        raise ValueError(f"{what} has two slices at {positions[narrowest]:.1f} mm ({found}): duplicated files or two"
+                         " series sharing one UID. Keep one copy of each slice in the folder.")
 
 
 def _slice_metadata(files: tuple[str, ...]) -> SliceMetadata:
