@@ -166,3 +166,18 @@ def test_unknown_finding_names_are_reported(analysis):
         analyzer.catalogue.get("Brain tumour")
     with pytest.raises(ValueError, match="Empty finding"):
         analyzer.add_finding(result, "   ")
+
+
+def test_heatmap_computed_on_a_torch_device_equals_the_cpu_heatmap(analysis):
+    """The GPU path (here run on the CPU device) gives the numbers of the numpy path, NaN outside."""
+    import torch
+
+    from COLIPRISlicerLib.findings import heatmap_on_volume, heatmap_tensor_on_volume
+
+    _, result = analysis
+    finding = result.findings[0]
+    expected = heatmap_on_volume(finding, result.encoding.grid, result.volume)
+    on_device = heatmap_tensor_on_volume(finding, result.encoding.grid, result.volume, torch.device("cpu"))
+    assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.float32
+    np.testing.assert_array_equal(np.isnan(on_device.numpy()), np.isnan(expected))
+    np.testing.assert_allclose(on_device.numpy(), expected, rtol=0, atol=1e-5, equal_nan=True)

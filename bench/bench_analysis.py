@@ -273,9 +273,17 @@ def preprocess_timing(engine, volume) -> dict:
             "preprocess_voxels_differing": int((difference > 0).sum())}
 
 
+def on_input_grid(result, finding):
+    """A finding's heatmap on the input grid, where the engine computes it (the GPU keeps it there)."""
+    from COLIPRISlicerLib.findings import heatmap_on_volume, heatmap_tensor_on_volume
+
+    if result.device.startswith("cuda"):
+        return heatmap_tensor_on_volume(finding, result.encoding.grid, result.volume, result.device)
+    return heatmap_on_volume(finding, result.encoding.grid, result.volume)
+
+
 def first_analysis(engine, volume) -> dict:
     from COLIPRISlicerLib.analysis import Analyzer
-    from COLIPRISlicerLib.findings import heatmap_on_volume
 
     analyzer = Analyzer(engine)
     synchronize()
@@ -286,7 +294,7 @@ def first_analysis(engine, volume) -> dict:
     localise_s = timed(lambda: [analyzer.localize(result, s) for s in SNIPPETS])[1]
     synchronize()
     total = time.perf_counter() - start
-    heatmaps_s = timed(lambda: [heatmap_on_volume(f, result.encoding.grid, volume).shape for f in result.findings])[1]
+    heatmaps_s = timed(lambda: [on_input_grid(result, f).shape for f in result.findings])[1]
     encoder = result.encoding.encode_seconds
     return {"first_analysis_s": total, "encoder_s": encoder, "first_analysis_except_encoder_s": total - encoder,
             "non_encoder_fraction": (total - encoder) / total, "analyze_s": analyze_s,
@@ -308,8 +316,6 @@ def requery(engine, pair) -> dict:
     Medians (and maxima) over :data:`NEW_FINDINGS` / :data:`NEW_SNIPPETS`, with
     :data:`USER_PAUSE_S` between actions; the snippet is also timed right after the resampling
     (``..._back_to_back_ms``). No image forward pass."""
-    from COLIPRISlicerLib.findings import heatmap_on_volume
-
     analyzer, result = pair
     count = engine.image_forward_count
     times: dict[str, list[float]] = {"finding": [], "resample": [], "snippet": [], "back_to_back": []}
@@ -321,7 +327,7 @@ def requery(engine, pair) -> dict:
 
     for finding, snippet in zip(NEW_FINDINGS, NEW_SNIPPETS):
         measure("finding", lambda: analyzer.add_finding(result, finding))
-        measure("resample", lambda: heatmap_on_volume(result.findings[-1], result.encoding.grid, result.volume).shape)
+        measure("resample", lambda: on_input_grid(result, result.findings[-1]).shape)
         measure("back_to_back", lambda: analyzer.localize(result, snippet + " Again."), pause=False)
         measure("snippet", lambda: analyzer.localize(result, snippet))
     assert engine.image_forward_count == count, "a re-query ran the image encoder"

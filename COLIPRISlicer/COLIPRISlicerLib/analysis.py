@@ -12,7 +12,7 @@ import numpy as np
 
 from .catalogue import Catalogue, free_text_finding, load_catalogue
 from .encoding import ImageEncoding
-from .findings import FindingResult, heatmap_on_volume, score_findings
+from .findings import FindingResult, heatmap_on_volume, heatmap_tensor_on_volume, score_findings
 from .types import TypeStatusCallback
 from .volume import Volume
 
@@ -25,15 +25,17 @@ class AnalysisCancelled(Exception):
 
 @dataclass
 class AnalysisResult:
-    """Results for one volume. Heatmaps on the input grid are computed on request and kept."""
+    """Results for one volume. Heatmaps on the input grid are computed on request and kept
+    (on ``device`` when it is a GPU: copied to the CPU only when asked for as an array)."""
 
     volume: Volume
     encoding: ImageEncoding
     findings: list[FindingResult]
     model: dict
     timings: dict[str, float] = field(default_factory=dict)
-    _heatmaps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    _heatmaps: dict[str, object] = field(default_factory=dict, repr=False)
     _landmarks: list = field(default_factory=list, repr=False)
+    device: str = "cpu"
 
     def finding(self, name: str) -> FindingResult:
         for result in self.findings:
@@ -43,9 +45,19 @@ class AnalysisResult:
 
     def heatmap(self, name: str) -> np.ndarray:
         """(I, J, K) float32 heatmap of a finding on the input grid (NaN outside the field of view)."""
+        heatmap = self.heatmap_tensor(name)
+        return heatmap if isinstance(heatmap, np.ndarray) else heatmap.cpu().numpy()
+
+    def heatmap_tensor(self, name: str):
+        """The heatmap where it was computed: an (I, J, K) float32 tensor on a GPU ``device``, else
+        the numpy array of :meth:`heatmap`."""
         result = self.finding(name)
         if result.slug not in self._heatmaps:
-            self._heatmaps[result.slug] = heatmap_on_volume(result, self.encoding.grid, self.volume)
+            if self.device.startswith("cuda"):
+                heatmap = heatmap_tensor_on_volume(result, self.encoding.grid, self.volume, self.device)
+            else:
+                heatmap = heatmap_on_volume(result, self.encoding.grid, self.volume)
+            self._heatmaps[result.slug] = heatmap
         return self._heatmaps[result.slug]
 
     @property
@@ -106,7 +118,7 @@ class Analyzer:
         self.engine.save_prompt_embeddings()  # a later reopen scores the catalogue without the text encoder
         timings["scoring_s"] = time.perf_counter() - start
         _check(cancel)
-        return AnalysisResult(volume, encoding, findings, identity.as_dict(), timings)
+        return AnalysisResult(volume, encoding, findings, identity.as_dict(), timings, device=str(identity.device))
 
     def prepare_queries(self, result: AnalysisResult) -> None:
         """Do now what the first re-query would otherwise wait for: build the model (reopening a

@@ -108,6 +108,13 @@ def heatmap_on_volume(result: FindingResult, grid: geometry.PatchGrid, volume) -
     return grid.to_volume(result.logit_map, volume.shape, volume.ijk_to_ras, linear=True)
 
 
+def heatmap_tensor_on_volume(result: FindingResult, grid: geometry.PatchGrid, volume, device):
+    """(I, J, K) float32 tensor on ``device``: :func:`heatmap_on_volume` computed there (NaN outside the
+    model's field of view), for a GPU that keeps it until it is shown."""
+    return geometry.resample_to_volume_on_device(result.logit_map, grid.grid_to_ras, volume.shape,
+                                                 volume.ijk_to_ras, device)
+
+
 def mask_to_model_grid(mask_ijk: np.ndarray, volume, grid: geometry.PatchGrid) -> np.ndarray:
     """(X, Y, Z) bool: a mask given on the input grid, nearest-neighbour on the model grid."""
     if tuple(mask_ijk.shape) != tuple(volume.shape):

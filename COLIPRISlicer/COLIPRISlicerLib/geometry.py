@@ -188,10 +188,14 @@ def resample_to_volume(
     return np.transpose(sitk.GetArrayFromImage(resampled), (2, 1, 0))
 
 
-def _resample_separable(values, source_to_ras, target_shape, target_ijk_to_ras, outside) -> np.ndarray | None:
-    """Trilinear resampling as three small matrix products when the grids' axes are parallel
-    (any permutation and flip), else None. Same semantics as SimpleITK's linear resampling
-    (edge values up to half a cell beyond the outermost centres); one BLAS GEMM does most of it."""
+def separable_weights(source_shape, source_to_ras, target_shape, target_ijk_to_ras, outside=np.nan):
+    """Trilinear resampling between grids whose axes are parallel (any permutation and flip) as three
+    (n_target, n_source) float32 matrices, or None when the axes are not parallel.
+
+    Returns:
+        ``(source_axes, weights)``: target axis t reads source axis ``source_axes[t]`` through
+        ``weights[t]`` (rows of targets outside the source's cells hold ``outside``).
+    """
     target_to_source = np.linalg.inv(source_to_ras) @ np.asarray(target_ijk_to_ras, dtype=np.float64)
     linear = target_to_source[:3, :3]
     source_axes = np.argmax(np.abs(linear), axis=0)
@@ -201,11 +205,52 @@ def _resample_separable(values, source_to_ras, target_shape, target_ijk_to_ras, 
     weights = []
     for axis, source_axis in enumerate(source_axes):
         coordinates = linear[source_axis, axis] * np.arange(target_shape[axis]) + target_to_source[source_axis, 3]
-        weights.append(_interpolation_matrix(coordinates, values.shape[source_axis], outside))
+        weights.append(_interpolation_matrix(coordinates, source_shape[source_axis], outside))
+    return tuple(int(a) for a in source_axes), weights
+
+
+def _resample_separable(values, source_to_ras, target_shape, target_ijk_to_ras, outside) -> np.ndarray | None:
+    """Trilinear resampling as three small matrix products when the grids' axes are parallel
+    (any permutation and flip), else None. Same semantics as SimpleITK's linear resampling
+    (edge values up to half a cell beyond the outermost centres); one BLAS GEMM does most of it."""
+    separable = separable_weights(values.shape, source_to_ras, target_shape, target_ijk_to_ras, outside)
+    if separable is None:
+        return None
+    source_axes, weights = separable
     ordered = np.transpose(values.astype(np.float32), source_axes)  # axis t of `ordered` feeds target axis t
     partial = ordered @ weights[2].T  # (n0, n1, K)
     partial = np.matmul(weights[1], partial)  # (n0, J, K)
     result = weights[0] @ partial.reshape(partial.shape[0], -1)  # one GEMM: (I, J * K)
+    return result.reshape(tuple(int(n) for n in target_shape))
+
+
+def resample_to_volume_on_device(values, source_to_ras, target_shape, target_ijk_to_ras, device):
+    """:func:`resample_to_volume` (trilinear, NaN outside) computed on a torch device.
+
+    Args:
+        values: (a, b, c) numpy array or tensor, e.g. a (gx, gy, gz) patch-grid heatmap.
+        source_to_ras: maps an index of ``values`` to the RAS centre of that cell.
+        target_shape: (I, J, K) of the target volume.
+        target_ijk_to_ras: the target volume's IJK->RAS matrix.
+        device: torch device of the work and of the result.
+
+    Returns:
+        (I, J, K) float32 tensor on ``device``; the same numbers as :func:`resample_to_volume` (same
+        weights, same three products). Grids whose axes are not parallel are resampled on the CPU
+        and copied over.
+    """
+    import torch
+
+    separable = separable_weights(tuple(values.shape), source_to_ras, target_shape, target_ijk_to_ras)
+    if separable is None:
+        resampled = resample_to_volume(np.asarray(values.cpu() if hasattr(values, "cpu") else values),
+                                       source_to_ras, target_shape, target_ijk_to_ras)
+        return torch.from_numpy(np.ascontiguousarray(resampled)).to(device)
+    source_axes, weights = separable
+    w0, w1, w2 = (torch.from_numpy(w).to(device) for w in weights)
+    ordered = torch.as_tensor(values, dtype=torch.float32).to(device).permute(source_axes)
+    partial = torch.matmul(w1, ordered @ w2.T)  # (n0, J, K)
+    result = w0 @ partial.reshape(partial.shape[0], -1)  # (I, J * K)
     return result.reshape(tuple(int(n) for n in target_shape))
 
 

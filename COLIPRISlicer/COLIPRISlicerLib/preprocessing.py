@@ -299,6 +299,49 @@ def _cast_like_itk(values, dtype, clamp: tuple | None = None):
     return values.trunc_().clamp_(low, high)
 
 
+def resample_for_head(volume: Volume, image_transform, shape: tuple[int, int, int], ijk_to_ras: np.ndarray):
+    """The volume on another grid with the processor's intensity steps: (1, X, Y, Z) float32 tensor.
+
+    For a segmentation head that decodes on a finer grid than the model's (``PatchGrid.subdivided``):
+    trilinear resampling of the HU values onto ``(shape, ijk_to_ras)``, the volume's minimum
+    outside it (as the processor's "minimum" padding), then the transform's intensity steps
+    (Clamp, RescaleIntensity for COLIPRI) exactly as the processor runs them.
+
+    Args:
+        volume: the input volume (not modified).
+        image_transform: the processor's TorchIO transform.
+        shape: (X, Y, Z) of the target grid.
+        ijk_to_ras: its IJK->RAS matrix.
+    """
+    import torch
+    import torchio as tio
+
+    values = resample_to_volume(np.asarray(volume.array, np.float32), volume.ijk_to_ras, shape, ijk_to_ras)
+    values = np.where(np.isnan(values), np.float32(np.min(volume.array)), values).astype(np.float32)
+    image = tio.ScalarImage(tensor=torch.from_numpy(values[np.newaxis]), affine=np.asarray(ijk_to_ras))
+    for step in _steps(image_transform):
+        if isinstance(step, tio.IntensityTransform):
+            image = step(image)
+    return image.data.to(torch.float32)
+
+
+def head_input(volume: Volume, image_transform, encoding, refine: int):
+    """(1, X, Y, Z) image a segmentation head decodes with, on the model grid subdivided ``refine`` times.
+
+    The model input itself for 1 (``encoding.image``), else :func:`resample_for_head` onto
+    ``encoding.grid.subdivided(refine)``.
+
+    Raises:
+        ValueError: If ``refine`` > 1 and no processor transform is given.
+    """
+    if refine == 1:
+        return encoding.image
+    if image_transform is None:
+        raise ValueError(f"This head decodes on a {refine}x finer grid than the model's and needs the"
+                         " processor's image transform (engine.loaded.image_transform) to resample the volume.")
+    return resample_for_head(volume, image_transform, *encoding.grid.subdivided(refine))
+
+
 def _steps(image_transform) -> list:
     """The processor's TorchIO steps, in order (one step when it is not a ``Compose``)."""
     import torchio as tio
