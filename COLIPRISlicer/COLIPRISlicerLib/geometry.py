@@ -178,6 +178,10 @@ def resample_to_volume(
         separable = _resample_separable(values, source_to_ras, target_shape, target_ijk_to_ras, outside)
         if separable is not None:
             return separable
+    if not linear:
+        nearest = _nearest_separable(values, source_to_ras, target_shape, target_ijk_to_ras)
+        if nearest is not None:
+            return nearest
     source = array_to_sitk(values.astype(np.float32) if linear else values, source_to_ras)
     origin, spacing, direction = itk_from_ijk_to_ras(target_ijk_to_ras)
     interpolator = sitk.sitkLinear if linear else sitk.sitkNearestNeighbor
@@ -222,6 +226,31 @@ def _resample_separable(values, source_to_ras, target_shape, target_ijk_to_ras, 
     partial = np.matmul(weights[1], partial)  # (n0, J, K)
     result = weights[0] @ partial.reshape(partial.shape[0], -1)  # one GEMM: (I, J * K)
     return result.reshape(tuple(int(n) for n in target_shape))
+
+
+def _nearest_separable(values, source_to_ras, target_shape, target_ijk_to_ras) -> np.ndarray | None:
+    """Nearest-neighbour resampling as one gather per axis when the grids' axes are parallel, else None.
+
+    ITK's semantics: the nearest source index ``floor(c + 0.5)`` for a continuous index c in
+    [-0.5, n - 0.5), the default value 0 elsewhere; the input dtype is kept.
+    """
+    target_to_source = np.linalg.inv(source_to_ras) @ np.asarray(target_ijk_to_ras, dtype=np.float64)
+    linear = target_to_source[:3, :3]
+    source_axes = np.argmax(np.abs(linear), axis=0)
+    off_axis = np.abs(linear).sum(axis=0) - np.abs(linear).max(axis=0)
+    if sorted(source_axes) != [0, 1, 2] or off_axis.max() > 1e-9 * np.abs(linear).max():
+        return None
+    result = np.transpose(np.asarray(values), source_axes)  # axis t feeds target axis t
+    inside = []
+    for axis, source_axis in enumerate(source_axes):
+        size = values.shape[source_axis]
+        coordinates = linear[source_axis, axis] * np.arange(target_shape[axis]) + target_to_source[source_axis, 3]
+        inside.append((coordinates >= -0.5) & (coordinates < size - 0.5))
+        result = np.take(result, np.clip(np.floor(coordinates + 0.5), 0, size - 1).astype(np.intp), axis=axis)
+    outside = ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
+    if outside.any():
+        result = np.where(outside, np.zeros((), result.dtype), result)
+    return np.ascontiguousarray(result)
 
 
 def resample_to_volume_on_device(values, source_to_ras, target_shape, target_ijk_to_ras, device):
