@@ -192,6 +192,17 @@ def resample_to_volume(
     return np.transpose(sitk.GetArrayFromImage(resampled), (2, 1, 0))
 
 
+def _parallel_axes(source_to_ras, target_ijk_to_ras) -> tuple[np.ndarray, np.ndarray] | None:
+    """(target index -> source index matrix, source axis of each target axis) when the grids' axes are
+    parallel (any permutation and flip), else None."""
+    target_to_source = np.linalg.inv(source_to_ras) @ np.asarray(target_ijk_to_ras, dtype=np.float64)
+    linear = np.abs(target_to_source[:3, :3])
+    source_axes = np.argmax(linear, axis=0)
+    if sorted(source_axes) != [0, 1, 2] or (linear.sum(axis=0) - linear.max(axis=0)).max() > 1e-9 * linear.max():
+        return None
+    return target_to_source, source_axes
+
+
 def separable_weights(source_shape, source_to_ras, target_shape, target_ijk_to_ras, outside=np.nan):
     """Trilinear resampling between grids whose axes are parallel (any permutation and flip) as three
     (n_target, n_source) float32 matrices, or None when the axes are not parallel.
@@ -200,12 +211,11 @@ def separable_weights(source_shape, source_to_ras, target_shape, target_ijk_to_r
         ``(source_axes, weights)``: target axis t reads source axis ``source_axes[t]`` through
         ``weights[t]`` (rows of targets outside the source's cells hold ``outside``).
     """
-    target_to_source = np.linalg.inv(source_to_ras) @ np.asarray(target_ijk_to_ras, dtype=np.float64)
-    linear = target_to_source[:3, :3]
-    source_axes = np.argmax(np.abs(linear), axis=0)
-    off_axis = np.abs(linear).sum(axis=0) - np.abs(linear).max(axis=0)
-    if sorted(source_axes) != [0, 1, 2] or off_axis.max() > 1e-9 * np.abs(linear).max():
+    parallel = _parallel_axes(source_to_ras, target_ijk_to_ras)
+    if parallel is None:
         return None
+    target_to_source, source_axes = parallel
+    linear = target_to_source[:3, :3]
     weights = []
     for axis, source_axis in enumerate(source_axes):
         coordinates = linear[source_axis, axis] * np.arange(target_shape[axis]) + target_to_source[source_axis, 3]
@@ -234,12 +244,11 @@ def _nearest_separable(values, source_to_ras, target_shape, target_ijk_to_ras) -
     ITK's semantics: the nearest source index ``floor(c + 0.5)`` for a continuous index c in
     [-0.5, n - 0.5), the default value 0 elsewhere; the input dtype is kept.
     """
-    target_to_source = np.linalg.inv(source_to_ras) @ np.asarray(target_ijk_to_ras, dtype=np.float64)
-    linear = target_to_source[:3, :3]
-    source_axes = np.argmax(np.abs(linear), axis=0)
-    off_axis = np.abs(linear).sum(axis=0) - np.abs(linear).max(axis=0)
-    if sorted(source_axes) != [0, 1, 2] or off_axis.max() > 1e-9 * np.abs(linear).max():
+    parallel = _parallel_axes(source_to_ras, target_ijk_to_ras)
+    if parallel is None:
         return None
+    target_to_source, source_axes = parallel
+    linear = target_to_source[:3, :3]
     result = np.transpose(np.asarray(values), source_axes)  # axis t feeds target axis t
     inside = []
     for axis, source_axis in enumerate(source_axes):
