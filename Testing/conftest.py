@@ -16,7 +16,11 @@ TCIA_SERIES = SHARED_DATA / "ct" / "tcia_lung_pet_ct_dx_A0001" / "series_5mm"
 TCIA_BOXES = SHARED_DATA / "ct" / "tcia_lung_pet_ct_dx_A0001" / "tumour_boxes"
 RAS_NIFTI = SHARED_DATA / "ct" / "totalsegmentator" / "example_ct.nii.gz"
 MR_NIFTI = SHARED_DATA / "ct" / "totalsegmentator" / "example_mr_sm.nii.gz"
-CXR_BERT_VOCAB = SHARED_DATA / "cxrbert" / "vocab.txt"
+#: The CXR-BERT vocabulary, as bundled with the teaching model (the same file as
+#: ../shared/data/cxrbert/vocab.txt; test_repository checks it), so tests that only need
+#: the vocabulary run without ../shared.
+CXR_BERT_VOCAB = REPO / "Resources" / "Models" / "phantom" / "vocab.txt"
+SHARED_CXR_BERT_VOCAB = SHARED_DATA / "cxrbert" / "vocab.txt"
 LABELS_18 = SHARED_DATA / "labels" / "ct_rate_18_abnormalities.txt"
 
 
@@ -25,6 +29,19 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"test data not found: {path} (clone ../shared beside the repository)")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_user_cache(tmp_path_factory) -> Path:
+    """Point every user cache the engine or the hub could write (ours, XDG, Hugging Face) at a
+    session temporary folder, so that no test writes to ~/.cache; restored after the session."""
+    root = tmp_path_factory.mktemp("user_cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("COLIPRISLICER_CACHE", str(root / "colipri-slicer"))
+    patch.setenv("XDG_CACHE_HOME", str(root))
+    patch.setenv("HF_HOME", str(root / "huggingface"))
+    yield root
+    patch.undo()
 
 
 @pytest.fixture(scope="session")

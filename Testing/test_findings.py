@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import LABELS_18, RAS_NIFTI, TCIA_SERIES, official_pipeline, require
@@ -35,10 +37,15 @@ def test_ensemble_likelihood_is_the_mean_of_official_pair_probabilities(analysis
         np.testing.assert_allclose(finding.pair_probabilities, official, atol=1e-4)
 
 
-def test_present_follows_threshold(analysis):
-    _, result = analysis
-    for finding in result.findings:
-        assert finding.present == (finding.likelihood >= finding.threshold)
+def test_a_finding_is_present_from_its_threshold_on_and_the_analysis_uses_the_catalogues_thresholds(analysis):
+    analyzer, result = analysis
+    at_threshold = replace(result.findings[0], likelihood=0.3, threshold=0.3, not_learned=None)
+    just_below = replace(at_threshold, likelihood=float(np.nextafter(0.3, 0.0)))
+    assert (at_threshold.present, at_threshold.status) == (True, "present")
+    assert (just_below.present, just_below.status) == (False, "absent")
+    thresholds = {finding.name: round(0.1 + 0.04 * index, 2) for index, finding in enumerate(load_catalogue())}
+    custom = Analyzer(analyzer.engine, load_catalogue().with_thresholds(thresholds)).analyze(result.volume)
+    assert {finding.name: finding.threshold for finding in custom.findings} == thresholds
 
 
 def test_heatmap_has_input_geometry_and_peak_is_inside_the_volume(analysis):

@@ -33,14 +33,18 @@ def test_calibrated_thresholds_are_stored_and_used_by_the_analysis(model_copy):
     stored = yaml.safe_load((model_copy / "config.yaml").read_text(encoding="utf-8"))["colipri_slicer"]
     assert stored["thresholds"] == thresholds and stored["calibration"]["phantoms"] == 4
     assert set(thresholds) >= {"Lung nodule", "Bronchiectasis"} and all(0 <= t <= 1 for t in thresholds.values())
-    volume, _ = generate_phantom(20_000_100)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        result = Analyzer(Engine(str(model_copy), device="cpu", precision="fp32")).analyze(volume)
-    assert {f.name: f.threshold for f in result.findings} == pytest.approx(thresholds)
+    analyzer = Analyzer(Engine(str(model_copy), device="cpu", precision="fp32"))
+    scores, planted = [], []
+    for seed in range(20_000_100, 20_000_104):  # the calibration phantoms, analysed again
+        volume, truth = generate_phantom(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = analyzer.analyze(volume)
+        assert {f.name: f.threshold for f in result.findings} == pytest.approx(thresholds)
+        scores.append(result.finding("Bronchiectasis").likelihood)
+        planted.append(truth["findings"]["Bronchiectasis"])
     # Bronchiectasis is never planted: its threshold lies above every calibration score
-    assert not result.finding("Bronchiectasis").present or result.finding("Bronchiectasis").likelihood > thresholds[
-        "Bronchiectasis"]
+    assert not any(planted) and max(scores) < thresholds["Bronchiectasis"] <= 1
 
 
 def test_calibrated_anatomy_weight_is_the_best_one_and_the_default_of_localize(model_copy):
