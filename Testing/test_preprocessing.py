@@ -178,3 +178,4 @@ def test_device_branch_resamples_exactly_as_the_cpu_branch(scans):
     on_torch = resample_separable(torch.from_numpy(np.array(array)), plan, dims)
     assert tuple(on_torch.shape) == plan.resampled_shape
     torch.testing.assert_close(on_torch, on_numpy, rtol=0, atol=0)
+

@@ -31,6 +31,7 @@ Method, on a copy block-averaged to about ``TARGET_SPACING_MM``:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,10 @@ DOME_AREA_FRACTION = 0.9
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE[:, :, 1] = ndimage.generate_binary_structure(2, 1)
 _SIDES = ("right", "left")
+#: The last coarse grid, reused while the same read-only array comes back (report and snippets
+#: ask for landmarks and the body mask of one volume): ``[(array, matrix bytes, grid)]``.
+_LAST_GRID: list = []
+_LAST_GRID_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,21 @@ def _analyse(array_hu: np.ndarray, ijk_to_ras: TypeAffine) -> _Anatomy:
 
 
 def _make_grid(array_hu: np.ndarray, ijk_to_ras: TypeAffine) -> _Grid:
-    """Reorder the input to its closest R, A, S axes and block-average it."""
+    """Reorder the input to its closest R, A, S axes and block-average it (once per read-only array:
+    a ``Volume``'s array cannot change, so the last grid is reused for the same array and matrix)."""
+    reusable = isinstance(array_hu, np.ndarray) and not array_hu.flags.writeable
+    matrix_bytes = np.asarray(ijk_to_ras, dtype=np.float64).tobytes()
+    with _LAST_GRID_LOCK:
+        if reusable and _LAST_GRID and _LAST_GRID[0][0] is array_hu and _LAST_GRID[0][1] == matrix_bytes:
+            return _LAST_GRID[0][2]
+    grid = _build_grid(array_hu, ijk_to_ras)
+    if reusable:
+        with _LAST_GRID_LOCK:
+            _LAST_GRID[:] = [(array_hu, matrix_bytes, grid)]
+    return grid
+
+
+def _build_grid(array_hu: np.ndarray, ijk_to_ras: TypeAffine) -> _Grid:
     if np.ndim(array_hu) != 3:
         message = (
             f"Expected a 3-D (I, J, K) CT array, got shape {np.shape(array_hu)}. Pass one scalar"
