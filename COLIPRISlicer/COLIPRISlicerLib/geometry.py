@@ -234,8 +234,29 @@ def _resample_separable(values, source_to_ras, target_shape, target_ijk_to_ras, 
     ordered = np.transpose(values.astype(np.float32), source_axes)  # axis t of `ordered` feeds target axis t
     partial = ordered @ weights[2].T  # (n0, n1, K)
     partial = np.matmul(weights[1], partial)  # (n0, J, K)
-    result = weights[0] @ partial.reshape(partial.shape[0], -1)  # one GEMM: (I, J * K)
+    result = _sparse_rows_product(weights[0], partial.reshape(partial.shape[0], -1))  # (I, J * K)
     return result.reshape(tuple(int(n) for n in target_shape))
+
+
+def _sparse_rows_product(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``weights @ values`` for interpolation weights (at most two non-zeros per row, NaN rows outside):
+    (n, m) @ (m, p) -> (n, p) float32, row by row with two scaled copies instead of an m-deep GEMM
+    (a 512 x 512 x 300 heatmap: 60 ms instead of 110-240 ms on two cores)."""
+    result = np.empty((weights.shape[0], values.shape[1]), np.float32)
+    scratch = np.empty(values.shape[1], np.float32)
+    for row, row_weights in enumerate(weights):
+        if np.isnan(row_weights).any():
+            result[row] = np.nan
+            continue
+        columns = np.flatnonzero(row_weights)
+        if len(columns) == 0:
+            result[row] = 0.0
+            continue
+        np.multiply(values[columns[0]], row_weights[columns[0]], out=result[row])
+        for column in columns[1:]:
+            np.multiply(values[column], row_weights[column], out=scratch)
+            result[row] += scratch
+    return result
 
 
 def _nearest_separable(values, source_to_ras, target_shape, target_ijk_to_ras) -> np.ndarray | None:
