@@ -198,3 +198,11 @@ def test_dicom_series_with_a_missing_or_truncated_slice_is_refused(tmp_path, dam
     with pytest.raises(ValueError, match=rf"is missing slices: 10.0 mm between the slices at .* 5.0 mm apart \(the folder"
                                          rf" holds {files} files, the series 63 readable slices\)"):
         load_volume(folder)
+
+
+def test_a_few_slices_from_slicer_are_refused_before_preprocessing():
+    array = np.full((2, 512, 512), -800, np.int16)  # (K, J, I): two 0.625 mm slices, as Slicer loads lungmask_slices
+    ijk_to_ras = np.diag([0.625, 0.625, 0.625, 1.0])
+    with pytest.raises(ValueError, match=r'Volume "two" holds 2 slice\(s\) along axis K, 1.2 mm in all: .* Load the'
+                                         " whole CT volume"):
+        Volume.from_slicer_array(array, ijk_to_ras, name="two")

@@ -86,10 +86,17 @@ class Volume:
 
     @classmethod
     def from_slicer_array(cls, array_kji: np.ndarray, ijk_to_ras: TypeAffine, **kwargs) -> Volume:
-        """Build from ``slicer.util.arrayFromVolume`` output, which is (K, J, I)."""
+        """Build from ``slicer.util.arrayFromVolume`` output, which is (K, J, I).
+
+        Raises:
+            ValueError: as :meth:`from_array`, and for a volume under ``MIN_EXTENT_MM`` along an axis
+                (a few slices loaded from a series: preprocessing would be left with nothing).
+        """
         if np.ndim(array_kji) != 3:
             validate_array(array_kji)
-        return cls.from_array(np.transpose(array_kji, (2, 1, 0)), ijk_to_ras, **kwargs)
+        array = np.transpose(array_kji, (2, 1, 0))
+        check_extent(array.shape, geometry.validate_affine(ijk_to_ras), f'Volume "{kwargs.get("name", "volume")}"')
+        return cls.from_array(array, ijk_to_ras, **kwargs)
 
     @property
     def shape(self) -> tuple[int, int, int]:
