@@ -1,12 +1,17 @@
-"""Promises of the repository itself: the README's commands and CI agree."""
+"""Promises of the repository itself: the README's commands and CI agree, the tests' vocabulary and
+caches, and the dependencies declared for what the code imports."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import re
+import sys
+import tomllib
 from pathlib import Path
 
 from conftest import CXR_BERT_VOCAB, REPO, SHARED_CXR_BERT_VOCAB, require
+from packaging.requirements import Requirement
 
 
 def readme_first_code_block() -> list[str]:
@@ -47,3 +52,54 @@ def test_the_user_caches_point_into_the_session_temporary_folder(temporary_user_
     assert defaults.user_cache_dir().is_relative_to(temporary_user_cache)
     assert defaults.embedding_cache_dir().is_relative_to(temporary_user_cache)
     assert Path(constants.HF_HUB_CACHE).is_relative_to(temporary_user_cache)
+
+
+#: Import names whose distribution is spelled otherwise (compared after PEP 503 normalisation).
+DISTRIBUTION_OF_IMPORT = {"yaml": "pyyaml", "hydra": "hydra-core", "sklearn": "scikit-learn", "PIL": "pillow"}
+#: Modules Slicer itself provides; the module file and the panel import them, the engine never does.
+SLICER_MODULES = {"slicer", "vtk", "qt", "ctk", "PyTorchUtils"}
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _third_party_imports(*packages: Path) -> dict[str, str]:
+    """Top-level third-party module -> one file importing it, over every module of ``packages``."""
+    imports = {}
+    for path in sorted(file for package in packages for file in package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                imports.setdefault(name.split(".")[0], path.relative_to(REPO).as_posix())
+    own = {package.name for package in packages}
+    return {name: where for name, where in imports.items() if name not in sys.stdlib_module_names | own}
+
+
+def _declared(requirements: list[str]) -> dict[str, Requirement]:
+    return {_normalised(requirement.name): requirement for requirement in map(Requirement, requirements)}
+
+
+def test_every_third_party_import_of_the_engine_and_the_panel_is_declared_with_a_lower_bound():
+    project = _declared(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"])
+    module = REPO / "COLIPRISlicer"
+    imports = _third_party_imports(module / "COLIPRISlicerLib", module / "COLIPRISlicerNodes")
+    assert {"torch", "colipri", "accelerate", "hydra", "omegaconf", "einops", "slicer"} <= set(imports)
+    undeclared = {name: where for name, where in imports.items() if name not in SLICER_MODULES
+                  and _normalised(DISTRIBUTION_OF_IMPORT.get(name, name)) not in project}
+    assert undeclared == {}, "declare these in pyproject.toml (import name: first file importing it)"
+    assert [name for name, r in project.items() if not any(s.operator in (">=", "==") for s in r.specifier)] == []
+
+
+def test_requirements_txt_asks_for_the_same_ranges_as_pyproject():
+    project = _declared(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"])
+    lines = (line.split("#")[0].strip() for line in (REPO / "Resources" / "requirements.txt").read_text().splitlines())
+    slicer = _declared([line for line in lines if line])
+    assert set(slicer) <= set(project), "every package Slicer installs is a dependency of the engine"
+    assert {name: str(r.specifier) for name, r in slicer.items()} == {
+        name: str(project[name].specifier) for name in slicer}
