@@ -289,6 +289,7 @@ def test_bad_scans_get_one_line_and_no_output(tiny_model_folder, tmp_path, name,
     (["--device", "foo"], 'Unknown device "foo"'),
     (["--precision", "fp8"], 'Unknown precision "fp8"'),
     (["--finding", " "], '--finding "" is empty'),
+    (["--snippet", " "], '--snippet "" is empty'),
     (["--snippet", "Nodule at the apex.", "--snippet-method", "nearest"], 'Unknown --snippet-method "nearest"'),
     (["--snippet", "Nodule at the apex.", "--snippet-method", "head"], "--snippet-method head needs --localizer"),
 ])

@@ -121,7 +121,7 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
     from .outputs import write_analysis
 
     texts, method, localizer = (*snippets, *([], "auto", None)[len(snippets):])  # (texts, method[, localizer])
-    _check_analyze_options(out, extra, method, localizer)
+    _check_analyze_options(out, extra, method, localizer, texts)
     if Path(out).absolute() == Path(scan).absolute():
         raise UserError(f'--out "{out}" is the scan itself; give another folder for the results.')
     if cache_dir:
@@ -168,7 +168,8 @@ def _load_scan(scan: Path, allow_non_ct: bool):
     return volume
 
 
-def _check_analyze_options(out: Path, extra: list[str], method: str, localizer: Path | None) -> None:
+def _check_analyze_options(out: Path, extra: list[str], method: str, localizer: Path | None,
+                           texts: list[str] = ()) -> None:
     """Refuse options that cannot work before any slow step (UserError/ValueError naming the fix)."""
     from .localization import METHODS
     from .outputs import check_out_dir
@@ -176,6 +177,8 @@ def _check_analyze_options(out: Path, extra: list[str], method: str, localizer: 
     check_out_dir(out)
     if any(not text.strip() for text in extra):
         raise UserError('--finding "" is empty: give the finding as words, e.g. --finding "rib fracture".')
+    if any(not text.strip() for text in texts):
+        raise UserError('--snippet "" is empty: give a report sentence, e.g. --snippet "Nodule in the right lower lobe".')
     if method not in METHODS:
         raise UserError(f'Unknown --snippet-method "{method}"; use one of {", ".join(METHODS)}.')
     if method == "head" and localizer is None:
