@@ -415,3 +415,18 @@ def test_apex_snippet_lands_at_the_measured_landmark(tiny_engine, top_slice, exp
     assert located.slice_index == round((expected_s + 439.0) / 5.0)
     said = "The right lung apex lies at or beyond the top edge of the scan (S = -189.0 mm): placed at that edge."
     assert (said in located.explanation) == at_edge and (said in located.warnings) == at_edge
+
+
+def test_anatomy_method_says_when_the_named_landmark_is_not_in_the_scan(tiny_engine):
+    from COLIPRISlicerLib.analysis import Analyzer
+
+    whole = load_volume(require(TCIA_SERIES))
+    volume = Volume.from_array(whole.array[:, :, :51], whole.ijk_to_ras, name="no trachea")  # top slice inside the lungs
+    analyzer = Analyzer(tiny_engine)
+    result = analyzer.analyze(volume)
+    assert result.landmarks.carina_s is None
+    with pytest.raises(ValueError, match=r"names carina, but this scan does not show where: No trachea found .*"
+                                         r"carina unknown.* Use the zero-shot \(or auto\) method"):
+        analyzer.localize(result, "Mass just below the carina.", method="anatomy")
+    with pytest.raises(ValueError, match="No anatomical term .* recognised in 'Mass in the chest.'"):
+        analyzer.localize(result, "Mass in the chest.", method="anatomy")

@@ -311,7 +311,7 @@ def _profile_result(engine, encoding, volume, text, method, head, landmarks, not
         landmarks = landmarks if landmarks is not None else detect_landmarks(volume.array, volume.ijk_to_ras)
         prior = anatomy_prior(snippet, landmarks, zero_shot.s_mm)
         if prior is None and method == "anatomy":
-            raise ValueError(f"No anatomical term (e.g. carina, apex, diaphragm) recognised in {snippet!r}; use zero-shot.")
+            raise ValueError(_no_prior_message(snippet, landmarks))
         if prior is not None:
             profiles["anatomy"], terms = np.asarray(prior[0], dtype=float) ** power, list(prior[1])
             exponent = f" (^{power:g})" if power != 1 else ""
@@ -340,6 +340,18 @@ def _profile_result(engine, encoding, volume, text, method, head, landmarks, not
                    f" in-plane: {where}." + "".join(f" {note}" for note in edges))
     return LocalizationResult(point, slice_index, float(point[2]), name, profile_confidence(zero_shot.s_mm, combined),
                               explanation, zero_shot.s_mm, combined, notes + more + edges)
+
+
+def _no_prior_message(snippet: str, landmarks) -> str:
+    """Why the anatomy method cannot place ``snippet``: no anatomy word, or its landmark is not in the scan."""
+    from .anatomy_prior import ANATOMY_TERMS
+
+    named = [term.name for term in ANATOMY_TERMS if term.pattern.search(snippet)]
+    if not named:
+        return f"No anatomical term (e.g. carina, apex, diaphragm) recognised in {snippet!r}; use zero-shot."
+    why = " ".join(landmarks.notes) or "no landmark was found."
+    return (f"{snippet!r} names {', '.join(named)}, but this scan does not show where: {why}"
+            " Use the zero-shot (or auto) method.")
 
 
 def _edge_notes(snippet: str, landmarks) -> list[str]:
