@@ -122,12 +122,7 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
 
     texts, method, localizer = (*snippets, *([], "auto", None)[len(snippets):])  # (texts, method[, localizer])
     _check_analyze_options(out, extra, method, localizer, texts)
-    if Path(out).absolute() == Path(scan).absolute():
-        raise UserError(f'--out "{out}" is the scan itself; give another folder for the results.')
-    if cache_dir:
-        _check_cache_dir(Path(cache_dir))
-    if seg_head:
-        _check_head_folder(Path(seg_head), ("head.json", "head.safetensors"), "--seg-head", "train-seg-head")
+    _check_analyze_paths(scan, out, cache_dir, seg_head)
     _status(f"Reading {scan}")
     volume = _load_scan(scan, allow_non_ct)
     engine = Engine(model, device=device, precision=precision, cache_dir=cache_dir, status_callback=_status)
@@ -135,6 +130,16 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
     result = analyzer.analyze(volume, status_callback=_status)
     for text in extra:
         analyzer.add_finding(result, text)
+    writers = _analysis_writers(analyzer, result, report, (texts, method, localizer), seg_head, dicom,
+                                (summary, truth))
+    path = write_analysis(result, out, heatmaps="all" if heatmaps else None, extra_writers=writers)
+    _print_findings(result)
+    _status(f"Wrote {path}")
+
+
+def _analysis_writers(analyzer, result, report: bool, snippets: tuple, seg_head, dicom: bool, summary: tuple) -> list:
+    """The extra writers of an analysis: report, localisation, segmentation, DICOM, summary picture."""
+    texts, method, localizer = snippets
     writers = [_report_writer(analyzer, result)] if report else []
     if texts:
         writers.append(_localization_writer(analyzer, result, texts, method, localizer))
@@ -145,11 +150,19 @@ def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cac
         writers.append(_segmentation_writer(segmented, result))
     if dicom:
         writers.append(_dicom_writer(analyzer, result, segmented, report))
-    if summary:
-        writers.append(_summary_writer(result, segmented, truth))
-    path = write_analysis(result, out, heatmaps="all" if heatmaps else None, extra_writers=writers)
-    _print_findings(result)
-    _status(f"Wrote {path}")
+    if summary[0]:
+        writers.append(_summary_writer(result, segmented, summary[1]))
+    return writers
+
+
+def _check_analyze_paths(scan: Path, out: Path, cache_dir: Path | None, seg_head) -> None:
+    """UserError for an --out that is the scan, a --cache-dir that is a file, a --seg-head that is no head."""
+    if Path(out).absolute() == Path(scan).absolute():
+        raise UserError(f'--out "{out}" is the scan itself; give another folder for the results.')
+    if cache_dir:
+        _check_cache_dir(Path(cache_dir))
+    if seg_head:
+        _check_head_folder(Path(seg_head), ("head.json", "head.safetensors"), "--seg-head", "train-seg-head")
 
 
 def _load_scan(scan: Path, allow_non_ct: bool):
