@@ -125,7 +125,20 @@ def mask_to_model_grid(mask_ijk: np.ndarray, volume, grid: geometry.PatchGrid) -
 
 def mask_to_patch_fraction(mask_ijk: np.ndarray, volume, grid: geometry.PatchGrid) -> np.ndarray:
     """(gx, gy, gz) fraction of each patch covered by a mask given on the input grid."""
-    on_model = mask_to_model_grid(mask_ijk, volume, grid).astype(np.float32)
+    return _patch_fraction(mask_to_model_grid(mask_ijk, volume, grid), grid)
+
+
+def factored_mask_to_patch_fraction(coarse: np.ndarray, index_maps, volume, grid: geometry.PatchGrid) -> np.ndarray:
+    """:func:`mask_to_patch_fraction` of the input-grid mask ``coarse[np.ix_(*index_maps)]``, never built
+    at full resolution (``landmarks.body_mask_factors``)."""
+    on_model = geometry.factored_nearest_to_volume(coarse.astype(np.uint8), index_maps, volume.ijk_to_ras,
+                                                   grid.model_shape, grid.model_to_ras)
+    return _patch_fraction(on_model.astype(bool), grid)
+
+
+def _patch_fraction(on_model: np.ndarray, grid: geometry.PatchGrid) -> np.ndarray:
+    """(gx, gy, gz) mean of an (X, Y, Z) model-grid mask over each patch."""
+    on_model = on_model.astype(np.float32)
     gx, gy, gz = grid.shape
     px, py, pz = grid.patch_size
     return on_model.reshape(gx, px, gy, py, gz, pz).mean(axis=(1, 3, 5))

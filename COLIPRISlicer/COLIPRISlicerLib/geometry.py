@@ -259,28 +259,45 @@ def _sparse_rows_product(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
     return result
 
 
-def _nearest_separable(values, source_to_ras, target_shape, target_ijk_to_ras) -> np.ndarray | None:
+def _nearest_separable(values, source_to_ras, target_shape, target_ijk_to_ras, index_maps=None) -> np.ndarray | None:
     """Nearest-neighbour resampling as one gather per axis when the grids' axes are parallel, else None.
 
     ITK's semantics: the nearest source index ``floor(c + 0.5)`` for a continuous index c in
-    [-0.5, n - 0.5), the default value 0 elsewhere; the input dtype is kept.
+    [-0.5, n - 0.5), the default value 0 elsewhere; the input dtype is kept. With ``index_maps``
+    the source is ``values[np.ix_(*index_maps)]`` (a factored mask, never built in full).
     """
     parallel = _parallel_axes(source_to_ras, target_ijk_to_ras)
     if parallel is None:
         return None
     target_to_source, source_axes = parallel
     linear = target_to_source[:3, :3]
-    result = np.transpose(np.asarray(values), source_axes)  # axis t feeds target axis t
+    values = np.asarray(values)
+    sizes = [len(m) for m in index_maps] if index_maps is not None else list(values.shape)
+    result = np.transpose(values, source_axes)  # axis t feeds target axis t
     inside = []
     for axis, source_axis in enumerate(source_axes):
-        size = values.shape[source_axis]
+        size = sizes[source_axis]
         coordinates = linear[source_axis, axis] * np.arange(target_shape[axis]) + target_to_source[source_axis, 3]
         inside.append((coordinates >= -0.5) & (coordinates < size - 0.5))
-        result = np.take(result, np.clip(np.floor(coordinates + 0.5), 0, size - 1).astype(np.intp), axis=axis)
+        nearest = np.clip(np.floor(coordinates + 0.5), 0, size - 1).astype(np.intp)
+        if index_maps is not None:
+            nearest = np.asarray(index_maps[source_axis])[nearest]
+        result = np.take(result, nearest, axis=axis)
     outside = ~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])
     if outside.any():
         result = np.where(outside, np.zeros((), result.dtype), result)
     return np.ascontiguousarray(result)
+
+
+def factored_nearest_to_volume(values, index_maps, source_to_ras, target_shape, target_ijk_to_ras) -> np.ndarray:
+    """Nearest-neighbour resampling of the source ``values[np.ix_(*index_maps)]`` (e.g. a coarse mask
+    and, per source axis, the coarse index of each voxel) onto a target grid, 0 outside the source:
+    the same values as building the source and calling :func:`resample_to_volume` (``linear=False``)."""
+    result = _nearest_separable(values, source_to_ras, target_shape, target_ijk_to_ras, index_maps)
+    if result is None:
+        full = np.asarray(values)[np.ix_(*[np.asarray(m) for m in index_maps])]
+        result = resample_to_volume(full, source_to_ras, target_shape, target_ijk_to_ras, linear=False)
+    return result
 
 
 def resample_to_volume_on_device(values, source_to_ras, target_shape, target_ijk_to_ras, device):

@@ -222,6 +222,14 @@ def body_mask(array_hu: np.ndarray, ijk_to_ras: TypeAffine) -> np.ndarray:
     return _to_input(_body_mask_coarse(grid.values), grid)
 
 
+def body_mask_factors(array_hu: np.ndarray, ijk_to_ras: TypeAffine) -> tuple[np.ndarray, list[np.ndarray]]:
+    """:func:`body_mask` without building it at full resolution: ``(coarse, maps)`` such that
+    ``body_mask(array_hu, ijk_to_ras) == coarse[np.ix_(*maps)]`` (``maps[a]``: the coarse index of
+    every voxel along input axis a), for resampling the mask straight onto another grid."""
+    grid = _make_grid(array_hu, ijk_to_ras)
+    return _input_factors(_body_mask_coarse(grid.values), grid)
+
+
 def lung_mask(array_hu: np.ndarray, ijk_to_ras: TypeAffine, *, side: str | None = None) -> np.ndarray:
     """Lungs without the trachea (main bronchi included), vessels and nodules filled in.
 
@@ -352,13 +360,18 @@ def _to_input(mask: np.ndarray, grid: _Grid) -> np.ndarray:
 
     Axes are expanded last to first, so that the largest copy moves whole contiguous rows.
     """
+    expanded, indices = _input_factors(mask, grid)
+    return expanded[:, :, indices[2]][:, indices[1]][indices[0]]
+
+
+def _input_factors(mask: np.ndarray, grid: _Grid) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A coarse mask with its axes in input order, and per input axis the coarse index of each voxel."""
     indices: list[np.ndarray] = [np.empty(0, dtype=np.intp)] * 3
     for axis, (source, flip) in enumerate(zip(grid.perm, grid.flips)):
         size = grid.view.shape[axis]
         positions = np.arange(size)[::-1] if flip else np.arange(size)
         indices[source] = np.minimum(positions // grid.factors[axis], mask.shape[axis] - 1)
-    expanded = mask.transpose(np.argsort(grid.perm))
-    return expanded[:, :, indices[2]][:, indices[1]][indices[0]]
+    return mask.transpose(np.argsort(grid.perm)), indices
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import geometry
 from .encoding import ImageEncoding
-from .findings import mask_to_patch_fraction, patches_inside_volume
+from .findings import factored_mask_to_patch_fraction, patches_inside_volume
 from .volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -109,14 +109,14 @@ def body_patches(volume: Volume, encoding: ImageEncoding) -> np.ndarray:
 
     Kept in a small LRU shared by all threads (the Slicer worker and the GUI thread), under a lock.
     """
-    from .landmarks import body_mask
+    from .landmarks import body_mask_factors
 
     key = (volume.content_hash(), encoding.key)
     with _BODY_PATCHES_LOCK:
         if key in _BODY_PATCHES:
             _BODY_PATCHES.move_to_end(key)
             return _BODY_PATCHES[key]
-    fraction = mask_to_patch_fraction(body_mask(volume.array, volume.ijk_to_ras), volume, encoding.grid)
+    fraction = factored_mask_to_patch_fraction(*body_mask_factors(volume.array, volume.ijk_to_ras), volume, encoding.grid)
     inside = (fraction >= MIN_BODY_FRACTION) & patches_inside_volume(encoding.grid, volume)
     with _BODY_PATCHES_LOCK:
         _BODY_PATCHES[key] = inside
