@@ -196,3 +196,9 @@ def test_torch_floor_has_the_apis_the_engine_uses():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     torch = next(Requirement(text) for text in project["dependencies"] if Requirement(text).name == "torch")
     assert not torch.specifier.contains("2.4.1") and torch.specifier.contains("2.5.0")
+
+
+def test_model_given_as_its_weights_file_names_the_folder(tiny_model_folder):
+    weights = tiny_model_folder / "model.safetensors"
+    with pytest.raises(FileNotFoundError, match=f'Model "{weights}" is a file; .* pass "{tiny_model_folder}"'):
+        Engine(str(weights), device="cpu").description

@@ -206,3 +206,11 @@ def test_a_few_slices_from_slicer_are_refused_before_preprocessing():
     with pytest.raises(ValueError, match=r'Volume "two" holds 2 slice\(s\) along axis K, 1.2 mm in all: .* Load the'
                                          " whole CT volume"):
         Volume.from_slicer_array(array, ijk_to_ras, name="two")
+
+
+def test_folder_of_damaged_dicom_files_says_so(tmp_path):
+    (tmp_path / "1-01.dcm").write_text("not dicom")
+    (tmp_path / "1-02.dcm").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r'No DICOM series found in "[^"]*": its 2 .dcm file\(s\) hold no readable'
+                                                r" DICOM image \(damaged, incomplete or not DICOM\)\."):
+        load_volume(tmp_path)

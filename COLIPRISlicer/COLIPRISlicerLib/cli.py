@@ -169,8 +169,11 @@ def _load_scan(scan: Path, allow_non_ct: bool):
     """The scan as a ``Volume``; UserError when its values do not look like CT (unless allowed)."""
     import warnings
 
+    import SimpleITK as sitk
+
     from .volume import load_volume, non_ct_reason
 
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # this process is ours: ITK's problems come back as one Error line
     with warnings.catch_warnings():
         if not allow_non_ct:  # refused below, in one line, instead of warned about
             warnings.filterwarnings("ignore", message=".*does not look like CT", category=RuntimeWarning)

@@ -210,6 +210,9 @@ def resolve_spec(spec: TypePath, notify: TypeStatusCallback) -> _ResolvedSpec:
 
 def _resolve_folder(folder: Path, source: str = "folder") -> _ResolvedSpec:
     weights = folder / defaults.WEIGHTS_FILENAME
+    if folder.is_file():
+        raise FileNotFoundError(f'Model "{folder}" is a file; a model is the folder holding {defaults.WEIGHTS_FILENAME}'
+                                f' (and config.yaml): pass "{folder.parent}".')
     if not weights.is_file():
         message = (
             f'Model folder "{folder}" has no {defaults.WEIGHTS_FILENAME}. Download it from'

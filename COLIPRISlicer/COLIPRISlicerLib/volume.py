@@ -288,8 +288,10 @@ def _read_dicom_series(folder: Path):
     if not series_ids:
         images = sorted(path.name for path in folder.iterdir() if path.name.lower().endswith(IMAGE_SUFFIXES))
         hint = f' To read an image file instead, give its path, e.g. "{folder / images[0]}".' if images else ""
-        message = f'No DICOM series found in "{folder}". Select a folder that contains .dcm files.{hint}'
-        raise FileNotFoundError(message)
+        dicoms = [path.name for path in folder.iterdir() if path.suffix.lower() == ".dcm"]
+        what = (f"its {len(dicoms)} .dcm file(s) hold no readable DICOM image (damaged, incomplete or not DICOM)"
+                if dicoms else "select a folder that contains .dcm files")
+        raise FileNotFoundError(f'No DICOM series found in "{folder}": {what}.{hint}')
     files_per_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
     series_id = max(files_per_series, key=lambda sid: len(files_per_series[sid]))
     files = files_per_series[series_id]
