@@ -189,8 +189,7 @@ def test_missing_colipri_private_config_loader_names_the_version_to_install(monk
 
 def test_torch_floor_has_the_apis_the_engine_uses():
     """``torch.OutOfMemoryError`` exists from torch 2.5: the declared floor must not be lower."""
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     from packaging.requirements import Requirement
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
