@@ -520,3 +520,19 @@ def test_a_failed_swap_keeps_the_previous_run_whole(tiny_engine, tmp_path, monke
     with pytest.raises(OSError, match="No space left"):
         write_analysis(result, out, heatmaps=None, extra_writers=[lambda folder: (folder / "report.md").write_text("v2")])
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+def test_ctrl_c_exits_130_without_traceback_or_output(tiny_model_folder, tmp_path, monkeypatch):
+    import COLIPRISlicerLib.outputs as outputs_module
+
+    def interrupted(folder):
+        (folder / "report.md").write_text("half")
+        raise KeyboardInterrupt
+
+    real = outputs_module.write_analysis
+    monkeypatch.setattr(outputs_module, "write_analysis",
+                        lambda result, out, **kwargs: real(result, out, heatmaps=None, extra_writers=[interrupted]))
+    result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", str(tiny_model_folder), "--out",
+                                 str(tmp_path / "out"), "--device", "cpu", "--no-segmentation"])
+    assert result.exit_code == 130 and "Traceback" not in result.output and "Interrupted" in result.output
+    assert list(tmp_path.iterdir()) == []

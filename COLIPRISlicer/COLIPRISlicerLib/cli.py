@@ -45,7 +45,7 @@ def _run(action) -> None:
     try:
         action()
     except KeyboardInterrupt:
-        typer.echo("Interrupted; nothing was written.", err=True)
+        typer.echo("Interrupted (an analysis folder is only written once complete).", err=True)
         raise typer.Exit(130) from None
     except Exception as error:
         message = user_error_message(error)
@@ -59,7 +59,7 @@ def user_error_message(error: BaseException) -> str | None:
     """The one-line message of a user error, or None for a bug (see ``_run``)."""
     if isinstance(error, UserError):
         return str(error)
-    if isinstance(error, OSError) and not isinstance(error, (UnicodeError,)) and error.strerror:
+    if isinstance(error, OSError) and error.strerror:
         where = f' "{error.filename}"' if error.filename else ""
         return f"{error.strerror}:{where}. Check the path, its permissions and the free disk space."
     if isinstance(error, (ValueError, RuntimeError, KeyError, FileNotFoundError)) and _raised_here(error):
