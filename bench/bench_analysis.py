@@ -61,7 +61,7 @@ def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available(),
-            "gpu": gpu}
+            "gpu": gpu, "load_average_1min_at_start": os.getloadavg()[0]}
 
 
 def random_model(folder: Path, vocab: Path, architecture: str = "full") -> Path:
@@ -253,6 +253,7 @@ def main() -> None:
         del engine, pair
         figures.update(official_timing(Path(model), scan, args.device, args.official_calls))
         figures["official_over_first_analysis"] = figures["official_pipeline_18_findings_s"] / figures["first_analysis_s"]
+    figures["load_average_1min_at_end"] = os.getloadavg()[0]  # other work on a shared machine skews every figure
     print(format_table(figures))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
