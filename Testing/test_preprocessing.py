@@ -179,3 +179,25 @@ def test_device_branch_resamples_exactly_as_the_cpu_branch(scans):
     assert tuple(on_torch.shape) == plan.resampled_shape
     torch.testing.assert_close(on_torch, on_numpy, rtol=0, atol=0)
 
+
+
+@pytest.mark.filterwarnings("ignore:The field of view:RuntimeWarning")
+def test_whole_fast_path_on_a_torch_tensor_equals_the_numpy_path(scans, colipri_transform, monkeypatch):
+    """What a GPU runs (the volume as a tensor from the start) gives the CPU path's model input exactly."""
+    import torch
+
+    from COLIPRISlicerLib import preprocessing
+
+    volume = scans["dicom"]
+    on_numpy = preprocess(volume, colipri_transform)
+    cpu_source = preprocessing.source_tensor
+
+    def as_tensor(array, device=None):
+        values, dims = cpu_source(array)
+        return torch.from_numpy(np.array(values)), dims
+
+    monkeypatch.setattr(preprocessing, "source_tensor", as_tensor)
+    on_tensor = preprocess(volume, colipri_transform)
+    torch.testing.assert_close(on_tensor.tensor, on_numpy.tensor, rtol=0, atol=0)
+    np.testing.assert_array_equal(on_tensor.model_to_ras, on_numpy.model_to_ras)
+    assert on_tensor.cropped_mm == on_numpy.cropped_mm
