@@ -214,3 +214,15 @@ def test_folder_of_damaged_dicom_files_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match=r'No DICOM series found in "[^"]*": its 2 .dcm file\(s\) hold no readable'
                                                 r" DICOM image \(damaged, incomplete or not DICOM\)\."):
         load_volume(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_an_archive_given_as_the_scan_says_to_unpack_it(tmp_path, kind):
+    import shutil
+
+    folder = tmp_path / "series"
+    shutil.copytree(require(TCIA_SERIES), folder)
+    archive = shutil.make_archive(str(tmp_path / "download"), {"zip": "zip", "tar.gz": "gztar"}[kind], folder)
+    expected = {"zip": "ZIP archive", "tar.gz": r"tar archive \(gzip-compressed\)"}[kind]
+    with pytest.raises(ValueError, match=f'"[^"]*download.{kind}" is a {expected}: unpack it and give the image file'):
+        load_volume(archive)

@@ -1,6 +1,9 @@
-"""Checks on image files that ITK does not make: ITK reads a truncated NIfTI (.nii or .nii.gz)
-without complaint and fills the missing voxels with zeros, so a partly downloaded scan would
-be analysed as if it were whole. NRRD and MetaImage readers already refuse a short file.
+"""Checks on image files that ITK does not make, and what to tell the user when ITK cannot read one.
+
+ITK reads a truncated NIfTI (.nii or .nii.gz) without complaint and fills the missing voxels
+with zeros, so a partly downloaded scan would be analysed as if it were whole. NRRD and
+MetaImage readers already refuse a short file. ITK picks its reader by the file name, so a
+misnamed file or an archive gets "Unable to determine ImageIO reader": the first bytes say more.
 """
 
 from __future__ import annotations
@@ -79,3 +82,55 @@ def _gunzipped_size(path: Path) -> int:
         while chunk := file.read(_CHUNK):
             size += len(chunk)
     return size
+
+
+def unreadable_message(path: Path, error: RuntimeError) -> str:
+    """One line: why ITK could not read ``path`` and what to give instead."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in reversed(lines) if "No such file" not in line), type(error).__name__)
+    if "Unable to determine ImageIO reader" not in str(error):
+        return f'Cannot read "{path}" ({detail}). The file may be incomplete or damaged: download or export it again.'
+    head = _first_bytes(path)
+    archive = _archive_kind(head)
+    if archive:
+        return f'"{path}" is a {archive}: unpack it and give the image file or the DICOM folder inside.'
+    guessed = _misnamed_format(head)
+    if guessed:
+        return f'"{path}" looks like a {guessed[0]} file but its name does not say so: rename it to end in {guessed[1]}.'
+    return (f'"{path}" is not an image file ITK can read (by its name and content). Give a NIfTI (.nii, .nii.gz),'
+            " NRRD (.nrrd), MetaImage (.mha) file or a folder holding a DICOM series.")
+
+
+def _first_bytes(path: Path, size: int = 512) -> bytes:
+    """The first bytes of ``path``, decompressed when it is gzip data (as much as is readable)."""
+    with open(path, "rb") as file:
+        head = file.read(size)
+    if head[:2] != b"\x1f\x8b":
+        return head
+    try:
+        with gzip.open(path, "rb") as file:
+            return b"gzip:" + file.read(size)
+    except (OSError, EOFError):
+        return head
+
+
+def _archive_kind(head: bytes) -> str | None:
+    body = head[5:] if head.startswith(b"gzip:") else head
+    if body.startswith(b"PK\x03\x04"):
+        return "ZIP archive"
+    if body[257:262] == b"ustar":
+        return "tar archive" + (" (gzip-compressed)" if head.startswith(b"gzip:") else "")
+    return None
+
+
+def _misnamed_format(head: bytes) -> tuple[str, str] | None:
+    """(format, extension) recognised from the first bytes of a misnamed file, else None."""
+    if head.startswith(b"gzip:"):
+        return ("gzip-compressed NIfTI", ".nii.gz") if head[5 + 344:5 + 347] == b"n+1" else None
+    if head[344:347] == b"n+1":
+        return "NIfTI", ".nii"
+    if head.startswith(b"NRRD"):
+        return "NRRD", ".nrrd"
+    if head[128:132] == b"DICM":
+        return "DICOM", ".dcm (and give its folder, with the other slices of the series)"
+    return None

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import geometry
 from .defaults import HU_MAX_EXPECTED, HU_MIN_EXPECTED
-from .image_files import check_nifti_complete
+from .image_files import check_nifti_complete, unreadable_message
 from .types import TypeAffine, TypePath
 
 logger = logging.getLogger(__name__)
@@ -220,42 +220,7 @@ def _read_image_file(path: Path):
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
-        raise ValueError(_unreadable_message(path, error)) from None
-
-
-def _unreadable_message(path: Path, error: RuntimeError) -> str:
-    """One line: why ITK could not read ``path`` and what to give instead."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    detail = next((line for line in reversed(lines) if "No such file" not in line), type(error).__name__)
-    if "Unable to determine ImageIO reader" in str(error):
-        guessed = _guess_format(path)
-        if guessed:
-            return f'"{path}" looks like a {guessed[0]} file but its name does not say so: rename it to end in {guessed[1]}.'
-        return (f'"{path}" is not an image file ITK can read (by its name and content). Give a NIfTI (.nii, .nii.gz),'
-                " NRRD (.nrrd), MetaImage (.mha) file or a folder holding a DICOM series.")
-    return (f'Cannot read "{path}" ({detail}). The file may be incomplete or damaged: download or export it again.')
-
-
-def _guess_format(path: Path) -> tuple[str, str] | None:
-    """(format, extension) recognised from the first bytes of a misnamed file, else None."""
-    import gzip
-
-    with open(path, "rb") as file:
-        head = file.read(352)
-    if head[:2] == b"\x1f\x8b":
-        try:
-            with gzip.open(path, "rb") as file:
-                head = file.read(352)
-        except (OSError, EOFError):
-            return None
-        return ("gzip-compressed NIfTI", ".nii.gz") if head[344:347] == b"n+1" else None
-    if head[344:347] == b"n+1":
-        return "NIfTI", ".nii"
-    if head.startswith(b"NRRD"):
-        return "NRRD", ".nrrd"
-    if head[128:132] == b"DICM":
-        return "DICOM", ".dcm (and give its folder, with the other slices of the series)"
-    return None
+        raise ValueError(unreadable_message(path, error)) from None
 
 
 def scalar_array_from_sitk(image, what: str, expected: str) -> tuple[np.ndarray, np.ndarray]:
@@ -302,7 +267,7 @@ def _read_dicom_series(folder: Path):
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        raise ValueError(_unreadable_message(folder, error)) from None
+        raise ValueError(unreadable_message(folder, error)) from None
     check_slice_spacing(_slice_positions(files, image.GetDirection()), f'The DICOM series in "{folder}"',
                         len([path for path in folder.iterdir() if path.is_file()]))
     return image, _slice_metadata(files)
