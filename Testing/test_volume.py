@@ -226,3 +226,12 @@ def test_an_archive_given_as_the_scan_says_to_unpack_it(tmp_path, kind):
     expected = {"zip": "ZIP archive", "tar.gz": r"tar archive \(gzip-compressed\)"}[kind]
     with pytest.raises(ValueError, match=f'"[^"]*download.{kind}" is a {expected}: unpack it and give the image file'):
         load_volume(archive)
+
+
+def test_parent_of_a_dicom_folder_names_the_subfolder(tmp_path):
+    import shutil
+
+    shutil.copytree(require(TCIA_SERIES), tmp_path / "patient" / "series_5mm")
+    with pytest.raises(FileNotFoundError, match=r'No DICOM series found .* The series is in a subfolder: give "[^"]*'
+                                                r'patient/series_5mm"'):
+        load_volume(tmp_path / "patient")

@@ -253,6 +253,8 @@ def _read_dicom_series(folder: Path):
     if not series_ids:
         images = sorted(path.name for path in folder.iterdir() if path.name.lower().endswith(IMAGE_SUFFIXES))
         hint = f' To read an image file instead, give its path, e.g. "{folder / images[0]}".' if images else ""
+        inner = _subfolder_with_series(folder)
+        hint += f' The series is in a subfolder: give "{inner}".' if inner else ""
         dicoms = [path.name for path in folder.iterdir() if path.suffix.lower() == ".dcm"]
         what = (f"its {len(dicoms)} .dcm file(s) hold no readable DICOM image (damaged, incomplete or not DICOM)"
                 if dicoms else "select a folder that contains .dcm files")
@@ -271,6 +273,16 @@ def _read_dicom_series(folder: Path):
     check_slice_spacing(_slice_positions(files, image.GetDirection()), f'The DICOM series in "{folder}"',
                         len([path for path in folder.iterdir() if path.is_file()]))
     return image, _slice_metadata(files)
+
+
+def _subfolder_with_series(folder: Path, limit: int = 20) -> Path | None:
+    """The first of up to ``limit`` immediate subfolders that holds a DICOM series, else None."""
+    import SimpleITK as sitk
+
+    for sub in sorted(path for path in folder.iterdir() if path.is_dir())[:limit]:
+        if sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(sub)):
+            return sub
+    return None
 
 
 def _slice_positions(files, direction) -> np.ndarray:
