@@ -201,3 +201,19 @@ def test_whole_fast_path_on_a_torch_tensor_equals_the_numpy_path(scans, colipri_
     torch.testing.assert_close(on_tensor.tensor, on_numpy.tensor, rtol=0, atol=0)
     np.testing.assert_array_equal(on_tensor.model_to_ras, on_numpy.model_to_ras)
     assert on_tensor.cropped_mm == on_numpy.cropped_mm
+
+
+def test_one_sided_clamp_and_random_steps(scans, colipri_transform):
+    import copy
+
+    volume = scans["ras_nifti"]
+    one_sided = copy.deepcopy(colipri_transform)
+    one_sided.transforms[2].out_min = None  # Clamp(None, 1000): only the top is limited
+    fast = preprocess(volume, one_sided)
+    reference = preprocess(volume, one_sided, method="reference")
+    assert float((fast.tensor - reference.tensor).abs().max()) <= ONE_HU
+    assert float(fast.tensor.min()) < -1.0  # air below -1000 HU is kept, as TorchIO keeps it
+    random = copy.deepcopy(colipri_transform)
+    random.transforms[2].probability = 0.5
+    steps, reason = fast_steps(random)
+    assert steps is None and "probability below 1" in reason

@@ -135,6 +135,8 @@ def fast_steps(image_transform) -> tuple[FastSteps | None, str]:
     expected = (tio.ToOrientation, tio.Resample, tio.Clamp, tio.RescaleIntensity, tio.CropOrPad)
     if [type(step) for step in steps] != list(expected):
         return None, f"steps {[type(step).__name__ for step in steps]} are not {[t.__name__ for t in expected]}"
+    if any(getattr(step, "probability", 1) != 1 for step in steps):
+        return None, "a step is applied at random (probability below 1)"
     orientation, resample, clamp, rescale, crop_or_pad = steps
     target = resample.target
     spacing_target = isinstance(target, (int, float)) or (
@@ -294,8 +296,9 @@ def _cast_like_itk(values, dtype, clamp: tuple | None = None):
         return (values if clamp is None else values.clamp(*clamp)).to(torch.float32)
     info = torch.iinfo(dtype)
     low, high = max(info.min, -2.0**24), min(info.max, 2.0**24)
-    if clamp is not None:
-        low, high = max(low, clamp[0]), min(high, clamp[1])
+    if clamp is not None:  # TorchIO's Clamp accepts None for an open side
+        low = low if clamp[0] is None else max(low, clamp[0])
+        high = high if clamp[1] is None else min(high, clamp[1])
     return values.trunc_().clamp_(low, high)
 
 
