@@ -344,7 +344,8 @@ def test_rerun_into_the_same_folder_holds_exactly_the_new_run(tiny_model_folder,
     assert second.exit_code == 0, second.output
     document = json.loads((out / "findings.json").read_text())
     assert sorted(path.name for path in out.iterdir()) == ["findings.json", "heatmaps", "my notes.txt", "summary.png"]
-    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == sorted(f["heatmap"][9:] for f in document["findings"])
+    heatmaps = sorted(p.name for p in (out / "heatmaps").iterdir())
+    assert heatmaps == sorted(f["heatmap"][9:] for f in document["findings"])
     assert len(document["findings"]) == 18 and (out / "my notes.txt").read_text() == "keep me"
 
 
@@ -518,7 +519,8 @@ def test_a_failed_swap_keeps_the_previous_run_whole(tiny_engine, tmp_path, monke
 
     monkeypatch.setattr(Path, "replace", failing_replace)
     with pytest.raises(OSError, match="No space left"):
-        write_analysis(result, out, heatmaps=None, extra_writers=[lambda folder: (folder / "report.md").write_text("v2")])
+        write_analysis(result, out, heatmaps=None,
+                       extra_writers=[lambda folder: (folder / "report.md").write_text("v2")])
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
@@ -536,3 +538,21 @@ def test_ctrl_c_exits_130_without_traceback_or_output(tiny_model_folder, tmp_pat
                                  str(tmp_path / "out"), "--device", "cpu", "--no-segmentation"])
     assert result.exit_code == 130 and "Traceback" not in result.output and "Interrupted" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_staging_left_by_a_killed_run_is_removed_by_the_next_one(tiny_engine, tmp_path):
+    import os
+
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.outputs import STALE_SECONDS, write_analysis
+
+    stale, fresh = tmp_path / ".colipri-partial-0123456789ab", tmp_path / ".colipri-partial-ba9876543210"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "report.md").write_text("half")
+    old = stale.stat().st_mtime - STALE_SECONDS - 60
+    os.utime(stale, (old, old))
+    (tmp_path / ".colipri-notes").mkdir()  # not ours by name: kept whatever its age
+    os.utime(tmp_path / ".colipri-notes", (old, old))
+    write_analysis(Analyzer(tiny_engine).analyze(load_volume(require(RAS_NIFTI))), tmp_path / "out", heatmaps=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".colipri-notes", fresh.name, "out"]

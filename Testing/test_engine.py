@@ -245,7 +245,8 @@ def test_numbers_version_names_the_format_packages_and_sources():
     from COLIPRISlicerLib.cache import CACHE_FORMAT_VERSION, numbers_version
 
     record = numbers_version()
-    assert record.startswith(f"format={CACHE_FORMAT_VERSION};colipri={version('colipri')};torchio={version('torchio')};")
+    expected = f"format={CACHE_FORMAT_VERSION};colipri={version('colipri')};torchio={version('torchio')};"
+    assert record.startswith(expected)
     assert len(record.split("sources=")[1]) == 16
 
 

@@ -421,7 +421,7 @@ def test_anatomy_method_says_when_the_named_landmark_is_not_in_the_scan(tiny_eng
     from COLIPRISlicerLib.analysis import Analyzer
 
     whole = load_volume(require(TCIA_SERIES))
-    volume = Volume.from_array(whole.array[:, :, :51], whole.ijk_to_ras, name="no trachea")  # top slice inside the lungs
+    volume = Volume.from_array(whole.array[:, :, :51], whole.ijk_to_ras, name="no trachea")  # top inside the lungs
     analyzer = Analyzer(tiny_engine)
     result = analyzer.analyze(volume)
     assert result.landmarks.carina_s is None

@@ -134,7 +134,7 @@ def test_bf16_likelihoods_within_0_01_of_fp32(tiny_model_folder, tiny_engine):
 
 
 def test_out_of_memory_is_caught_where_torch_has_no_top_level_out_of_memory_error(tiny_model_folder, monkeypatch):
-    """torch 2.4 has only ``torch.cuda.OutOfMemoryError``; ``except torch.OutOfMemoryError`` would be an AttributeError."""
+    """torch 2.4 has only ``torch.cuda.OutOfMemoryError``; there ``except torch.OutOfMemoryError`` fails."""
     import torch
 
     import COLIPRISlicerLib.engine as engine_module

@@ -173,7 +173,7 @@ def _load_scan(scan: Path, allow_non_ct: bool):
 
     from .volume import load_volume, non_ct_reason
 
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # this process is ours: ITK's problems come back as one Error line
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # our own process: ITK's problems come back as one Error line
     with warnings.catch_warnings():
         if not allow_non_ct:  # refused below, in one line, instead of warned about
             warnings.filterwarnings("ignore", message=".*does not look like CT", category=RuntimeWarning)
@@ -194,7 +194,8 @@ def _check_analyze_options(out: Path, extra: list[str], method: str, localizer: 
     if any(not text.strip() for text in extra):
         raise UserError('--finding "" is empty: give the finding as words, e.g. --finding "rib fracture".')
     if any(not text.strip() for text in texts):
-        raise UserError('--snippet "" is empty: give a report sentence, e.g. --snippet "Nodule in the right lower lobe".')
+        raise UserError('--snippet "" is empty: give a report sentence, e.g.'
+                        ' --snippet "Nodule in the right lower lobe".')
     if method not in METHODS:
         raise UserError(f'Unknown --snippet-method "{method}"; use one of {", ".join(METHODS)}.')
     if method == "head" and localizer is None:
@@ -280,7 +281,7 @@ def _demo(out: Path, device: str, seed: int) -> None:
     import json
 
     from .outputs import check_out_dir
-    from .phantom import write_phantom
+    from .teaching.phantom import write_phantom
 
     check_out_dir(out)
     model = _demo_model_spec()
@@ -370,7 +371,7 @@ def phantom(
     """Write a synthetic chest CT with planted findings and its ground truth."""
 
     def action() -> None:
-        from .phantom import write_phantom
+        from .teaching.phantom import write_phantom
 
         if out.exists() and not out.is_dir():
             raise UserError(f'--out "{out}" is an existing file; give a folder path (it is created when absent).')
@@ -412,7 +413,7 @@ def train_phantom(
     def action() -> None:
         from dataclasses import replace
 
-        from .phantom_training import RECIPES, default_vocabulary
+        from .teaching.training import RECIPES, default_vocabulary
 
         if recipe not in RECIPES:
             raise UserError(f'Unknown recipe "{recipe}"; choose one of {", ".join(RECIPES)}.')
@@ -437,8 +438,8 @@ def _cpu_count() -> int:
 
 def _train_phantom_stages(out: Path, vocab: Path, config, n_val: int, device: str, workers: int, resume: bool,
                           chosen: set[str]) -> None:
-    from .phantom_bundle import calibrate, completed_stages, train_head_on_phantoms
-    from .phantom_training import train_phantom_model
+    from .teaching.bundle import calibrate, completed_stages, train_head_on_phantoms
+    from .teaching.training import train_phantom_model
 
     done = completed_stages(out) if resume else set()
     if done:
@@ -475,7 +476,7 @@ def _evaluate_phantom_model(model: str, n_val: int, json_out: Path | None, devic
                             workers: int = 1) -> None:
     import json
 
-    from .phantom_evaluation import evaluate_on_phantoms, format_summary
+    from .teaching.evaluation import evaluate_on_phantoms, format_summary
 
     figures = evaluate_on_phantoms(model, n_val=n_val, device=device, workers=workers, status_callback=_status)
     typer.echo(format_summary(figures))

@@ -96,7 +96,8 @@ def unreadable_message(path: Path, error: RuntimeError) -> str:
         return f'"{path}" is a {archive}: unpack it and give the image file or the DICOM folder inside.'
     guessed = _misnamed_format(head)
     if guessed:
-        return f'"{path}" looks like a {guessed[0]} file but its name does not say so: rename it to end in {guessed[1]}.'
+        return (f'"{path}" looks like a {guessed[0]} file but its name does not say so: rename it to end in'
+                f" {guessed[1]}.")
     return (f'"{path}" is not an image file ITK can read (by its name and content). Give a NIfTI (.nii, .nii.gz),'
             " NRRD (.nrrd), MetaImage (.mha) file or a folder holding a DICOM series.")
 

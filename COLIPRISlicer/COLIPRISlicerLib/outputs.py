@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -22,6 +23,10 @@ from .types import TypePath
 
 FINDINGS_FILENAME = "findings.json"
 HEATMAPS_DIRNAME = "heatmaps"
+#: Hidden folders of a run in progress (new outputs; the previous run's while they are swapped).
+STAGING_PREFIXES = (".colipri-partial-", ".colipri-previous-")
+#: A staging folder untouched this long was left by a killed run and is removed by the next one.
+STALE_SECONDS = 3600
 #: Everything an analysis writes at the top of its folder (a re-run replaces exactly these).
 OUTPUT_NAMES = frozenset({FINDINGS_FILENAME, HEATMAPS_DIRNAME, "report.md", "localization.json", "summary.png",
                           "segmentation.nii.gz", "segmentation.json", "dicom"})
@@ -67,7 +72,8 @@ def write_analysis(result, out_dir: TypePath, *, heatmaps: Iterable[str] | str |
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    staging = _new_hidden_folder(_existing_ancestor(out_dir), ".colipri-partial-")
+    _remove_stale_staging(_existing_ancestor(out_dir))
+    staging = _new_hidden_folder(_existing_ancestor(out_dir), STAGING_PREFIXES[0])
     try:
         document = findings_document(result)
         names = [f.name for f in result.findings] if heatmaps == "all" else list(heatmaps or [])
@@ -103,6 +109,14 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _remove_stale_staging(folder: Path) -> None:
+    """Remove the hidden staging folders a killed run left in ``folder`` (untouched for ``STALE_SECONDS``)."""
+    for path in folder.glob(".colipri-*-*"):
+        stale = time.time() - path.stat().st_mtime > STALE_SECONDS
+        if path.is_dir() and path.name.startswith(STAGING_PREFIXES) and stale:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _new_hidden_folder(parent: Path, prefix: str) -> Path:
     """A new folder in ``parent`` with the umask's permissions (``mkdtemp`` would make it private)."""
     folder = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
@@ -116,7 +130,7 @@ def _replace_run(staging: Path, out_dir: Path) -> None:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging.replace(out_dir)
         return
-    previous = _new_hidden_folder(out_dir, ".colipri-previous-")
+    previous = _new_hidden_folder(out_dir, STAGING_PREFIXES[1])
     try:
         _swap_outputs(staging, out_dir, previous)
     finally:

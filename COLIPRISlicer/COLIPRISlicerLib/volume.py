@@ -312,7 +312,8 @@ def check_slice_spacing(positions: np.ndarray, what: str, files_in_folder: int) 
     widest, narrowest = int(np.argmax(gaps)), int(np.argmin(gaps))
     found = f"the folder holds {files_in_folder} files, the series {positions.size} readable slices"
     if gaps[widest] > 1.5 * typical:
-        raise ValueError(f"{what} is missing slices: {gaps[widest]:.1f} mm between the slices at {positions[widest]:.1f}"
+        raise ValueError(f"{what} is missing slices: {gaps[widest]:.1f} mm between the slices at"
+                         f" {positions[widest]:.1f}"
                          f" and {positions[widest + 1]:.1f} mm where the others are {typical:.1f} mm apart ({found})."
                          " A file is missing, incomplete or unreadable: copy or download the whole series again.")
     if gaps[narrowest] < 0.1 * typical:
