@@ -66,7 +66,7 @@ def tiny_loaded(tiny_model_folder):
 @pytest.fixture(scope="session")
 def phantom_sample(tiny_loaded):
     """Training sample of phantom 3 at coarse geometry on the tiny model's grid."""
-    from COLIPRISlicerLib.phantom_dataset import make_sample
+    from COLIPRISlicerLib.teaching.dataset import make_sample
 
     return make_sample(3, tiny_loaded.image_transform, tiny_loaded.patch_size, coarse=True)
 

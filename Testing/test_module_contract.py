@@ -52,7 +52,7 @@ def missing_from_cmake(text: str) -> list[str]:
     scripts = set(cmake_list(text, "MODULE_PYTHON_SCRIPTS"))
     resources = set(cmake_list(text, "MODULE_TOP_LEVEL_RESOURCES"))
     needed_scripts = {path.relative_to(MODULE_DIR).as_posix() for path in MODULE_DIR.rglob("*.py")
-                      if "__pycache__" not in path.parts}
+                      if "__pycache__" not in path.parts and "teaching" not in path.parts}  # the kit stays out
     present = [path.relative_to(REPO).as_posix() for path in (REPO / "Resources").rglob("*") if path.is_file()]
     needed_resources = {path for path in present if not any(part in path for part in UNSHIPPED_RESOURCES)}
     return sorted((needed_scripts - scripts) | (needed_resources - resources))
@@ -148,7 +148,7 @@ def test_slicer_side_helpers_import_nothing_heavy_at_file_scope(path):
     assert [(name, line) for name, line in file_scope_imports(tree) if name not in allowed] == []
 
 
-@pytest.mark.parametrize("path", sorted((MODULE_DIR / "COLIPRISlicerLib").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((MODULE_DIR / "COLIPRISlicerLib").rglob("*.py")), ids=lambda p: p.name)
 def test_engine_never_imports_slicer_qt_or_vtk(path):
     tree = ast.parse(path.read_text(encoding="utf-8"))
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
@@ -156,6 +156,18 @@ def test_engine_never_imports_slicer_qt_or_vtk(path):
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module and not node.level}
     assert imported & {"slicer", "qt", "ctk", "vtk", "vtkmodules"} == set()
+
+
+def test_the_slicer_build_ships_no_teaching_kit_and_nothing_it_ships_needs_it():
+    listed = cmake_list((MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8"), "MODULE_PYTHON_SCRIPTS")
+    assert not [path for path in listed if "teaching" in path]
+    assert len(list((MODULE_DIR / "COLIPRISlicerLib" / "teaching").glob("*.py"))) >= 10
+    for path in listed:  # the command line's teaching commands (cli.py) are not run inside Slicer
+        if path.endswith(".py") and path != "COLIPRISlicerLib/cli.py":
+            tree = ast.parse((MODULE_DIR / path).read_text(encoding="utf-8"))
+            modules = {(node.level, node.module or "") for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            assert not [module for _, module in modules if module.split(".")[0] == "teaching"
+                        or module.startswith("COLIPRISlicerLib.teaching")], path
 
 
 def test_importing_the_module_loads_no_torch_and_starts_no_thread():

@@ -10,8 +10,8 @@ import pytest
 
 from COLIPRISlicerLib.analysis import Analyzer
 from COLIPRISlicerLib.engine import Engine
-from COLIPRISlicerLib.phantom import generate_phantom
-from COLIPRISlicerLib.phantom_bundle import _update_record
+from COLIPRISlicerLib.teaching.phantom import generate_phantom
+from COLIPRISlicerLib.teaching.bundle import _update_record
 
 #: One finding a threshold of 0 would call present everywhere, one that 1 would call absent everywhere.
 NOT_LEARNED = {"Lymphadenopathy": "degenerate threshold 0.004", "Emphysema": "degenerate threshold 0.999"}

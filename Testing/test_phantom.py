@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from COLIPRISlicerLib import geometry
-from COLIPRISlicerLib.phantom import CT_RATE_FINDINGS, generate_phantom, write_phantom
-from COLIPRISlicerLib.phantom_findings import LABELS, TISSUE_TABLE
-from COLIPRISlicerLib.phantom_anatomy import ALL_LABELS, TISSUES
+from COLIPRISlicerLib.teaching.phantom import CT_RATE_FINDINGS, generate_phantom, write_phantom
+from COLIPRISlicerLib.teaching.findings import LABELS, TISSUE_TABLE
+from COLIPRISlicerLib.teaching.anatomy import ALL_LABELS, TISSUES
 
 #: Seeds covering RAS-like, flipped and permuted storage and 1-5 mm slices (checked below).
 SEEDS = (2, 3, 5, 7, 17)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from COLIPRISlicerLib.phantom_augmentation import (AIR, Augmentation, augment_batch, pack_masks, shift_volume,
+from COLIPRISlicerLib.teaching.augmentation import (AIR, Augmentation, augment_batch, pack_masks, shift_volume,
                                                    unpack_masks)
 
 
@@ -66,7 +66,7 @@ def test_no_augmentation_is_the_identity(phantom_sample, tiny_loaded):
 
 
 def test_training_batches_are_augmented_unless_the_config_says_none(phantom_sample, tiny_loaded):
-    from COLIPRISlicerLib.phantom_batches import TrainingTensors
+    from COLIPRISlicerLib.teaching.batches import TrainingTensors
 
     tensors, size = TrainingTensors.from_samples([phantom_sample, phantom_sample]), tiny_loaded.patch_size
     plain = tensors.batch([0, 1], size, None, torch.Generator())
@@ -80,7 +80,7 @@ def test_training_batches_are_augmented_unless_the_config_says_none(phantom_samp
 
 
 def test_torch_bit_unpacking_equals_numpy_on_the_packed_training_masks(phantom_sample):
-    from COLIPRISlicerLib.phantom_batches import unpack_bits
+    from COLIPRISlicerLib.teaching.batches import unpack_bits
 
     depth = phantom_sample.image.shape[-1]
     expected = unpack_masks(phantom_sample.model_masks, depth)

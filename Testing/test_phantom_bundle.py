@@ -11,8 +11,8 @@ import yaml
 
 from COLIPRISlicerLib.analysis import Analyzer
 from COLIPRISlicerLib.engine import Engine
-from COLIPRISlicerLib.phantom import generate_phantom
-from COLIPRISlicerLib.phantom_bundle import (
+from COLIPRISlicerLib.teaching.phantom import generate_phantom
+from COLIPRISlicerLib.teaching.bundle import (
     ANATOMY_WEIGHTS,
     HEAD_LABELS,
     VESSEL_ANATOMY,
@@ -68,7 +68,7 @@ def test_calibrated_anatomy_weight_is_the_best_one_and_the_default_of_localize(m
 
 
 def test_head_labels_put_findings_over_the_vessels_they_were_planted_in():
-    from COLIPRISlicerLib.phantom_anatomy import ALL_LABELS
+    from COLIPRISlicerLib.teaching.anatomy import ALL_LABELS
 
     _, truth = generate_phantom(100_500)  # one with nodules
     nodule = truth["mask_arrays"]["Lung nodule"]
@@ -99,7 +99,7 @@ def test_a_bundled_head_is_the_default_segmentation(model_copy, anatomy):
 
 
 def test_one_calibration_pass_stores_thresholds_weight_and_the_findings_not_learned(model_copy):
-    from COLIPRISlicerLib.phantom_bundle import calibrate, completed_stages
+    from COLIPRISlicerLib.teaching.bundle import calibrate, completed_stages
 
     assert completed_stages(model_copy) == set()  # the tiny folder has no training record
     result = calibrate(model_copy, n=4, seed_base=20_000_100, workers=2)
@@ -111,7 +111,7 @@ def test_one_calibration_pass_stores_thresholds_weight_and_the_findings_not_lear
 
 
 def test_completed_stages_tell_resume_what_a_folder_already_holds(model_copy):
-    from COLIPRISlicerLib.phantom_bundle import _update_record, completed_stages
+    from COLIPRISlicerLib.teaching.bundle import _update_record, completed_stages
 
     _update_record(model_copy, training={"n_train": 4})
     assert completed_stages(model_copy) == {"train"}
@@ -124,6 +124,6 @@ def test_completed_stages_tell_resume_what_a_folder_already_holds(model_copy):
 
 @pytest.mark.parametrize(("spacing_mm", "refine"), [(5.0, 2), (2.5, 1), (12.0, 4), (2.0, 1), (6.0, 2)])
 def test_the_head_decodes_onto_a_power_of_two_subdivision_no_finer_than_its_output_grid(spacing_mm, refine):
-    from COLIPRISlicerLib.phantom_bundle import head_refine
+    from COLIPRISlicerLib.teaching.bundle import head_refine
 
     assert head_refine(spacing_mm) == refine

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from COLIPRISlicerLib.phantom_evaluation import (_head_dice, _localization_summary, _pointing, _pointing_summary,
+from COLIPRISlicerLib.teaching.evaluation import (_head_dice, _localization_summary, _pointing, _pointing_summary,
                                                  evaluate_on_phantoms, format_summary)
 
 

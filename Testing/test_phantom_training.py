@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from conftest import CXR_BERT_VOCAB, require
-from COLIPRISlicerLib import phantom_objectives as objectives
-from COLIPRISlicerLib.phantom import generate_phantom
-from COLIPRISlicerLib.phantom_dataset import PLANTED_FINDINGS, coarse_geometry, make_sample
+from COLIPRISlicerLib.teaching import objectives as objectives
+from COLIPRISlicerLib.teaching.phantom import generate_phantom
+from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS, coarse_geometry, make_sample
 
 
 def test_sample_targets_match_the_phantom_truth_on_the_model_grid(phantom_sample, tiny_loaded):
     from COLIPRISlicerLib.findings import mask_to_patch_fraction
     from COLIPRISlicerLib.localization import strip_references
-    from COLIPRISlicerLib.phantom_augmentation import unpack_masks
+    from COLIPRISlicerLib.teaching.augmentation import unpack_masks
     from COLIPRISlicerLib.preprocessing import preprocess
 
     volume, truth = generate_phantom(3, **coarse_geometry(3))
@@ -106,7 +106,7 @@ def test_dense_pair_loss_balances_positive_and_negative_patches_per_finding():
 
 
 def test_centring_makes_phantoms_pooled_embeddings_differ(tmp_path):
-    from COLIPRISlicerLib.phantom_training import _new_model, centre_tokens
+    from COLIPRISlicerLib.teaching.training import _new_model, centre_tokens
 
     vocab = require(CXR_BERT_VOCAB)
     config = _tiny_config()
@@ -127,7 +127,7 @@ def test_centring_makes_phantoms_pooled_embeddings_differ(tmp_path):
 
 def _tiny_config():
     from COLIPRISlicerLib.model_folder import SmallModelSpec
-    from COLIPRISlicerLib.phantom_training import TrainingConfig
+    from COLIPRISlicerLib.teaching.training import TrainingConfig
 
     spec = SmallModelSpec(input_size=32, spacing_mm=12.0, image_embed_dim=48, image_depth=1, image_heads=2,
                           projection_dim=32, text_layers=1, text_heads=2, text_intermediate=64, seed=3, pool_heads=4)
@@ -138,7 +138,7 @@ def test_a_short_training_run_writes_a_model_folder_the_engine_loads(tmp_path):
     import yaml
 
     from COLIPRISlicerLib.engine import Engine
-    from COLIPRISlicerLib.phantom_training import TEACHING_LABEL, TEACHING_MODEL_ID, train_phantom_model
+    from COLIPRISlicerLib.teaching.training import TEACHING_LABEL, TEACHING_MODEL_ID, train_phantom_model
 
     folder = tmp_path / "teaching"
     record = train_phantom_model(folder, require(CXR_BERT_VOCAB), _tiny_config(), workers=1)
@@ -157,7 +157,7 @@ def test_a_short_training_run_writes_a_model_folder_the_engine_loads(tmp_path):
 
 
 def test_training_refuses_to_replace_a_folder_that_is_not_a_teaching_model(tmp_path):
-    from COLIPRISlicerLib.phantom_training import train_phantom_model
+    from COLIPRISlicerLib.teaching.training import train_phantom_model
 
     folder = tmp_path / "results"
     folder.mkdir()
@@ -182,7 +182,7 @@ def test_a_time_budget_shortens_the_image_phase_to_the_epochs_that_fit():
 
 
 def test_a_shortened_schedule_anneals_to_zero_at_its_new_end():
-    from COLIPRISlicerLib.phantom_training import WarmupCosine
+    from COLIPRISlicerLib.teaching.training import WarmupCosine
 
     factor = WarmupCosine(1000, 0.05)
     assert factor.warmup == 50 and factor(0) == pytest.approx(1 / 50) and factor(49) == pytest.approx(1.0)
@@ -193,7 +193,7 @@ def test_a_shortened_schedule_anneals_to_zero_at_its_new_end():
 
 
 def test_a_run_out_of_time_ends_the_image_phase_after_its_first_epoch_with_the_rate_recorded(tmp_path):
-    from COLIPRISlicerLib.phantom_training import train_phantom_model
+    from COLIPRISlicerLib.teaching.training import train_phantom_model
 
     config = replace(_tiny_config(), epochs=3, max_minutes=1e-6)
     messages = []
@@ -221,7 +221,7 @@ def test_train_phantom_refuses_bad_recipes_and_stages_before_any_work(tmp_path, 
 
 
 def test_the_gpu_recipe_trains_on_a_finer_grid_than_the_cpu_recipe():
-    from COLIPRISlicerLib.phantom_training import RECIPES
+    from COLIPRISlicerLib.teaching.training import RECIPES
 
     cpu, gpu = RECIPES["cpu"].spec, RECIPES["gpu"].spec
     assert cpu.input_size * cpu.spacing_mm == gpu.input_size * gpu.spacing_mm == 400.0  # same field of view

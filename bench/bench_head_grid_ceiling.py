@@ -32,8 +32,8 @@ def main() -> None:
 
     from COLIPRISlicerLib.engine import Engine
     from COLIPRISlicerLib.geometry import resample_to_volume
-    from COLIPRISlicerLib.phantom import generate_phantom
-    from COLIPRISlicerLib.phantom_evaluation import VALIDATION_SEED_BASE
+    from COLIPRISlicerLib.teaching.phantom import generate_phantom
+    from COLIPRISlicerLib.teaching.evaluation import VALIDATION_SEED_BASE
 
     engine = Engine(args.model, device="cpu", precision="fp32")
     factors, scores = (1, 2, 4), []

@@ -33,9 +33,9 @@ from COLIPRISlicerLib.analysis import Analyzer  # noqa: E402
 from COLIPRISlicerLib.calibration import auroc  # noqa: E402
 from COLIPRISlicerLib.engine import Engine  # noqa: E402
 from COLIPRISlicerLib.findings import patches_inside_volume  # noqa: E402
-from COLIPRISlicerLib.phantom import generate_phantom  # noqa: E402
-from COLIPRISlicerLib.phantom_dataset import PLANTED_FINDINGS, coarse_geometry  # noqa: E402
-from COLIPRISlicerLib.phantom_training import VALIDATION_SEED_BASE, TrainingConfig  # noqa: E402
+from COLIPRISlicerLib.teaching.phantom import generate_phantom  # noqa: E402
+from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS, coarse_geometry  # noqa: E402
+from COLIPRISlicerLib.teaching.training import VALIDATION_SEED_BASE, TrainingConfig  # noqa: E402
 
 
 def scores(analyzer: Analyzer, seeds: list[int], coarse: bool) -> dict[str, np.ndarray]:

@@ -30,15 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "COLIPRISlicer"))
 
 from COLIPRISlicerLib.calibration import auroc  # noqa: E402
-from COLIPRISlicerLib.phantom_dataset import PLANTED_FINDINGS, PLANTED_LABEL_INDICES, make_samples  # noqa: E402
-from COLIPRISlicerLib.phantom_training import VALIDATION_SEED_BASE  # noqa: E402
+from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS, PLANTED_LABEL_INDICES, make_samples  # noqa: E402
+from COLIPRISlicerLib.teaching.training import VALIDATION_SEED_BASE  # noqa: E402
 
 
 def embeddings(model, samples, batch: int = 8):
     """(n, D) pooled and (n, N, D) per-patch embeddings of the samples' model inputs."""
     import torch
 
-    from COLIPRISlicerLib.phantom_objectives import encode_pooled_and_dense
+    from COLIPRISlicerLib.teaching.objectives import encode_pooled_and_dense
 
     pooled, dense = [], []
     with torch.no_grad():
@@ -54,7 +54,7 @@ def presence_figures(loaded, samples) -> dict[str, dict[str, float]]:
     """Pooled, max-patch and patch-level AUROC per planted finding present in some but not all samples."""
     import torch
 
-    from COLIPRISlicerLib.phantom_objectives import PromptBank
+    from COLIPRISlicerLib.teaching.objectives import PromptBank
 
     model = loaded.model.eval()
     bank = PromptBank(loaded.tokenizer, PLANTED_FINDINGS)

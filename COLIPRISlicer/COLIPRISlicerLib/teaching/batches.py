@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .phantom_augmentation import Augmentation, augment_batch
+from .augmentation import Augmentation, augment_batch
 
 #: Bit weights of :func:`numpy.packbits`' default (big-endian) order.
 _BITS = (128, 64, 32, 16, 8, 4, 2, 1)
@@ -37,7 +37,7 @@ class TrainingTensors:
 
     @classmethod
     def from_samples(cls, samples: list, device: torch.device | str = "cpu") -> TrainingTensors:
-        """Stack :class:`.phantom_dataset.PhantomSample` arrays onto ``device``."""
+        """Stack :class:`.dataset.PhantomSample` arrays onto ``device``."""
         return cls(torch.stack([sample.image for sample in samples]).to(device, torch.float16),
                    torch.from_numpy(np.stack([sample.model_masks for sample in samples])).to(device),
                    torch.from_numpy(np.stack([sample.labels for sample in samples])).to(device),
@@ -54,7 +54,7 @@ class TrainingTensors:
     def batch(self, indices: list[int], patch_size: tuple[int, int, int], augmentation: Augmentation | None,
               generator: torch.Generator, noise_generator: torch.Generator | None = None):
         """(B, 1, X, Y, Z) float32 images, (B, 18) labels and (B, F, gx*gy*gz) patch fractions of
-        the phantoms at ``indices``, shifted and noised by :func:`.phantom_augmentation.augment_batch`
+        the phantoms at ``indices``, shifted and noised by :func:`.augmentation.augment_batch`
         unless ``augmentation`` is None. ``generator`` (CPU) draws the shifts, ``noise_generator``
         (on this device; default ``generator``) the noise."""
         index = torch.as_tensor(indices, device=self.device)
@@ -67,7 +67,7 @@ class TrainingTensors:
 
 
 def unpack_bits(packed: torch.Tensor, depth: int) -> torch.Tensor:
-    """Torch form of :func:`.phantom_augmentation.unpack_masks` on any device: (..., ceil(depth / 8))
+    """Torch form of :func:`.augmentation.unpack_masks` on any device: (..., ceil(depth / 8))
     uint8 -> (..., depth) bool."""
     bits = torch.tensor(_BITS, dtype=torch.uint8, device=packed.device)
     return (packed.unsqueeze(-1) & bits).ne(0).flatten(-2)[..., :depth]

@@ -2,7 +2,7 @@
 
 The model is colipri's own architecture (Primus image encoder, BERT over the real CXR-BERT
 vocabulary, attention pools), small enough for two CPU cores, trained end to end with the
-objectives of :mod:`.phantom_objectives` on phantoms from :mod:`.phantom_dataset`. Training
+objectives of :mod:`.objectives` on phantoms from :mod:`.dataset`. Training
 seeds, calibration seeds and validation seeds are disjoint ranges. The result is a model
 folder (``model.safetensors`` + ``config.yaml`` + ``vocab.txt``) whose record (config.yaml
 ``colipri_slicer``) holds the identity, the label, the training config and the calibrated
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .model_folder import SmallModelSpec
-from .phantom_augmentation import Augmentation
-from .training_budget import epochs_that_fit
-from .types import TypePath, TypeStatusCallback
+from ..model_folder import SmallModelSpec
+from .augmentation import Augmentation
+from ..training_budget import epochs_that_fit
+from ..types import TypePath, TypeStatusCallback
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ MAX_DIRECTION_NORM = 1.8
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights of the loss terms (see :mod:`.phantom_objectives`)."""
+    """Weights of the loss terms (see :mod:`.objectives`)."""
 
     pooled: float = 1.0
     dense: float = 1.0
@@ -97,7 +97,7 @@ RECIPES: dict[str, TrainingConfig] = {
 
 def default_vocabulary() -> Path:
     """The CXR-BERT ``vocab.txt`` shipped in the bundled teaching model's folder."""
-    from .defaults import phantom_model_folder
+    from ..defaults import phantom_model_folder
 
     path = phantom_model_folder() / "vocab.txt"
     if not path.is_file():
@@ -125,9 +125,9 @@ def train_phantom_model(out_dir: TypePath, vocab: TypePath, config: TrainingConf
     import torch
     from safetensors.torch import save_model
 
-    from .defaults import WEIGHTS_FILENAME
-    from .devices import select_device
-    from .phantom_dataset import make_samples
+    from ..defaults import WEIGHTS_FILENAME
+    from ..devices import select_device
+    from .dataset import make_samples
 
     notify = status_callback or (lambda message: logger.info(message))
     out_dir = Path(out_dir)
@@ -157,8 +157,8 @@ def _new_model(staging: Path, vocab: TypePath, config: TrainingConfig, device=No
     on ``device`` (default CPU)."""
     import torch
 
-    from .model_folder import write_small_model
-    from .model_loading import load_model
+    from ..model_folder import write_small_model
+    from ..model_loading import load_model
 
     identity = {"model_id": TEACHING_MODEL_ID, "revision": TEACHING_VERSION, "label": TEACHING_LABEL}
     write_small_model(staging, vocab, config.spec, extra=identity)
@@ -189,9 +189,9 @@ def fit(loaded, samples: list, config: TrainingConfig, notify, start: float) -> 
     """
     import torch
 
-    from .phantom_batches import TrainingTensors
-    from .phantom_dataset import PLANTED_FINDINGS
-    from .phantom_objectives import PromptBank
+    from .batches import TrainingTensors
+    from .dataset import PLANTED_FINDINGS
+    from .objectives import PromptBank
 
     device = next(loaded.model.parameters()).device
     tensors = TrainingTensors.from_samples(samples, device)
@@ -218,7 +218,7 @@ def _optimiser(parameters, config: TrainingConfig, steps: int):
 def _image_phase(loaded, bank, tensors, directions, config: TrainingConfig, generator, notify, start) -> list[dict]:
     import torch
 
-    from . import phantom_objectives as objectives
+    from . import objectives
 
     encoder = loaded.model.image_encoder
     device = tensors.device
@@ -258,7 +258,7 @@ def _text_phase(loaded, bank, samples, tensors, directions, config: TrainingConf
                 start) -> list[dict]:
     import torch
 
-    from . import phantom_objectives as objectives
+    from . import objectives
 
     model = loaded.model
     cache = objectives.cache_image_embeddings(model, tensors.images, loaded.patch_size,
@@ -356,7 +356,7 @@ def check_replaceable(out_dir: Path) -> None:
     (training replaces it whole); raises FileExistsError that says what to do."""
     import yaml
 
-    from .defaults import CONFIG_FILENAME
+    from ..defaults import CONFIG_FILENAME
 
     if not out_dir.exists():
         return
@@ -374,7 +374,7 @@ def write_record(folder: Path, config: TrainingConfig, record: dict, extra: dict
     """Store identity, label and training config under config.yaml's ``colipri_slicer`` key."""
     import yaml
 
-    from .defaults import CONFIG_FILENAME
+    from ..defaults import CONFIG_FILENAME
 
     document = yaml.safe_load((folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
     training = {key: value for key, value in asdict(config).items() if key not in ("spec", "weights")}

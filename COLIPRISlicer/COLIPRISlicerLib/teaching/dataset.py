@@ -1,6 +1,6 @@
 """Phantoms as training samples for the teaching model: model input, labels, dense targets, snippets.
 
-One :class:`PhantomSample` holds what every objective of :mod:`.phantom_training` needs,
+One :class:`PhantomSample` holds what every objective of :mod:`.training` needs,
 already on the model's grid: the preprocessed image (exactly the engine's preprocessing),
 the 18 CT-RATE labels, the fraction of each patch covered by each planted finding's mask
 (dense targets for heatmaps) and the report's snippets with their depth on the patch grid
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .phantom_findings import LABELS as PLANTED
-from .report_bank import CT_RATE_FINDINGS
+from .findings import LABELS as PLANTED
+from ..report_bank import CT_RATE_FINDINGS
 
 #: Planted findings in a fixed order (rows of ``PhantomSample.patch_fractions``).
 PLANTED_FINDINGS: tuple[str, ...] = tuple(PLANTED)
@@ -36,7 +36,7 @@ class PhantomSample:
         patch_fractions: (10, gx, gy, gz) float16, share of each patch inside each planted
             finding's mask (:data:`PLANTED_FINDINGS` order; zeros when absent).
         model_masks: (10, X, Y, ceil(Z / 8)) uint8, each planted finding's mask on the model
-            grid, bits packed along Z (:func:`.phantom_augmentation.pack_masks`); the patch
+            grid, bits packed along Z (:func:`.augmentation.pack_masks`); the patch
             fractions are its patch means.
         snippets: report sentences without their "(series 1, image N)" references.
         snippet_levels: (num_snippets,) float32 continuous depth-level index of each snippet.
@@ -78,10 +78,10 @@ def make_sample(seed: int, image_transform, patch_size: tuple[int, int, int], *,
     """
     import torch
 
-    from .findings import mask_to_model_grid
+    from ..findings import mask_to_model_grid
     from .phantom import CT_RATE_FINDINGS, generate_phantom
-    from .phantom_augmentation import pack_masks
-    from .preprocessing import preprocess
+    from .augmentation import pack_masks
+    from ..preprocessing import preprocess
 
     volume, truth = generate_phantom(seed, **(coarse_geometry(seed) if coarse else {}))
     with warnings.catch_warnings():
@@ -115,7 +115,7 @@ def make_samples(seeds: list[int], image_transform, patch_size: tuple[int, int, 
     import multiprocessing
 
     samples = []
-    from .phantom_stream import one_thread
+    from .stream import one_thread
 
     with multiprocessing.get_context("spawn").Pool(workers, initializer=one_thread) as pool:
         for index, sample in enumerate(pool.imap(job, seeds, chunksize=4)):

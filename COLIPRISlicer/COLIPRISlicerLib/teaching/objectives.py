@@ -125,7 +125,7 @@ class PromptBank:
     the pairs of the planted findings with their row in ``PhantomSample.patch_fractions``."""
 
     def __init__(self, tokenizer, planted: tuple[str, ...]):
-        from .catalogue import load_catalogue
+        from ..catalogue import load_catalogue
         from .phantom import CT_RATE_FINDINGS
 
         catalogue = list(load_catalogue())
@@ -181,7 +181,7 @@ def image_terms(pooled, dense, weights, directions, labels, fractions, temperatu
     Args:
         labels: (B, 18) CT-RATE labels. fractions: (B, 10, N) planted-finding patch fractions.
     """
-    from .phantom_dataset import PLANTED_LABEL_INDICES
+    from .dataset import PLANTED_LABEL_INDICES
 
     planted = list(PLANTED_LABEL_INDICES)
     return {"pooled": pooled_pair_loss(pooled, directions, labels, temperature),
@@ -216,7 +216,7 @@ def cache_image_embeddings(model, images: torch.Tensor, patch_size, batch_size: 
 def text_terms(model, tokenizer, bank: PromptBank, samples, indices: list[int], cache: ImageEmbeddingCache,
                tensors, directions: torch.Tensor, temperature: float) -> dict:
     """Text-phase losses on cached image embeddings of the phantoms at ``indices``; ``tensors``
-    (:class:`.phantom_batches.TrainingTensors`) holds their labels and patch fractions."""
+    (:class:`.batches.TrainingTensors`) holds their labels and patch fractions."""
     index = torch.as_tensor(indices, device=cache.pooled.device)
     pooled, dense, inside = cache.pooled[index], cache.dense[index].float(), cache.inside[index]
     labels, fractions = tensors.labels[index], tensors.fractions[index]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .phantom_anatomy import ALL_LABELS, BRONCHUS_ANGLES_DEG, Canvas, HeartSpec, Patient, aorta_path, heart_geometry
+from .anatomy import ALL_LABELS, BRONCHUS_ANGLES_DEG, Canvas, HeartSpec, Patient, aorta_path, heart_geometry
 
 #: Finding -> label (Cardiomegaly's mask is the enlarged heart).
 LABELS: dict[str, int] = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import partial
 
-from .volume import Volume
+from ..volume import Volume
 
 
 def phantom_stream(seeds: list[int], *, workers: int = 1, coarse: bool = False) -> Iterator[tuple[Volume, dict]]:
@@ -18,7 +18,7 @@ def phantom_stream(seeds: list[int], *, workers: int = 1, coarse: bool = False) 
     Args:
         seeds: phantom seeds.
         workers: generating processes (1: in this process, one at a time).
-        coarse: the training set's coarse geometry (:func:`.phantom_dataset.coarse_geometry`)
+        coarse: the training set's coarse geometry (:func:`.dataset.coarse_geometry`)
             instead of the generator's own random one.
     """
     job = partial(_generate, coarse=coarse)
@@ -33,7 +33,7 @@ def phantom_stream(seeds: list[int], *, workers: int = 1, coarse: bool = False) 
 
 def _generate(seed: int, coarse: bool) -> tuple[Volume, dict]:
     from .phantom import generate_phantom
-    from .phantom_dataset import coarse_geometry
+    from .dataset import coarse_geometry
 
     return generate_phantom(seed, **(coarse_geometry(seed) if coarse else {}))
 
