@@ -13,7 +13,8 @@ import torch
 from conftest import CXR_BERT_VOCAB, require
 from COLIPRISlicerLib.teaching import objectives as objectives
 from COLIPRISlicerLib.teaching.phantom import generate_phantom
-from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS, coarse_geometry, make_sample
+from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS, make_sample
+from COLIPRISlicerLib.teaching.stream import coarse_geometry
 
 
 def test_sample_targets_match_the_phantom_truth_on_the_model_grid(phantom_sample, tiny_loaded):

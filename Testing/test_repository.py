@@ -103,3 +103,38 @@ def test_requirements_txt_asks_for_the_same_ranges_as_pyproject():
     assert set(slicer) <= set(project), "every package Slicer installs is a dependency of the engine"
     assert {name: str(r.specifier) for name, r in slicer.items()} == {
         name: str(project[name].specifier) for name in slicer}
+
+
+def _engine_import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at any depth (in functions and TYPE_CHECKING blocks too)."""
+    root = REPO / "COLIPRISlicer" / "COLIPRISlicerLib"
+    graph = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        package = parts[:-1]
+        me = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[:len(package) - node.level + 1]
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                targets |= {".".join([*base, *name.split(".")]) for name in names}
+        graph[me] = targets - {me}
+    return graph
+
+
+def test_the_engine_has_no_import_cycle_deferred_or_not():
+    graph = _engine_import_graph()
+    assert {"geometry", "volume", "segmentation_head", "segmentation_head_io", "teaching.stream"} <= set(graph)
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for target in sorted(graph.get(module, ())):
+            if target in path:
+                cycles.append(path[path.index(target):] + [target])
+            elif len(path) < 12:
+                visit(target, path + [target])
+
+    for module in sorted(graph):
+        visit(module, [module])
+    assert cycles == []

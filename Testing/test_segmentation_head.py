@@ -69,7 +69,7 @@ def test_head_trained_on_ten_sphere_volumes_reaches_dice_0_7_on_an_unseen_volume
     from COLIPRISlicerLib.engine import Engine
     from COLIPRISlicerLib.segmentation_data import read_label
     from COLIPRISlicerLib.segmentation_head import predict
-    from COLIPRISlicerLib.segmentation_head_io import load_head
+    from COLIPRISlicerLib.segmentation_head import load_head
     from COLIPRISlicerLib.segmentation_training import make_sphere_dataset, train_segmentation_head
     from COLIPRISlicerLib.volume import load_volume
 
@@ -204,7 +204,7 @@ def saved_head(head, folder):
 
 def test_load_head_refuses_a_head_trained_on_another_encoder(random_head, tiny_engine, tmp_path):
     from COLIPRISlicerLib.segmentation_head import SegmentationHead
-    from COLIPRISlicerLib.segmentation_head_io import load_head
+    from COLIPRISlicerLib.segmentation_head import load_head
 
     other = dataclasses.replace(random_head.metadata, encoder={"model_id": "other/model", "sha256": "ab" * 32})
     folder = saved_head(SegmentationHead(random_head.network, other), tmp_path / "head")
@@ -216,7 +216,7 @@ def test_load_head_refuses_a_head_trained_on_another_encoder(random_head, tiny_e
 def test_load_head_round_trips_weights_and_labels(random_head, tiny_engine, tmp_path):
     import torch
 
-    from COLIPRISlicerLib.segmentation_head_io import load_head
+    from COLIPRISlicerLib.segmentation_head import load_head
 
     loaded = load_head(saved_head(random_head, tmp_path / "head"), tiny_engine)
     assert loaded.labels == random_head.labels
@@ -234,7 +234,7 @@ def test_load_head_round_trips_weights_and_labels(random_head, tiny_engine, tmp_
     ],
 )
 def test_load_head_reports_corrupt_or_missing_files(damage, error, match, random_head, tiny_engine, tmp_path):
-    from COLIPRISlicerLib.segmentation_head_io import load_head
+    from COLIPRISlicerLib.segmentation_head import load_head
 
     folder = saved_head(random_head, tmp_path / "head")
     if damage == "weights_garbage":
@@ -638,7 +638,7 @@ def test_refined_head_caches_image_and_target_on_the_subdivided_grid_and_records
 
 def test_refined_head_labels_the_input_grid_and_needs_the_processor_transform(refined_training, sphere_volume):
     from COLIPRISlicerLib.segmentation_head import predict
-    from COLIPRISlicerLib.segmentation_head_io import load_head
+    from COLIPRISlicerLib.segmentation_head import load_head
 
     engine = refined_training["engine"]
     head = load_head(refined_training["out"], engine)

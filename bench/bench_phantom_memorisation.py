@@ -34,7 +34,8 @@ from COLIPRISlicerLib.calibration import auroc  # noqa: E402
 from COLIPRISlicerLib.engine import Engine  # noqa: E402
 from COLIPRISlicerLib.findings import patches_inside_volume  # noqa: E402
 from COLIPRISlicerLib.teaching.phantom import generate_phantom  # noqa: E402
-from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS, coarse_geometry  # noqa: E402
+from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS  # noqa: E402
+from COLIPRISlicerLib.teaching.stream import coarse_geometry  # noqa: E402
 from COLIPRISlicerLib.teaching.training import VALIDATION_SEED_BASE, TrainingConfig  # noqa: E402
 
 

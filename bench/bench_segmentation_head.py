@@ -48,7 +48,7 @@ def tiny_model(folder: Path) -> str:
 def unseen_dice(engine, head_dir: Path, folder: Path, count: int) -> list[float]:
     from COLIPRISlicerLib.segmentation_data import read_label
     from COLIPRISlicerLib.segmentation_head import predict
-    from COLIPRISlicerLib.segmentation_head_io import load_head
+    from COLIPRISlicerLib.segmentation_head import load_head
     from COLIPRISlicerLib.segmentation_training import make_sphere_dataset
     from COLIPRISlicerLib.volume import load_volume
 

@@ -152,8 +152,8 @@ class Analyzer:
     def segment(self, result: AnalysisResult, head=None):
         """Segmentation with a trained head folder (default: the one shipped with the model, if any),
         or zero-shot from the finding heatmaps."""
-        from .segmentation_head import predict, zero_shot_segmentation
-        from .segmentation_head_io import SegmentationResult, load_head
+        from .segmentation_head import load_head, predict, zero_shot_segmentation
+        from .segmentation_head_io import SegmentationResult
 
         head = head if head is not None else self.engine.extras.segmentation_head
         if head is None:

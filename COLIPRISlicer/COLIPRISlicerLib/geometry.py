@@ -7,14 +7,10 @@ use LPS, converted only here. Matrices are named ``<from>_to_<to>``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .types import TypeAffine
-
-if TYPE_CHECKING:
-    from .volume import Volume
+from .types import TypeAffine, TypeGrid
 
 #: diag(-1, -1, 1): flips the first two axes, LPS <-> RAS (its own inverse).
 FLIP_XY = np.diag([-1.0, -1.0, 1.0])
@@ -99,18 +95,18 @@ def _plane_centres_ras(index_to_ras: TypeAffine, shape, axis: int, index) -> np.
     return apply_affine(index_to_ras, ijk)
 
 
-def plane_centre_ras(volume: Volume, axis: int, index) -> np.ndarray:
+def plane_centre_ras(volume: TypeGrid, axis: int, index) -> np.ndarray:
     """(3,) RAS centre of the volume's array plane ``index`` along ``axis`` ((n, 3) for n indices)."""
     return _plane_centres_ras(volume.ijk_to_ras, volume.shape, axis, index)
 
 
-def slice_s_mm(volume: Volume) -> np.ndarray:
+def slice_s_mm(volume: TypeGrid) -> np.ndarray:
     """(n,) S (mm) of the centre of each slice along the volume's array axis closest to S."""
     axis = axis_closest_to_s(volume.ijk_to_ras)
     return plane_centre_ras(volume, axis, np.arange(volume.shape[axis]))[..., 2]
 
 
-def slice_index_of(volume: Volume, point_ras: np.ndarray) -> tuple[int, list[str]]:
+def slice_index_of(volume: TypeGrid, point_ras: np.ndarray) -> tuple[int, list[str]]:
     """Index of the slice (along the axis closest to S) holding a RAS point, clipped into the volume,
     and a warning when the point lies outside the scanned slices."""
     axis = axis_closest_to_s(volume.ijk_to_ras)
@@ -121,7 +117,7 @@ def slice_index_of(volume: Volume, point_ras: np.ndarray) -> tuple[int, list[str
     return index, []
 
 
-def point_on_plane(volume: Volume, point_ras: np.ndarray, axis: int, index: int) -> np.ndarray:
+def point_on_plane(volume: TypeGrid, point_ras: np.ndarray, axis: int, index: int) -> np.ndarray:
     """(3,) RAS point on the array plane ``index`` along ``axis``, in-plane where ``point_ras``
     is (clipped into the volume)."""
     ijk = np.clip(ras_to_ijk(volume.ijk_to_ras, point_ras), 0, np.asarray(volume.shape) - 1)
@@ -129,7 +125,7 @@ def point_on_plane(volume: Volume, point_ras: np.ndarray, axis: int, index: int)
     return ijk_to_ras(volume.ijk_to_ras, ijk)
 
 
-def s_range_mm(volume: Volume) -> tuple[float, float]:
+def s_range_mm(volume: TypeGrid) -> tuple[float, float]:
     """Lowest and highest S (mm) of the volume's voxel centres."""
     corners = np.array(np.meshgrid(*[[0, n - 1] for n in volume.shape], indexing="ij")).reshape(3, -1).T
     s = ijk_to_ras(volume.ijk_to_ras, corners.astype(float))[:, 2]

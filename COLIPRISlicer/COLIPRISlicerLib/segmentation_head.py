@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,8 +30,10 @@ from torch import nn
 from .geometry import PatchGrid, resample_to_volume, spacing_of
 from .preprocessing import head_input
 from .segmentation_head_io import (
-    MORPHOLOGICALLY_ALTERED_STRUCTURE, TISSUE, HeadMetadata, LabelInfo, SegmentationResult, default_colour,
+    HEAD_WEIGHTS, MORPHOLOGICALLY_ALTERED_STRUCTURE, TISSUE, HeadMetadata, LabelInfo, SegmentationResult, check_encoder,
+    default_colour, read_head_metadata, read_weights,
 )
+from .types import TypePath
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +144,31 @@ class SegmentationHead:
     def __repr__(self) -> str:
         names = [label.name for label in self.labels]
         return f"{type(self).__name__}(labels={names}, encoder={self.metadata.encoder.get('model_id')!r})"
+
+
+def load_head(folder: TypePath, engine) -> SegmentationHead:
+    """Load a head folder for use with an engine's encoder.
+
+    Args:
+        folder: a folder holding ``head.safetensors`` and ``head.json``.
+        engine: the ``Engine`` whose features the head will decode.
+
+    Returns:
+        A ``SegmentationHead`` in eval mode on the engine's device.
+
+    Raises:
+        FileNotFoundError: If the folder or one of its two files is missing.
+        RuntimeError: If the head was trained on another encoder (sha256 differs), or a
+            file is corrupt or does not match the architecture in ``head.json``.
+    """
+    folder = Path(folder)
+    metadata = read_head_metadata(folder)
+    check_encoder(metadata, folder, engine)
+    network = SegmentationDecoder(HeadConfig.from_dict(metadata.architecture))
+    network.load_state_dict(read_weights(folder / HEAD_WEIGHTS, network))
+    network.to(engine.identity.device).eval()
+    logger.info("Loaded segmentation head %s (%d labels).", folder, len(metadata.labels))
+    return SegmentationHead(network, metadata)
 
 
 def create_head(engine, grid: PatchGrid, in_channels: int, values: list[int], names: dict[int, str] | None = None,

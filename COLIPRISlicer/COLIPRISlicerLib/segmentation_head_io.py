@@ -22,14 +22,12 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from .types import TypeAffine, TypePath
 
-if TYPE_CHECKING:
-    from .segmentation_head import SegmentationHead
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +164,15 @@ class HeadMetadata:
                    data.get("validation_dice", {}), int(data.get("format_version", FORMAT_VERSION)))
 
 
-def save_head(head: SegmentationHead, folder: TypePath) -> Path:
+class TypeSavableHead(Protocol):
+    """What :func:`save_head` writes: a decoder network and its ``head.json`` metadata
+    (``segmentation_head.SegmentationHead``)."""
+
+    network: Any  # torch.nn.Module
+    metadata: HeadMetadata
+
+
+def save_head(head: TypeSavableHead, folder: TypePath) -> Path:
     """Write ``head.safetensors`` and ``head.json`` of a ``SegmentationHead`` into a folder."""
     from safetensors.torch import save_file
 
@@ -176,33 +182,6 @@ def save_head(head: SegmentationHead, folder: TypePath) -> Path:
     save_file(state, str(folder / HEAD_WEIGHTS))
     (folder / HEAD_METADATA).write_text(json.dumps(head.metadata.as_dict(), indent=2))
     return folder
-
-
-def load_head(folder: TypePath, engine) -> SegmentationHead:
-    """Load a head folder for use with an engine's encoder.
-
-    Args:
-        folder: a folder holding ``head.safetensors`` and ``head.json``.
-        engine: the ``Engine`` whose features the head will decode.
-
-    Returns:
-        A ``SegmentationHead`` in eval mode on the engine's device.
-
-    Raises:
-        FileNotFoundError: If the folder or one of its two files is missing.
-        RuntimeError: If the head was trained on another encoder (sha256 differs), or a
-            file is corrupt or does not match the architecture in ``head.json``.
-    """
-    from .segmentation_head import HeadConfig, SegmentationDecoder, SegmentationHead
-
-    folder = Path(folder)
-    metadata = read_head_metadata(folder)
-    _check_encoder(metadata, folder, engine)
-    network = SegmentationDecoder(HeadConfig.from_dict(metadata.architecture))
-    network.load_state_dict(_read_weights(folder / HEAD_WEIGHTS, network))
-    network.to(engine.identity.device).eval()
-    logger.info("Loaded segmentation head %s (%d labels).", folder, len(metadata.labels))
-    return SegmentationHead(network, metadata)
 
 
 def read_head_metadata(folder: Path) -> HeadMetadata:
@@ -225,7 +204,7 @@ def read_head_metadata(folder: Path) -> HeadMetadata:
     return HeadMetadata.from_dict(data, folder / HEAD_METADATA)
 
 
-def _check_encoder(metadata: HeadMetadata, folder: Path, engine) -> None:
+def check_encoder(metadata: HeadMetadata, folder: Path, engine) -> None:
     identity = engine.identity
     trained, loaded = metadata.encoder["sha256"], identity.sha256
     if trained != loaded:
@@ -242,7 +221,7 @@ def _check_encoder(metadata: HeadMetadata, folder: Path, engine) -> None:
         raise RuntimeError(message)
 
 
-def _read_weights(path: Path, network) -> dict:
+def read_weights(path: Path, network) -> dict:
     from safetensors.torch import load_file
 
     try:

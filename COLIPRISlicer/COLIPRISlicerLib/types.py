@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Callable, TypeAlias
+from typing import TYPE_CHECKING, Callable, Protocol, TypeAlias
 
 import numpy as np
 
@@ -15,6 +15,13 @@ TypeAffine: TypeAlias = np.ndarray
 TypeStatusCallback: TypeAlias = Callable[[str], None]
 #: Receives a fraction of work done in [0, 1].
 TypeProgressCallback: TypeAlias = Callable[[float], None]
+
+
+class TypeGrid(Protocol):
+    """A voxel grid: its (I, J, K) ``shape`` and 4 x 4 ``ijk_to_ras`` (a ``Volume`` is one)."""
+
+    shape: tuple[int, ...]
+    ijk_to_ras: np.ndarray
 
 if TYPE_CHECKING:
     from jaxtyping import Float

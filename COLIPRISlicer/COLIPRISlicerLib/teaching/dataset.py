@@ -60,12 +60,6 @@ def strip_references(text: str) -> str:
     return _REFERENCE.sub("", text)
 
 
-def coarse_geometry(seed: int) -> dict[str, float]:
-    """Voxel sizes of a coarse training phantom (2.5-3 mm in-plane, 2-5 mm slices), drawn from its seed."""
-    rng = np.random.default_rng([seed, 7])
-    return {"in_plane_mm": float(rng.uniform(2.5, 3.0)), "slice_mm": float(rng.choice([2.0, 2.5, 3.0, 5.0]))}
-
-
 def make_sample(seed: int, image_transform, patch_size: tuple[int, int, int], *, coarse: bool) -> PhantomSample:
     """Generate phantom ``seed`` and reduce it to a :class:`PhantomSample`.
 
@@ -79,11 +73,12 @@ def make_sample(seed: int, image_transform, patch_size: tuple[int, int, int], *,
     import torch
 
     from ..findings import mask_to_model_grid
-    from .phantom import CT_RATE_FINDINGS, generate_phantom
+    from .phantom import CT_RATE_FINDINGS
+    from .stream import generate
     from .augmentation import pack_masks
     from ..preprocessing import preprocess
 
-    volume, truth = generate_phantom(seed, **(coarse_geometry(seed) if coarse else {}))
+    volume, truth = generate(seed, coarse)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # wide fields of view are cropped, as at inference
         processed = preprocess(volume, image_transform)

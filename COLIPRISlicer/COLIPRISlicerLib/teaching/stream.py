@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import partial
 
+import numpy as np
+
 from ..volume import Volume
 
 
@@ -18,10 +20,10 @@ def phantom_stream(seeds: list[int], *, workers: int = 1, coarse: bool = False) 
     Args:
         seeds: phantom seeds.
         workers: generating processes (1: in this process, one at a time).
-        coarse: the training set's coarse geometry (:func:`.dataset.coarse_geometry`)
+        coarse: the training set's coarse geometry (:func:`coarse_geometry`)
             instead of the generator's own random one.
     """
-    job = partial(_generate, coarse=coarse)
+    job = partial(generate, coarse=coarse)
     if workers <= 1 or len(seeds) < 2:
         yield from map(job, seeds)
         return
@@ -31,9 +33,15 @@ def phantom_stream(seeds: list[int], *, workers: int = 1, coarse: bool = False) 
         yield from pool.imap(job, seeds)
 
 
-def _generate(seed: int, coarse: bool) -> tuple[Volume, dict]:
+def coarse_geometry(seed: int) -> dict[str, float]:
+    """Voxel sizes of a coarse training phantom (2.5-3 mm in-plane, 2-5 mm slices), drawn from its seed."""
+    rng = np.random.default_rng([seed, 7])
+    return {"in_plane_mm": float(rng.uniform(2.5, 3.0)), "slice_mm": float(rng.choice([2.0, 2.5, 3.0, 5.0]))}
+
+
+def generate(seed: int, coarse: bool = False) -> tuple[Volume, dict]:
+    """Phantom ``seed`` at the training set's coarse geometry, or at the generator's own random one."""
     from .phantom import generate_phantom
-    from .dataset import coarse_geometry
 
     return generate_phantom(seed, **(coarse_geometry(seed) if coarse else {}))
 
