@@ -632,3 +632,41 @@ def test_no_folder_chosen_shows_empty_path_fields_not_a_dot(module, panel, scene
     widget.ui.segmentButton.emit("clicked(bool)", False)
     assert [str(error) for error in panel.app.slot_errors] == [
         "Choose the segmentation head folder (Segmentation, Head folder), or zero-shot."]
+
+
+def test_export_to_dicom_joins_the_input_study_and_imports_seg_and_sr_into_the_database(
+        logic, scene, tcia, tmp_path, monkeypatch):
+    import types
+
+    import pydicom
+    import slicer
+
+    files = sorted(require(TCIA_SERIES).glob("*.dcm"))
+    sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
+    tcia.SetAttribute("DICOM.instanceUIDs", " ".join(source.SOPInstanceUID for source in sources))
+    by_uid = {source.SOPInstanceUID: str(path) for source, path in zip(sources, files)}
+    monkeypatch.setattr(slicer, "dicomDatabase", types.SimpleNamespace(isOpen=True, fileForInstance=by_uid.get),
+                        raising=False)
+    imported = []
+    utils = types.SimpleNamespace(importDicom=lambda folder, database: imported.append(folder))
+    monkeypatch.setitem(sys.modules, "DICOMLib", types.SimpleNamespace(DICOMUtils=utils))
+    logic.run(tcia)
+    logic.segment()
+    written, done = logic.exportDicom(tmp_path / "export")
+    assert done and imported == [str(written)]
+    exported = {dataset.Modality: dataset for dataset in map(pydicom.dcmread, sorted(written.rglob("*.dcm")))}
+    assert set(exported) == {"SEG", "SR"}
+    assert {dataset.StudyInstanceUID for dataset in exported.values()} == {sources[0].StudyInstanceUID}
+    referenced = exported["SEG"].ReferencedSeriesSequence[0].SeriesInstanceUID
+    assert referenced == sources[0].SeriesInstanceUID
+
+
+def test_export_to_dicom_never_replaces_a_dicom_folder_it_did_not_write(logic, scene, nifti, tmp_path):
+    own = tmp_path / "studies" / "dicom"
+    own.mkdir(parents=True)
+    (own / "scan.dcm").write_bytes(b"a user's file")
+    logic.run(nifti)
+    with pytest.raises(FileExistsError, match="not written by COLIPRISlicer"):
+        logic.exportDicom(tmp_path / "studies", toDatabase=False)
+    assert [path.name for path in own.iterdir()] == ["scan.dcm"] and (own / "scan.dcm").read_bytes() == b"a user's file"
+    assert [path.name for path in (tmp_path / "studies").iterdir()] == ["dicom"]

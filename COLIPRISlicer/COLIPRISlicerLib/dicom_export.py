@@ -114,11 +114,14 @@ def export_dicom(result, out_dir: TypePath, *, segmentation=None, report_text: s
         The ``dicom`` folder.
     """
     out_dir = Path(out_dir)
+    final = out_dir / DICOM_DIRNAME
+    if final.exists() and not (final / SUMMARY_FILENAME).is_file():
+        raise FileExistsError(f'"{final}" exists and was not written by COLIPRISlicer; choose another folder '
+                              "(the export writes a dicom folder into it).")
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".colipri-partial-", dir=out_dir))
     try:
         written = write_dicom(result, staging, segmentation=segmentation, report_text=report_text)
-        final = out_dir / DICOM_DIRNAME
         if final.exists():
             shutil.rmtree(final)
         written.replace(final)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
 from collections import OrderedDict
 
 import slicer
 
-from . import importer, outputs, runtime, views, volume_nodes
+from . import dicom_nodes, importer, outputs, runtime, views, volume_nodes
 from .session import EngineOptions, EngineSession, shared_session
 
 #: Analyses kept in memory (each holds a copy of its volume and its patch embeddings).
@@ -76,6 +77,7 @@ class AnalysisLogic:
         self.options = self.session.options  # a new Logic uses the model already loaded
         self.results = ResultStore()
         self.inputVolumeNode = None
+        self.lastSegmentation = (lambda: None, None)  # (weak reference to its analysis, SegmentationResult)
 
     def configure(self, modelSource="demo", modelFolder=None, device="auto", precision="auto", offline=False,
                   diskCache=False) -> None:
@@ -99,6 +101,7 @@ class AnalysisLogic:
         """Forget the analyses (scene closed or model changed); their nodes stay in the scene."""
         self.results.clear()
         self.inputVolumeNode = None
+        self.lastSegmentation = (lambda: None, None)
 
     def clearDownloads(self) -> list:
         """Delete downloaded weights and cached encodings once no background job reads them."""
@@ -187,8 +190,27 @@ class AnalysisLogic:
 
     def segment(self, head=None):
         """Segmentation node from a trained head folder, or zero-shot from the heatmaps."""
-        node, _, segmentation = self._query(lambda result: self.session.analyzer().segment(result, head=head))
+        node, result, segmentation = self._query(lambda result: self.session.analyzer().segment(result, head=head))
+        self.lastSegmentation = (weakref.ref(result), segmentation)  # Export to DICOM writes it as the SEG
         return importer.import_segmentation(node, segmentation)
+
+    def exportDicom(self, folder, toDatabase: bool = True):
+        """Write the current analysis as a DICOM SR (TID 1500) and, after Segment, a DICOM SEG into
+        ``folder/dicom``; a volume loaded from Slicer's DICOM database joins its own study. Returns the
+        folder and whether the files were imported into the DICOM database."""
+        from COLIPRISlicerLib.dicom_export import export_dicom
+        from COLIPRISlicerLib.dicom_source import with_dicom_files
+
+        node, result = self._requireResult()
+        files, report = dicom_nodes.source_files(node), self.outputNode("report")
+        text = report.GetText() if report is not None else None
+        segmentation = self.lastSegmentation[1] if self.lastSegmentation[0]() is result else None
+
+        def export(result):
+            source = dataclasses.replace(result, volume=with_dicom_files(result.volume, files)) if files else result
+            return export_dicom(source, folder, segmentation=segmentation, report_text=text)
+        _, _, written = self._query(export)
+        return written, toDatabase and dicom_nodes.import_into_database(written)
 
     def localizeSnippet(self, text: str):
         """Jump slice views to where a report snippet points and mark it; returns the localisation."""

@@ -67,6 +67,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addFindingButton.connect("clicked(bool)", self.onAddFindingButton)
         self.ui.reportTextEdit.connect("textChanged()", self.onReportEdited)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicomButton)
         self.ui.localizeButton.connect("clicked(bool)", self.onLocalizeButton)
         self.ui.openWeightsFolderButton.connect("clicked(bool)", self.onOpenWeightsFolder)
         self.ui.clearWeightsButton.connect("clicked(bool)", self.onClearWeights)
@@ -172,7 +173,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         status = f"{_(run_state.TEXTS[self.runState.state])} {self.runState.detail}".strip()
         self.ui.statusLabel.text = _("Working...") if jobRunning and not busy else status
         for widget in (self.ui.findingsTableWidget, self.ui.addFindingButton, self.ui.segmentButton,
-                       self.ui.localizeButton):
+                       self.ui.localizeButton, self.ui.exportDicomButton):
             widget.enabled = not busy and self.logic.result is not None
         settings = self._parameterNode.settings if self._parameterNode else None
         canClear = settings is not None and (settings.modelSource in ("hub", "demo") or settings.diskCache)
@@ -266,6 +267,17 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 raise ValueError(_("Choose the segmentation head folder (Segmentation, Head folder), or zero-shot."))
             self.logic.segment(head)
         self.runJob(_("Segmentation failed."), segment)
+
+    def onExportDicomButton(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Folder for the DICOM SEG and SR"))
+        if not folder:
+            return
+
+        def export():
+            written, imported = self.logic.exportDicom(folder)
+            where = _(" and imported into the DICOM database") if imported else ""
+            self.showState("idle", _("DICOM written to {folder}{where}.").format(folder=written, where=where))
+        self.runJob(_("DICOM export failed."), export)
 
     def onLocalizeButton(self) -> None:
         from . import views
