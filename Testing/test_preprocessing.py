@@ -217,3 +217,22 @@ def test_one_sided_clamp_and_random_steps(scans, colipri_transform):
     random.transforms[2].probability = 0.5
     steps, reason = fast_steps(random)
     assert steps is None and "probability below 1" in reason
+
+
+@pytest.mark.filterwarnings("ignore:The field of view:RuntimeWarning")
+def test_engine_preprocessing_option_selects_the_path(scans, tiny_model_folder):
+    """``Engine(preprocessing="reference")`` feeds the encoder TorchIO's output bit for bit; the default
+    fast path stays within one HU of it and gives the same likelihoods within 1e-4."""
+    from COLIPRISlicerLib.engine import Engine
+
+    volume = scans["oblique_nifti"]
+    reference_engine = Engine(str(tiny_model_folder), device="cpu", precision="fp32", preprocessing="reference")
+    fast_engine = Engine(str(tiny_model_folder), device="cpu", precision="fp32")
+    assert fast_engine.preprocessing == "fast"
+    reference = reference_engine.encode(volume)
+    fast = fast_engine.encode(volume)
+    expected = preprocess(volume, reference_engine.loaded.image_transform, method="reference")
+    np.testing.assert_array_equal(reference.image.numpy(), expected.tensor.numpy())
+    assert float((fast.image - reference.image).abs().max()) <= ONE_HU
+    np.testing.assert_allclose(fast_engine.pair_probabilities(fast, PAIRS),
+                               reference_engine.pair_probabilities(reference, PAIRS), rtol=0, atol=1e-4)
