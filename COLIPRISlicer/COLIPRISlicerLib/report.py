@@ -232,7 +232,11 @@ class TemplateReportComposer:
             line = None if item.is_positive or item.not_learned else self._negative_line(item, context.phrase_scorer)
             if line is not None:
                 sections[self._section(item)].append(line)
-        for lines in sections.values():
+        for name, lines in sections.items():
+            unassessed = [_inline_name(e.name) for e in evidence if e.not_learned and self._section(e) == name]
+            if unassessed:  # neither asserted nor denied, and no "no abnormality" over them
+                lines.append(f"Not assessed for {', '.join(unassessed)} "
+                             f"(this model did not learn {'it' if len(unassessed) == 1 else 'them'}).")
             lines[:] = lines or [self.bank.neutral_line]
         footer = self._footer(context, [item.name for item in evidence if item.not_learned])
         logger.debug("Composed draft report: %d positive finding(s).", len(impression))
