@@ -236,3 +236,9 @@ def test_engine_preprocessing_option_selects_the_path(scans, tiny_model_folder):
     assert float((fast.image - reference.image).abs().max()) <= ONE_HU
     np.testing.assert_allclose(fast_engine.pair_probabilities(fast, PAIRS),
                                reference_engine.pair_probabilities(reference, PAIRS), rtol=0, atol=1e-4)
+
+
+def test_volume_thinner_than_one_model_voxel_is_refused_with_the_fix(colipri_transform):
+    thin = Volume.from_array(np.full((64, 64, 2), -1000, np.int16), np.diag([0.7, 0.7, 0.625, 1.0]), name="two_slices")
+    with pytest.raises(ValueError, match=r'"two_slices" spans \[44.8, 44.8, 1.25\] mm .* load the whole series'):
+        preprocess(thin, colipri_transform)

@@ -250,6 +250,11 @@ def _preprocess_fast(volume: Volume, steps: FastSteps, device) -> PreprocessedIm
     import torch
 
     plan = resampling_plan(volume.ijk_to_ras, volume.shape, steps.orientation, steps.spacing_mm)
+    if min(plan.resampled_shape) == 0:
+        extent = np.asarray(volume.shape) * spacing_of(volume.ijk_to_ras)
+        message = (f'"{volume.name}" spans {np.round(extent, 2).tolist()} mm along its array axes, less than one'
+                   f" {steps.spacing_mm} mm model voxel along at least one: load the whole series, not a few slices.")
+        raise ValueError(message)
     source, dims = source_tensor(volume.array, device)
     image = _cast_like_itk(resample_separable(source, plan, dims), _torch_dtype(source.dtype), steps.clamp)
     if steps.rescale is not None:
