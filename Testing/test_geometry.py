@@ -249,3 +249,31 @@ def test_nearest_resampling_equals_simpleitk_on_parallel_grids(spacing):
     assert ours.dtype == np.uint8
     np.testing.assert_array_equal(ours, np.transpose(sitk.GetArrayFromImage(expected), (2, 1, 0)))
     assert (ours == 0).sum() > (values == 0).mean() * ours.size  # the part outside the source is 0
+
+
+def test_closest_axes_follow_nibabel_as_torchio_does(monkeypatch):
+    """ToOrientation's axis assignment (nibabel's io_orientation, strongest column first) on strongly
+    oblique grids, with nibabel and with the built-in copy used when nibabel is absent."""
+    import builtins
+
+    from nibabel.orientations import io_orientation
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(0)
+    matrices = []
+    for seed in range(300):
+        matrix = np.eye(4)
+        flips = np.eye(3)[rng.permutation(3)] * rng.choice([-1, 1], 3)
+        matrix[:3, :3] = Rotation.random(random_state=seed).as_matrix() @ flips @ np.diag(rng.uniform(0.3, 5, 3))
+        matrices.append(matrix)
+    expected = [[(int(w), int(s)) for w, s in io_orientation(m)] for m in matrices]
+    assert [geometry.closest_axes(m) for m in matrices] == expected
+    real_import = builtins.__import__
+
+    def without_nibabel(name, *args, **kwargs):
+        if name.startswith("nibabel"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_nibabel)
+    assert [geometry.closest_axes(m) for m in matrices] == expected

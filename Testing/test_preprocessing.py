@@ -37,7 +37,8 @@ def colipri_transform():
 def scans(tmp_path_factory):
     """Real scans: the 5 mm TCIA series (431 mm wide: cropped), the RAS NIfTI (101 columns of 3 mm:
     303 mm, not a multiple of 2 mm), oblique + permuted + flipped copies of both, the TCIA series
-    cut to 63 slices (odd count, 315 mm), and a 20-slice DICOM series (0.977 mm in plane)."""
+    cut to 63 slices (odd count, 315 mm), a 20-slice DICOM series (0.977 mm in plane), and a copy
+    rotated by 40 degrees (axes nearly tied: nibabel's rules decide the orientation)."""
     folder = tmp_path_factory.mktemp("scans")
     dicom = load_volume(require(TCIA_SERIES))
     odd = Volume.from_array(dicom.array[:, :, :63], dicom.ijk_to_ras, name="tcia_63_slices")
@@ -46,13 +47,14 @@ def scans(tmp_path_factory):
         "ras_nifti": load_volume(require(RAS_NIFTI)),
         "oblique_nifti": load_volume(write_oblique_permuted_copy(RAS_NIFTI, folder / "oblique.nii.gz")),
         "oblique_dicom": load_volume(write_oblique_permuted_copy(TCIA_SERIES, folder / "oblique_dicom.nii.gz", 11.0)),
+        "oblique_40": load_volume(write_oblique_permuted_copy(RAS_NIFTI, folder / "oblique_40.nii.gz", 40.0)),
         "odd_slices": odd,
         "dicom_20_slices": load_volume(require(DICOM_20)),
     }
 
 
 @pytest.mark.filterwarnings("ignore:The field of view:RuntimeWarning")
-@pytest.mark.parametrize("name", ["dicom", "ras_nifti", "oblique_nifti", "oblique_dicom", "odd_slices",
+@pytest.mark.parametrize("name", ["dicom", "ras_nifti", "oblique_nifti", "oblique_dicom", "oblique_40", "odd_slices",
                                   "dicom_20_slices"])
 def test_fast_model_input_matches_torchio_within_one_hu(name, scans, colipri_transform):
     volume = scans[name]

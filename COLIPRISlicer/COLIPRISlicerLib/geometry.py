@@ -458,19 +458,27 @@ _AXIS_CODES = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1)
 
 
 def closest_axes(ijk_to_ras: TypeAffine) -> list[tuple[int, int]]:
-    """(world axis, sign) of each array axis: nibabel's ``io_orientation``, which TorchIO's
-    ``ToOrientation`` uses (polar decomposition, then the largest component, axes taken in turn)."""
+    """(world axis, sign) of each array axis, as TorchIO's ``ToOrientation`` sees them: nibabel's
+    ``io_orientation`` (the installed one, since TorchIO uses it and its tie rules changed between
+    releases), else the same algorithm as nibabel 5.4: polar decomposition, then columns from the
+    strongest to the weakest each take their largest remaining component."""
+    try:
+        from nibabel.orientations import io_orientation
+    except ImportError:
+        io_orientation = None
+    if io_orientation is not None:
+        return [(int(world), int(sign)) for world, sign in io_orientation(np.asarray(ijk_to_ras, dtype=np.float64))]
     rzs = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
     zooms = np.sqrt(np.sum(rzs * rzs, axis=0))
     zooms[zooms == 0] = 1
     left, singular, right = np.linalg.svd(rzs / zooms, full_matrices=False)
     keep = singular > singular.max() * 3 * np.finfo(singular.dtype).eps
     rotation = left[:, keep] @ right[keep]
-    axes = []
-    for column in range(3):
+    axes = [(0, 1)] * 3
+    for column in np.argsort(np.min(-(rotation**2), axis=0), kind="stable"):
         values = rotation[:, column]
         world = int(np.argmax(np.abs(values)))
-        axes.append((world, 1 if values[world] > 0 else -1))
+        axes[column] = (world, 1 if values[world] > 0 else -1)
         rotation[world, :] = 0
     return axes
 
