@@ -670,3 +670,40 @@ def test_export_to_dicom_never_replaces_a_dicom_folder_it_did_not_write(logic, s
         logic.exportDicom(tmp_path / "studies", toDatabase=False)
     assert [path.name for path in own.iterdir()] == ["scan.dcm"] and (own / "scan.dcm").read_bytes() == b"a user's file"
     assert [path.name for path in (tmp_path / "studies").iterdir()] == ["dicom"]
+
+
+def test_segmentation_is_imported_as_one_shared_labelmap_with_every_voxel_of_each_label(logic, scene, nifti,
+                                                                                       monkeypatch):
+    from vtk.util import numpy_support
+
+    logic.run(nifti)
+    handed, to_vtk = [], numpy_support.numpy_to_vtk
+    monkeypatch.setattr(numpy_support, "numpy_to_vtk", lambda array, *a, **k: handed.append(array.size) or to_vtk(
+        array, *a, **k))
+    node = logic.segment()
+    monkeypatch.undo()
+    _, result, expected = logic._query(lambda result: logic.session.analyzer().segment(result))
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfLayers() == 1  # one labelmap, not one full-size array per segment
+    counts = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        layer = segmentation.GetSegmentRepresentation(segmentation.GetNthSegmentID(index), "Binary labelmap")
+        values = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars())
+        counts[segment.GetName()] = int((values == segment.GetLabelValue()).sum())
+    assert counts == {label.name: int((expected.labelmap == label.value).sum()) for label in expected.labels}
+    assert sum(counts.values()) > 0 and len(expected.labels) > 1
+    assert handed == [expected.labelmap.size]  # one array for all segments, not one per segment
+
+
+def test_heatmap_display_range_from_a_sample_matches_the_whole_map(logic, scene, nifti):
+    from COLIPRISlicerNodes.volume_nodes import HEATMAP_LOWER_PERCENTILE, HEATMAP_UPPER_PERCENTILE, heatmap_display_range
+
+    logic.run(nifti)
+    heatmap = logic.result.heatmap(logic.result.findings[0].name)
+    fill, lower, upper = heatmap_display_range(heatmap)
+    finite = heatmap[np.isfinite(heatmap)]
+    exact = np.percentile(finite, [HEATMAP_LOWER_PERCENTILE, HEATMAP_UPPER_PERCENTILE])
+    spread = float(finite.max() - finite.min())
+    assert fill < finite.min()  # what lies outside the field of view stays below every value, hidden
+    assert abs(lower - exact[0]) <= 0.01 * spread and abs(upper - exact[1]) <= 0.01 * spread

@@ -90,13 +90,14 @@ def fill_profile(table_node, chart_node, series_node, localization) -> None:
     chart_node.SetLegendVisibility(False)
 
 
-def oriented_image(mask_ijk: np.ndarray, geometry_node) -> slicer.vtkOrientedImageData:
-    """An (I, J, K) uint8 mask as oriented image data on ``geometry_node``'s grid and frame."""
+def oriented_labelmap(labelmap_ijk: np.ndarray, geometry_node) -> slicer.vtkOrientedImageData:
+    """An (I, J, K) integer labelmap as oriented image data on ``geometry_node``'s grid and frame
+    (transposed to Slicer's (K, J, I) once)."""
     image = slicer.vtkOrientedImageData()
-    image.SetDimensions(*mask_ijk.shape)
-    scalars = vtk.util.numpy_support.numpy_to_vtk(np.ascontiguousarray(np.transpose(mask_ijk, (2, 1, 0))).ravel(),
-                                                  deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
-    image.GetPointData().SetScalars(scalars)
+    image.SetDimensions(*labelmap_ijk.shape)
+    kind = (np.uint8, vtk.VTK_UNSIGNED_CHAR) if labelmap_ijk.max(initial=0) < 256 else (np.int16, vtk.VTK_SHORT)
+    values = np.ascontiguousarray(np.transpose(labelmap_ijk, (2, 1, 0)), dtype=kind[0]).ravel()
+    image.GetPointData().SetScalars(vtk.util.numpy_support.numpy_to_vtk(values, deep=True, array_type=kind[1]))
     matrix = vtk.vtkMatrix4x4()
     geometry_node.GetIJKToRASMatrix(matrix)
     image.SetImageToWorldMatrix(matrix)
@@ -123,12 +124,19 @@ def fill_segmentation(segmentation_node, result, input_node) -> None:
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
     segmentation_node.SetDescription(f"COLIPRI segmentation ({result.description})")
     segmentation = segmentation_node.GetSegmentation()
+    before = {segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())}
+    # one shared labelmap layer in one call, not one full-size array per segment
+    slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        oriented_labelmap(result.labelmap, input_node), segmentation_node, "")
+    imported = {segmentation.GetSegment(segment_id).GetLabelValue(): segmentation.GetSegment(segment_id)
+                for segment_id in (segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments()))
+                if segment_id not in before}
     for label in result.labels:
-        segment_id = segmentation.AddEmptySegment(f"label_{label.value}", label.name, list(label.colour))
-        mask = oriented_image((result.labelmap == label.value).astype(np.uint8), input_node)
-        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-            mask, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
-        segment = segmentation.GetSegment(segment_id)
+        segment = imported.get(label.value)
+        if segment is None:  # a label without voxels still gets its (empty) segment
+            segment = segmentation.GetSegment(segmentation.AddEmptySegment("", label.name, list(label.colour)))
+        segment.SetName(label.name)
+        segment.SetColor(*label.colour)
         segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry(label.terminology, label.name))
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
