@@ -235,3 +235,25 @@ def test_parent_of_a_dicom_folder_names_the_subfolder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r'No DICOM series found .* The series is in a subfolder: give "[^"]*'
                                                 r'patient/series_5mm"'):
         load_volume(tmp_path / "patient")
+
+
+def test_content_hash_follows_every_voxel_and_reads_a_slicer_array_without_copying_it():
+    import tracemalloc
+
+    rng = np.random.default_rng(4)
+    array_kji = rng.integers(-1000, 1000, (60, 70, 80), dtype=np.int16)  # Slicer's (K, J, I) array
+    volume = Volume.from_slicer_array(array_kji, np.diag([0.8, 0.8, 2.5, 1.0]))
+    same = Volume.from_slicer_array(array_kji.copy(), np.diag([0.8, 0.8, 2.5, 1.0]))
+    edited_array = array_kji.copy()
+    edited_array[30, 35, 40] += 1
+    edited = Volume.from_slicer_array(edited_array, np.diag([0.8, 0.8, 2.5, 1.0]))
+    shifted = np.diag([0.8, 0.8, 2.5, 1.0])
+    shifted[0, 3] = 1.0
+    moved = Volume.from_slicer_array(array_kji, shifted)
+    tracemalloc.start()
+    digest = volume.content_hash()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < array_kji.nbytes / 10  # no copy of the voxels
+    assert digest == same.content_hash() != edited.content_hash()
+    assert moved.content_hash() != digest
