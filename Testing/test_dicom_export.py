@@ -226,8 +226,9 @@ def test_export_dicom_replaces_an_earlier_export_whole(tiny_engine, tmp_path):
 
     analyzer = Analyzer(tiny_engine)
     result = analyzer.analyze(load_volume(require(NIFTI_SMALL)))
-    (tmp_path / "dicom").mkdir()
+    (tmp_path / "dicom").mkdir()  # an earlier export: its dicom.json says the folder is ours
     (tmp_path / "dicom" / "stale.dcm").write_text("from an earlier export")
+    (tmp_path / "dicom" / "dicom.json").write_text("{}")
     empty = SegmentationResult(np.zeros(result.volume.shape, np.int16), result.volume.ijk_to_ras, [], "zero-shot",
                                "zero-shot: no finding is above its threshold")
     folder = export_dicom(result, tmp_path, segmentation=empty, report_text=None)
