@@ -589,6 +589,95 @@ def cache_clear(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> 
     _run(action)
 
 
+@app.command()
+def index(
+    sources: Annotated[list[Path], typer.Argument(help="Image files, folders (DICOM series found recursively) or ctkDICOM.sql.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder (created, or resumed when it holds an index).")],
+    model: ModelOption = DEFAULT_MODEL,
+    device: DeviceOption = "auto",
+    show_progress: Annotated[bool, typer.Option("--show-progress/--hide-progress")] = True,
+) -> None:
+    """Index series for similar-case search: embeddings (whole, lungs, heart), 18 likelihoods -> Parquet."""
+    _run(lambda: _index(sources, out, model, device, show_progress))
+
+
+def _index(sources: list[Path], out: Path, model: str, device: str, show_progress: bool) -> None:
+    from .analysis import Analyzer
+    from .engine import Engine
+    from .retrieval.index import build_index
+    from .retrieval.sources import expand_sources
+
+    entries = expand_sources(sources)
+    if not entries:
+        raise UserError(f"No image file or DICOM series found in {', '.join(map(str, sources))}.")
+    analyzer = Analyzer(Engine(model, device=device, status_callback=None))
+    run = build_index(entries, analyzer, out, progress=show_progress)
+    for key, error in run.failed.items():
+        typer.echo(f"Failed: {key}: {error}", err=True)
+    _status(f"{out}: {len(run.indexed)} indexed, {len(run.skipped)} already there, {len(run.failed)} failed"
+            + (" (recorded; run again to retry)" if run.failed else ""))
+
+
+@app.command()
+def search(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder written by `colipri-slicer index`.")],
+    text: Annotated[Optional[str], typer.Option("--text", help="Find series matching this text.")] = None,
+    scan: Annotated[Optional[Path], typer.Option("--scan", exists=True, help="Find series like this scan.")] = None,
+    like: Annotated[Optional[str], typer.Option("--like", help="Find series like this indexed SeriesInstanceUID (or path).")] = None,
+    region: Annotated[Optional[str], typer.Option(help="Compare region embeddings: lungs or heart.")] = None,
+    where: Annotated[Optional[str], typer.Option(help='Likelihood filter, e.g. "Pleural effusion>0.7".')] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Number of hits.")] = 10,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the hits as a JSON list.")] = False,
+    device: DeviceOption = "auto",
+) -> None:
+    """Similar cases: cosine top-k over an index by text, by a scan or by an indexed series."""
+    _run(lambda: _search(index_dir, (text, scan, like), region, where, k, json_output, device))
+
+
+def _search(index_dir: Path, query: tuple, region: str | None, where: str | None, k: int, json_output: bool,
+            device: str) -> None:
+    import json
+
+    from .retrieval.search import SearchIndex, where_mask
+
+    if sum(value is not None for value in query) != 1:
+        raise UserError("Give exactly one of --text, --scan or --like.")
+    if region not in (None, "lungs", "heart"):
+        raise UserError(f'Unknown --region "{region}"; choose lungs or heart (or leave it out for the whole scan).')
+    searched = SearchIndex(index_dir)
+    where_mask(where, searched.findings, searched.likelihoods)  # a malformed filter is refused before the model loads
+    hits = searched.search(_query_vector(searched, query, region, device), region=region, where=where, k=k)
+    if not hits:
+        reason = f'matches --where "{where}"; loosen the filter' if where else f"has a {region} embedding; search without --region"
+        raise UserError(f"No indexed series {reason}.")
+    if json_output:
+        typer.echo(json.dumps([hit.as_dict() for hit in hits], indent=2))
+        return
+    for hit in hits:
+        top = sorted(hit.likelihoods.items(), key=lambda item: -item[1])[:3]
+        typer.echo(f"{hit.score:7.4f}  {hit.series_uid or '-'}  {hit.source}  "
+                   + ", ".join(f"{name} {value:.2f}" for name, value in top))
+
+
+def _query_vector(searched, query: tuple, region: str | None, device: str):
+    """The query as a vector of the index's space: a text, a scan's (region) embedding or a stored one."""
+    from .analysis import Analyzer
+    from .engine import Engine
+    from .retrieval.index import check_same_model, engine_manifest, series_vectors
+
+    text, scan, like = query
+    if like is not None:
+        return searched.vector_of(like, region)
+    analyzer = Analyzer(Engine(searched.manifest["model"], device=device, status_callback=None))
+    check_same_model(searched.manifest, engine_manifest(analyzer), searched.folder)
+    if text is not None:
+        return analyzer.engine.embed_prompts([text])[0].numpy()
+    vector = series_vectors(analyzer, _load_scan(scan, False))[region or "pooled"]
+    if vector is None:
+        raise UserError(f'"{scan}" shows no {region} region (no lung found); search without --region.')
+    return vector
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings on the command line: one line each, without the source line that raised them."""
     return f"Warning: {' '.join(str(message).split())}\n"

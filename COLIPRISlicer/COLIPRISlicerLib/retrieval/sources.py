@@ -1,0 +1,128 @@
+"""SOURCE arguments -> one entry per series: image files, folders, DICOM folders, ctkDICOM.sql."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..volume import IMAGE_SUFFIXES, Volume, load_volume
+
+logger = logging.getLogger(__name__)
+
+#: Query of a Slicer/CTK DICOM database: every image file with its series and study.
+_CTK_QUERY = ("SELECT Images.SeriesInstanceUID, Series.StudyInstanceUID, Images.Filename FROM Images"
+              " LEFT JOIN Series ON Images.SeriesInstanceUID = Series.SeriesInstanceUID"
+              " ORDER BY Images.SeriesInstanceUID, Images.Filename")
+
+
+@dataclass(frozen=True)
+class SeriesEntry:
+    """One series to index.
+
+    Attributes:
+        source: the image file as given, or the folder holding the DICOM series.
+        files: the series' DICOM files (empty for an image file).
+        series_uid: SeriesInstanceUID, None for an image file.
+        study_uid: StudyInstanceUID when known.
+    """
+
+    source: str
+    files: tuple[str, ...] = ()
+    series_uid: str | None = None
+    study_uid: str | None = None
+
+    @property
+    def key(self) -> str:
+        """What identifies the series in an index: its UID, else its path."""
+        return self.series_uid or self.source
+
+
+def expand_sources(sources: Sequence[str | Path]) -> list[SeriesEntry]:
+    """Every series under the given files, folders (searched recursively) and ctkDICOM.sql databases.
+
+    Raises:
+        FileNotFoundError: if a source does not exist.
+    """
+    entries: list[SeriesEntry] = []
+    for source in sources:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f'Source not found: "{path}"; give image files, folders or a ctkDICOM.sql file.')
+        if path.is_file() and path.suffix.lower() == ".sql":
+            entries += ctk_database_series(path)
+        elif path.is_file():
+            entries.append(SeriesEntry(str(path)))
+        else:
+            entries += folder_series(path)
+    unique = {entry.key: entry for entry in entries}
+    return list(unique.values())
+
+
+def folder_series(folder: Path) -> list[SeriesEntry]:
+    """Image files and DICOM series (one entry each) in ``folder`` and its subfolders, sorted."""
+    import SimpleITK as sitk
+
+    entries = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        entries += [SeriesEntry(str(Path(root) / name)) for name in sorted(files)
+                    if name.lower().endswith(IMAGE_SUFFIXES)]
+        for series_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root) or ():
+            series_files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, series_uid))
+            entries.append(SeriesEntry(root, series_files, series_uid, _study_uid(series_files[0])))
+    return entries
+
+
+def ctk_database_series(database: Path) -> list[SeriesEntry]:
+    """The series of a Slicer/CTK DICOM database (``ctkDICOM.sql``); relative file names are
+    taken relative to the database's folder.
+
+    Raises:
+        ValueError: if the file is not such a database.
+    """
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+            rows = connection.execute(_CTK_QUERY).fetchall()
+    except sqlite3.DatabaseError as error:
+        message = f'"{database}" is not a Slicer/CTK DICOM database ({error}); give the ctkDICOM.sql of a DICOM folder.'
+        raise ValueError(message) from error
+    files: dict[str, list[str]] = {}
+    studies: dict[str, str | None] = {}
+    for series_uid, study_uid, filename in rows:
+        files.setdefault(series_uid, []).append(str(database.parent / filename))  # absolute names stay absolute
+        studies[series_uid] = study_uid
+    return [SeriesEntry(str(Path(names[0]).parent), tuple(names), uid, studies[uid]) for uid, names in files.items()]
+
+
+def load_series(entry: SeriesEntry) -> Volume:
+    """The series as a ``Volume`` (its DICOM files read in slice order, or the image file).
+
+    Raises:
+        ValueError: if the files cannot be read as one 3-D CT volume.
+    """
+    if not entry.files:
+        return load_volume(entry.source)
+    import SimpleITK as sitk
+
+    from ..volume import scalar_array_from_sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(Path(entry.files[0]).parent),
+                                                                       entry.series_uid or "") or list(entry.files))
+    try:
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise ValueError(f'Series "{entry.key}" in "{entry.source}" is unreadable: {" ".join(str(error).split())[:200]}') from None
+    array, ijk_to_ras = scalar_array_from_sitk(image, f'Series "{entry.key}"', "a 3-D scalar CT")
+    return Volume.from_array(array, ijk_to_ras, name=entry.series_uid or Path(entry.source).name)
+
+
+def _study_uid(file: str) -> str | None:
+    import pydicom
+
+    dataset = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+    return str(dataset.StudyInstanceUID) if "StudyInstanceUID" in dataset else None
