@@ -57,7 +57,7 @@ def test_the_user_caches_point_into_the_session_temporary_folder(temporary_user_
 #: Import names whose distribution is spelled otherwise (compared after PEP 503 normalisation).
 DISTRIBUTION_OF_IMPORT = {"yaml": "pyyaml", "hydra": "hydra-core", "sklearn": "scikit-learn", "PIL": "pillow"}
 #: Modules Slicer itself provides; the module file and the panel import them, the engine never does.
-SLICER_MODULES = {"slicer", "vtk", "qt", "ctk", "PyTorchUtils"}
+SLICER_MODULES = {"slicer", "vtk", "qt", "ctk", "PyTorchUtils", "DICOMLib"}
 
 
 def _normalised(name: str) -> str:
