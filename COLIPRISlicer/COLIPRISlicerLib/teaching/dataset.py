@@ -104,17 +104,12 @@ def make_samples(seeds: list[int], image_transform, patch_size: tuple[int, int, 
     """:func:`make_sample` for many seeds, in ``workers`` processes (1: in this process)."""
     from functools import partial
 
+    from .stream import in_workers
+
     job = partial(make_sample, image_transform=image_transform, patch_size=patch_size, coarse=coarse)
-    if workers <= 1 or len(seeds) < 4:
-        return [job(seed) for seed in seeds]
-    import multiprocessing
-
     samples = []
-    from .stream import one_thread
-
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=one_thread) as pool:
-        for index, sample in enumerate(pool.imap(job, seeds, chunksize=4)):
-            samples.append(sample)
-            if status_callback is not None and (index + 1) % 100 == 0:
-                status_callback(f"Generated {index + 1}/{len(seeds)} phantoms")
+    for index, sample in enumerate(in_workers(job, seeds, workers, chunksize=4, fewest=4)):
+        samples.append(sample)
+        if status_callback is not None and (index + 1) % 100 == 0:
+            status_callback(f"Generated {index + 1}/{len(seeds)} phantoms")
     return samples

@@ -6,7 +6,7 @@ device while the next ones are generated on the other CPU cores (16 on a GPU wor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import numpy as np
@@ -23,14 +23,19 @@ def phantom_stream(seeds: list[int], *, workers: int = 1, coarse: bool = False) 
         coarse: the training set's coarse geometry (:func:`coarse_geometry`)
             instead of the generator's own random one.
     """
-    job = partial(generate, coarse=coarse)
-    if workers <= 1 or len(seeds) < 2:
-        yield from map(job, seeds)
+    yield from in_workers(partial(generate, coarse=coarse), seeds, workers)
+
+
+def in_workers(job: Callable, items: list, workers: int, *, chunksize: int = 1, fewest: int = 2) -> Iterator:
+    """``job(item)`` for each item, in order: in ``workers`` spawned processes of one torch thread each,
+    or in this process when ``workers`` <= 1 or there are fewer than ``fewest`` items."""
+    if workers <= 1 or len(items) < fewest:
+        yield from map(job, items)
         return
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(workers, initializer=one_thread) as pool:
-        yield from pool.imap(job, seeds)
+        yield from pool.imap(job, items, chunksize=chunksize)
 
 
 def coarse_geometry(seed: int) -> dict[str, float]:
