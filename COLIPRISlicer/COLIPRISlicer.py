@@ -100,7 +100,7 @@ class COLIPRISlicerTest(ScriptedLoadableModuleTest):
 
     def test_pipelineWithPhantomModelOffline(self):
         self.requireDependencies()
-        from COLIPRISlicerLib.sample_volume import synthetic_chest_ct
+        from COLIPRISlicerLib.io.sample_volume import synthetic_chest_ct
         volume = synthetic_chest_ct()
         ct = slicer.util.addVolumeFromArray(volume.array.transpose(2, 1, 0).copy(), volume.ijk_to_ras, "chest")
         logic = COLIPRISlicerLogic()

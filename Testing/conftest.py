@@ -48,7 +48,7 @@ def temporary_user_cache(tmp_path_factory) -> Path:
 def tiny_model_folder(tmp_path_factory) -> Path:
     """A randomly initialised small COLIPRI model (64^3 input at 6 mm, 8^3 patches) with
     the real CXR-BERT vocabulary, written in the model-folder format."""
-    from COLIPRISlicerLib.model_folder import SmallModelSpec, write_small_model
+    from COLIPRISlicerLib.model.folder import SmallModelSpec, write_small_model
 
     vocab = require(CXR_BERT_VOCAB)
     folder = tmp_path_factory.mktemp("tiny_model")
@@ -58,7 +58,7 @@ def tiny_model_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model_folder):
     """The tiny model loaded through the engine's own loader (fp32, CPU)."""
-    from COLIPRISlicerLib.model_loading import load_model
+    from COLIPRISlicerLib.model.loading import load_model
 
     return load_model(str(tiny_model_folder), device="cpu", precision="fp32")
 
@@ -74,7 +74,7 @@ def phantom_sample(tiny_loaded):
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_model_folder):
     """One CPU engine over the tiny model for the whole session (memory cache only)."""
-    from COLIPRISlicerLib.engine import Engine
+    from COLIPRISlicerLib.encoding.engine import Engine
 
     return Engine(str(tiny_model_folder), device="cpu", precision="fp32")
 
@@ -111,7 +111,7 @@ def write_oblique_permuted_copy(source: Path, destination: Path, angle_deg: floa
     (oblique), as another scanner or tool might write it."""
     import SimpleITK as sitk
 
-    from COLIPRISlicerLib.volume import load_volume
+    from COLIPRISlicerLib.io.volume import load_volume
 
     volume = load_volume(source)
     permuted = np.flip(np.transpose(volume.array, (1, 0, 2)), axis=2)
@@ -124,7 +124,7 @@ def write_oblique_permuted_copy(source: Path, destination: Path, angle_deg: floa
     reorder[2, 2] = -1
     reorder[2, 3] = volume.shape[2] - 1
     ijk_to_ras = rotation @ volume.ijk_to_ras @ reorder
-    from COLIPRISlicerLib.outputs import write_volume
+    from COLIPRISlicerLib.export.outputs import write_volume
 
     write_volume(np.ascontiguousarray(permuted), ijk_to_ras, destination)
     assert sitk.ReadImage(str(destination)).GetSize() == permuted.shape

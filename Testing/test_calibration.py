@@ -7,8 +7,14 @@ import pytest
 from conftest import RAS_NIFTI, TCIA_SERIES, require
 from typer.testing import CliRunner
 
-from COLIPRISlicerLib.calibration import auroc, calibrate_scores, choose_threshold, learned_status, read_label_csv
-from COLIPRISlicerLib.catalogue import load_catalogue
+from COLIPRISlicerLib.findings.calibration import (
+    auroc,
+    calibrate_scores,
+    choose_threshold,
+    learned_status,
+    read_label_csv,
+)
+from COLIPRISlicerLib.findings.catalogue import load_catalogue
 from COLIPRISlicerLib.cli import app
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from COLIPRISlicerLib.catalogue import free_text_finding, load_catalogue, pair_from_text, slugify
+from COLIPRISlicerLib.findings.catalogue import free_text_finding, load_catalogue, pair_from_text, slugify
 
 
 def write(tmp_path, text):

@@ -13,7 +13,7 @@ from conftest import LABELS_18, MR_NIFTI, RAS_NIFTI, REPO, TCIA_SERIES, require
 from typer.testing import CliRunner
 
 from COLIPRISlicerLib.cli import app
-from COLIPRISlicerLib.volume import load_volume
+from COLIPRISlicerLib.io.volume import load_volume
 
 runner = CliRunner()
 
@@ -172,7 +172,7 @@ def test_zero_shot_segmentation_has_input_geometry(analyzed):
 
 
 def test_train_seg_head_command_and_analyze_with_it(tiny_model_folder, tmp_path):
-    from COLIPRISlicerLib.segmentation_data import make_sphere_dataset
+    from COLIPRISlicerLib.segmentation.data import make_sphere_dataset
 
     images, labels = make_sphere_dataset(tmp_path / "data", 3, seed=5)
     head = tmp_path / "head"
@@ -351,7 +351,7 @@ def test_rerun_into_the_same_folder_holds_exactly_the_new_run(tiny_model_folder,
 
 def test_a_failed_write_leaves_no_folder_and_no_staging(tiny_engine, tmp_path):
     from COLIPRISlicerLib.analysis import Analyzer
-    from COLIPRISlicerLib.outputs import write_analysis
+    from COLIPRISlicerLib.export.outputs import write_analysis
 
     result = Analyzer(tiny_engine).analyze(load_volume(require(RAS_NIFTI)))
 
@@ -365,7 +365,7 @@ def test_a_failed_write_leaves_no_folder_and_no_staging(tiny_engine, tmp_path):
 
 
 def test_programming_errors_keep_their_traceback_and_user_errors_are_one_line(monkeypatch, tmp_path):
-    import COLIPRISlicerLib.volume as volume_module
+    import COLIPRISlicerLib.io.volume as volume_module
 
     def buggy(path):
         return {}["spacing"]  # a bug: a KeyError that no one raised for the user
@@ -450,7 +450,7 @@ def test_damaged_model_folders_get_one_line(tiny_model_folder, tmp_path, broken,
 ])
 def test_bad_head_and_cache_folders_are_refused_before_any_work(tiny_model_folder, tmp_path, option, expected,
                                                                  monkeypatch):
-    import COLIPRISlicerLib.volume as volume_module
+    import COLIPRISlicerLib.io.volume as volume_module
 
     monkeypatch.setattr(volume_module, "load_volume", lambda path: pytest.fail("the scan was read"))
     given = tmp_path / "given"
@@ -479,7 +479,7 @@ def test_cache_commands_on_a_file_or_foreign_safetensors(tmp_path):
 
 
 def test_file_system_errors_are_one_line(tiny_model_folder, tmp_path, monkeypatch):
-    import COLIPRISlicerLib.volume as volume_module
+    import COLIPRISlicerLib.io.volume as volume_module
 
     def denied(path):
         raise PermissionError(13, "Permission denied", str(path))
@@ -504,7 +504,7 @@ def test_a_failed_swap_keeps_the_previous_run_whole(tiny_engine, tmp_path, monke
     from pathlib import Path
 
     from COLIPRISlicerLib.analysis import Analyzer
-    from COLIPRISlicerLib.outputs import write_analysis
+    from COLIPRISlicerLib.export.outputs import write_analysis
 
     result = Analyzer(tiny_engine).analyze(load_volume(require(RAS_NIFTI)))
     out = tmp_path / "out"
@@ -525,7 +525,7 @@ def test_a_failed_swap_keeps_the_previous_run_whole(tiny_engine, tmp_path, monke
 
 
 def test_ctrl_c_exits_130_without_traceback_or_output(tiny_model_folder, tmp_path, monkeypatch):
-    import COLIPRISlicerLib.outputs as outputs_module
+    import COLIPRISlicerLib.export.outputs as outputs_module
 
     def interrupted(folder):
         (folder / "report.md").write_text("half")
@@ -544,7 +544,7 @@ def test_staging_left_by_a_killed_run_is_removed_by_the_next_one(tiny_engine, tm
     import os
 
     from COLIPRISlicerLib.analysis import Analyzer
-    from COLIPRISlicerLib.outputs import STALE_SECONDS, write_analysis
+    from COLIPRISlicerLib.export.outputs import STALE_SECONDS, write_analysis
 
     stale, fresh = tmp_path / ".colipri-partial-0123456789ab", tmp_path / ".colipri-partial-ba9876543210"
     for folder in (stale, fresh):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from COLIPRISlicerLib import geometry
 from COLIPRISlicerLib.cli import app
-from COLIPRISlicerLib.volume import load_volume
+from COLIPRISlicerLib.io.volume import load_volume
 
 pydicom = pytest.importorskip("pydicom", reason="pydicom is not installed: pip install highdicom")
 hd = pytest.importorskip("highdicom", reason="highdicom is not installed: pip install highdicom")
@@ -203,7 +203,7 @@ def test_dciodvfy_finds_no_error(tcia_out, nifti_out):
 
 
 def test_a_failing_dicom_export_leaves_no_output(tiny_model_folder, tmp_path, monkeypatch):
-    from COLIPRISlicerLib import dicom_sr
+    from COLIPRISlicerLib.export import dicom_sr
 
     real = dicom_sr.build_measurement_report
 
@@ -221,8 +221,8 @@ def test_a_failing_dicom_export_leaves_no_output(tiny_model_folder, tmp_path, mo
 
 def test_export_dicom_replaces_an_earlier_export_whole(tiny_engine, tmp_path):
     from COLIPRISlicerLib.analysis import Analyzer
-    from COLIPRISlicerLib.dicom_export import export_dicom
-    from COLIPRISlicerLib.segmentation_head_io import SegmentationResult
+    from COLIPRISlicerLib.export.dicom import export_dicom
+    from COLIPRISlicerLib.segmentation.files import SegmentationResult
 
     analyzer = Analyzer(tiny_engine)
     result = analyzer.analyze(load_volume(require(NIFTI_SMALL)))
@@ -240,8 +240,8 @@ def test_export_dicom_replaces_an_earlier_export_whole(tiny_engine, tmp_path):
 
 
 def test_files_attached_in_any_order_are_matched_to_slices_by_position():
-    from COLIPRISlicerLib.dicom_source import read_source_series, with_dicom_files
-    from COLIPRISlicerLib.volume import Volume
+    from COLIPRISlicerLib.export.dicom_source import read_source_series, with_dicom_files
+    from COLIPRISlicerLib.io.volume import Volume
 
     volume = load_volume(require(TCIA_SERIES))
     bare = Volume.from_array(volume.array, volume.ijk_to_ras, name="from Slicer")
@@ -252,7 +252,7 @@ def test_files_attached_in_any_order_are_matched_to_slices_by_position():
 
 
 def test_derived_series_of_an_oblique_permuted_volume_keeps_every_voxel_in_place(tmp_path):
-    from COLIPRISlicerLib.dicom_source import derived_source_series
+    from COLIPRISlicerLib.export.dicom_source import derived_source_series
 
     volume = load_volume(write_oblique_permuted_copy(require(NIFTI_SMALL), tmp_path / "oblique.nii.gz"))
     assert abs(volume.ijk_to_ras[0, 1]) > 1  # rotated 20 degrees and axes permuted
@@ -264,15 +264,15 @@ def test_derived_series_of_an_oblique_permuted_volume_keeps_every_voxel_in_place
 
 
 def test_source_series_refuses_a_volume_without_dicom_files():
-    from COLIPRISlicerLib.dicom_source import read_source_series
+    from COLIPRISlicerLib.export.dicom_source import read_source_series
 
     with pytest.raises(ValueError, match="was not read from DICOM files; use derived_source_series"):
         read_source_series(load_volume(require(RAS_NIFTI)))
 
 
 def test_source_series_refuses_files_off_the_volume_grid():
-    from COLIPRISlicerLib.dicom_source import read_source_series
-    from COLIPRISlicerLib.volume import Volume
+    from COLIPRISlicerLib.export.dicom_source import read_source_series
+    from COLIPRISlicerLib.io.volume import Volume
 
     volume = load_volume(require(TCIA_SERIES))
     cropped = Volume.from_array(volume.array[:, :, 10:], volume.ijk_to_ras, name="cropped", slices=volume.slices)
@@ -286,8 +286,8 @@ def test_source_series_refuses_files_off_the_volume_grid():
 
 
 def test_segmentation_without_labels_is_refused_with_the_reason():
-    from COLIPRISlicerLib.dicom_seg import build_segmentation
-    from COLIPRISlicerLib.segmentation_head_io import SegmentationResult
+    from COLIPRISlicerLib.export.dicom_seg import build_segmentation
+    from COLIPRISlicerLib.segmentation.files import SegmentationResult
 
     empty = SegmentationResult(np.zeros((2, 2, 2), np.int16), np.eye(4), [], "zero-shot", "nothing above threshold")
     with pytest.raises(ValueError, match="no label, so there is no segment to write"):
@@ -295,9 +295,9 @@ def test_segmentation_without_labels_is_refused_with_the_reason():
 
 
 def test_head_labels_with_gaps_keep_their_values_names_and_codes(tmp_path):
-    from COLIPRISlicerLib.dicom_seg import build_segmentation
-    from COLIPRISlicerLib.dicom_source import Provenance, derived_source_series
-    from COLIPRISlicerLib.segmentation_head_io import LabelInfo, SegmentationResult
+    from COLIPRISlicerLib.export.dicom_seg import build_segmentation
+    from COLIPRISlicerLib.export.dicom_source import Provenance, derived_source_series
+    from COLIPRISlicerLib.segmentation.files import LabelInfo, SegmentationResult
 
     volume = load_volume(require(NIFTI_SMALL))
     labelmap = np.zeros(volume.shape, np.int16)

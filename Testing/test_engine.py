@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import RAS_NIFTI, TCIA_SERIES, official_pipeline, require, synthetic_chest, write_oblique_permuted_copy
 
-from COLIPRISlicerLib.engine import Engine
-from COLIPRISlicerLib.volume import Volume, load_volume
+from COLIPRISlicerLib.encoding.engine import Engine
+from COLIPRISlicerLib.io.volume import Volume, load_volume
 
 PAIRS = [
     ("No lung nodules present", "Lung nodules present"),
@@ -184,7 +184,7 @@ def test_reopening_a_cached_scan_scores_without_building_the_model(tiny_model_fo
 
 
 def test_preparing_queries_builds_what_the_first_re_query_needs(tiny_model_folder, tmp_path):
-    from COLIPRISlicerLib import localization
+    from COLIPRISlicerLib.localization import localize as localization
     from COLIPRISlicerLib.analysis import Analyzer
 
     volume = Volume.from_array(*synthetic_chest(seed=7), name="prepare")
@@ -213,7 +213,7 @@ def test_bf16_precision_runs_the_text_encoder_in_bf16_within_tolerance(tiny_mode
 
 @pytest.mark.parametrize("package", ["colipri", "torchio"])
 def test_a_new_release_never_serves_cached_numbers_of_the_old_one(tiny_model_folder, tmp_path, monkeypatch, package):
-    from COLIPRISlicerLib import cache
+    from COLIPRISlicerLib.encoding import cache
 
     volume = Volume.from_array(*synthetic_chest(seed=11), name="versions")
     old = Engine(str(tiny_model_folder), device="cpu", precision="fp32", cache_dir=tmp_path)
@@ -242,7 +242,7 @@ def test_a_new_release_never_serves_cached_numbers_of_the_old_one(tiny_model_fol
 def test_numbers_version_names_the_format_packages_and_sources():
     from importlib.metadata import version
 
-    from COLIPRISlicerLib.cache import CACHE_FORMAT_VERSION, numbers_version
+    from COLIPRISlicerLib.encoding.cache import CACHE_FORMAT_VERSION, numbers_version
 
     record = numbers_version()
     expected = f"format={CACHE_FORMAT_VERSION};colipri={version('colipri')};torchio={version('torchio')};"
@@ -251,8 +251,8 @@ def test_numbers_version_names_the_format_packages_and_sources():
 
 
 def test_head_training_feature_cache_path_changes_with_the_versions(tiny_engine, tmp_path, monkeypatch):
-    from COLIPRISlicerLib import cache
-    from COLIPRISlicerLib.segmentation_data import TrainingCase, _cache_path
+    from COLIPRISlicerLib.encoding import cache
+    from COLIPRISlicerLib.segmentation.data import TrainingCase, _cache_path
 
     image, label = tmp_path / "a.nii.gz", tmp_path / "a_label.nii.gz"
     image.write_bytes(b"x")

@@ -10,9 +10,9 @@ from conftest import LABELS_18, RAS_NIFTI, TCIA_SERIES, official_pipeline, requi
 
 from COLIPRISlicerLib import geometry
 from COLIPRISlicerLib.analysis import AnalysisCancelled, Analyzer
-from COLIPRISlicerLib.catalogue import load_catalogue
-from COLIPRISlicerLib.findings import patches_inside_volume
-from COLIPRISlicerLib.volume import load_volume
+from COLIPRISlicerLib.findings.catalogue import load_catalogue
+from COLIPRISlicerLib.findings.scoring import patches_inside_volume
+from COLIPRISlicerLib.io.volume import load_volume
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_region_likelihood_pools_dense_embeddings_inside_the_mask(analysis, tiny
     mask[:61] = True  # one half of the volume along I (the R-L axis here)
     scores = analyzer.region_likelihoods(result, mask)
     assert set(scores) == {f.name for f in analyzer.catalogue}
-    fraction = __import__("COLIPRISlicerLib.findings", fromlist=["x"]).mask_to_patch_fraction(
+    fraction = __import__("COLIPRISlicerLib.findings.scoring", fromlist=["x"]).mask_to_patch_fraction(
         mask, result.volume, result.encoding.grid)
     pooled = torch.nn.functional.normalize(result.encoding.dense[:, torch.from_numpy(fraction >= 0.5)].mean(1), dim=0)
     finding = analyzer.catalogue.get("Emphysema")
@@ -116,7 +116,7 @@ def test_cancel_before_start_produces_nothing(tiny_engine):
 
 
 def test_zero_shot_segmentation_without_positive_findings_is_empty(tiny_engine):
-    from COLIPRISlicerLib.catalogue import load_catalogue
+    from COLIPRISlicerLib.findings.catalogue import load_catalogue
 
     analyzer = Analyzer(tiny_engine, load_catalogue().with_thresholds({f.name: 1.0 for f in load_catalogue()}))
     result = analyzer.analyze(load_volume(require(RAS_NIFTI)))
@@ -154,7 +154,7 @@ def test_injected_encoder_peak_is_the_planted_patch(tiny_engine):
     dense[(slice(None), *planted)] = positives.mean(0)
     dense = torch.nn.functional.normalize(dense, dim=0)
     injected = dataclasses.replace(encoding, dense=dense)
-    from COLIPRISlicerLib.findings import heatmap_on_volume, score_findings
+    from COLIPRISlicerLib.findings.scoring import heatmap_on_volume, score_findings
 
     result = score_findings(tiny_engine, injected, [finding], volume)[0]
     centre = geometry.apply_affine(encoding.grid.grid_to_ras, np.asarray(planted, float))
@@ -179,7 +179,7 @@ def test_heatmap_computed_on_a_torch_device_equals_the_cpu_heatmap(analysis):
     """The GPU path (here run on the CPU device) gives the numbers of the numpy path, NaN outside."""
     import torch
 
-    from COLIPRISlicerLib.findings import heatmap_on_volume, heatmap_tensor_on_volume
+    from COLIPRISlicerLib.findings.scoring import heatmap_on_volume, heatmap_tensor_on_volume
 
     _, result = analysis
     finding = result.findings[0]

@@ -8,7 +8,7 @@ from conftest import require, RAS_NIFTI
 
 from COLIPRISlicerLib import geometry
 from COLIPRISlicerLib.preprocessing import preprocess
-from COLIPRISlicerLib.volume import Volume, load_volume
+from COLIPRISlicerLib.io.volume import Volume, load_volume
 
 
 def oblique_matrix(spacing=(0.8, 0.9, 2.5), angle_deg=17.0, origin=(-120.0, 80.0, -300.0)) -> np.ndarray:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from COLIPRISlicerLib.anatomy_prior import anatomy_prior
-from COLIPRISlicerLib.landmarks import Landmarks, body_mask, detect_landmarks, lung_mask
+from COLIPRISlicerLib.localization.anatomy_prior import anatomy_prior
+from COLIPRISlicerLib.localization.landmarks import Landmarks, body_mask, detect_landmarks, lung_mask
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TCIA_SERIES = SHARED_DATA / "ct" / "tcia_lung_pet_ct_dx_A0001" / "series_5mm"
@@ -213,7 +213,7 @@ def test_abdominal_scan_sides_follow_the_ras_matrix(abdomen):
 
 
 def test_a_512_by_512_by_300_volume_is_read_once_and_labelled_on_the_coarse_grid(tcia, tcia_landmarks, monkeypatch):
-    from COLIPRISlicerLib import landmarks as module
+    from COLIPRISlicerLib.localization import landmarks as module
 
     array, ijk_to_ras = tcia
     thin = np.repeat(array, 5, axis=2)[:, :, :300]  # 1 mm slices covering S = -441 ... -142
@@ -351,7 +351,7 @@ def test_lungs_cut_by_the_scan_edges_are_recorded(abdomen, tcia_landmarks):
 
 
 def test_apex_beyond_the_top_of_the_scan_is_placed_at_the_top_slice_and_said(abdomen):
-    from COLIPRISlicerLib.anatomy_prior import edge_notes
+    from COLIPRISlicerLib.localization.anatomy_prior import edge_notes
 
     landmarks = detect_landmarks(*abdomen)
     top = landmarks.scan_s_range[1]

@@ -8,10 +8,10 @@ import torch
 from conftest import TCIA_SERIES, require, synthetic_chest
 
 from COLIPRISlicerLib import geometry
-from COLIPRISlicerLib.anatomy_prior import anatomy_prior
-from COLIPRISlicerLib.encoding import ImageEncoding
+from COLIPRISlicerLib.localization.anatomy_prior import anatomy_prior
+from COLIPRISlicerLib.encoding.encoder import ImageEncoding
 from COLIPRISlicerLib.geometry import PatchGrid
-from COLIPRISlicerLib.localization import (
+from COLIPRISlicerLib.localization.localize import (
     body_patches,
     depth_profile,
     localize,
@@ -20,7 +20,7 @@ from COLIPRISlicerLib.localization import (
     strip_references,
     zero_shot_profile,
 )
-from COLIPRISlicerLib.localization_evaluation import (
+from COLIPRISlicerLib.localization.evaluation import (
     LocalizationRow,
     eval_localizer_command,
     evaluate_localizer,
@@ -30,14 +30,8 @@ from COLIPRISlicerLib.localization_evaluation import (
     row_s_mm,
     train_localizer,
 )
-from COLIPRISlicerLib.localization_head import (
-    LocalizationSample,
-    fit_head,
-    load_head,
-    predict_s_mm,
-    save_head,
-)
-from COLIPRISlicerLib.volume import Volume, load_volume
+from COLIPRISlicerLib.localization.head import LocalizationSample, fit_head, load_head, predict_s_mm, save_head
+from COLIPRISlicerLib.io.volume import Volume, load_volume
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +167,7 @@ def test_peak_centroid_averages_the_peak_level_and_its_neighbours_only():
 
 
 def test_anatomy_weight_is_the_exponent_of_the_prior_in_the_product(tiny_engine, tcia):
-    from COLIPRISlicerLib.landmarks import detect_landmarks
+    from COLIPRISlicerLib.localization.landmarks import detect_landmarks
 
     volume, encoding = tcia
     landmarks = detect_landmarks(volume.array, volume.ijk_to_ras)
@@ -198,7 +192,7 @@ def test_confidence_is_zero_for_a_uniform_profile_and_one_for_a_peak():
 
 
 def test_anatomy_puts_the_carina_at_the_detected_carina(tiny_engine, tcia):
-    from COLIPRISlicerLib.landmarks import detect_landmarks
+    from COLIPRISlicerLib.localization.landmarks import detect_landmarks
 
     volume, encoding = tcia
     landmarks = detect_landmarks(volume.array, volume.ijk_to_ras)
@@ -317,7 +311,7 @@ def test_reversed_instance_numbers_and_shuffled_file_names_still_land_exactly(ti
 
 
 def test_anatomy_puts_the_lung_apex_within_20_mm(tiny_engine, tcia):
-    from COLIPRISlicerLib.landmarks import detect_landmarks
+    from COLIPRISlicerLib.localization.landmarks import detect_landmarks
 
     volume, encoding = tcia
     landmarks = detect_landmarks(volume.array, volume.ijk_to_ras)
@@ -369,7 +363,7 @@ class _BusyCache(dict):
 
 
 def test_body_patches_survive_another_thread_filling_the_lru(tiny_engine, monkeypatch):
-    from COLIPRISlicerLib import localization
+    from COLIPRISlicerLib.localization import localize as localization
 
     volume = Volume.from_array(*synthetic_chest(seed=21))
     encoding = tiny_engine.encode(volume)
@@ -383,7 +377,7 @@ def test_body_patches_survive_another_thread_filling_the_lru(tiny_engine, monkey
 def test_body_patches_from_many_threads_equal_the_sequential_ones(tiny_engine, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    from COLIPRISlicerLib import localization
+    from COLIPRISlicerLib.localization import localize as localization
 
     volumes = [Volume.from_array(*synthetic_chest(seed=30 + i)) for i in range(12)]
     encodings = [tiny_engine.encode(volume) for volume in volumes]

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import REPO, RAS_NIFTI, require
 
-from COLIPRISlicerLib.engine import Engine
-from COLIPRISlicerLib.volume import load_volume
+from COLIPRISlicerLib.encoding.engine import Engine
+from COLIPRISlicerLib.io.volume import load_volume
 
 PAIRS = [("No pleural effusion present", "Pleural effusion present")]
 
@@ -78,7 +78,7 @@ def test_unknown_spec_is_explained():
 
 
 def test_offline_hub_without_cache_names_the_model_folder_option(tmp_path):
-    code = "from COLIPRISlicerLib.engine import Engine; Engine('microsoft/colipri', device='cpu').loaded"
+    code = "from COLIPRISlicerLib.encoding.engine import Engine; Engine('microsoft/colipri', device='cpu').loaded"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "COLIPRISLICER_CACHE": str(tmp_path),
            "PYTHONPATH": str(REPO / "COLIPRISlicer")}
     completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -104,7 +104,7 @@ def test_unknown_precision_is_rejected(tiny_model_folder):
 def test_out_of_memory_retries_on_cpu_with_a_warning(tiny_model_folder, monkeypatch):
     import torch
 
-    import COLIPRISlicerLib.engine as engine_module
+    import COLIPRISlicerLib.encoding.engine as engine_module
 
     engine = Engine(str(tiny_model_folder), device="cpu", precision="fp32")
     real = engine_module.run_image_encoder
@@ -137,7 +137,7 @@ def test_out_of_memory_is_caught_where_torch_has_no_top_level_out_of_memory_erro
     """torch 2.4 has only ``torch.cuda.OutOfMemoryError``; there ``except torch.OutOfMemoryError`` fails."""
     import torch
 
-    import COLIPRISlicerLib.engine as engine_module
+    import COLIPRISlicerLib.encoding.engine as engine_module
 
     cuda_error = torch.cuda.OutOfMemoryError
     monkeypatch.delattr(torch, "OutOfMemoryError")
@@ -159,7 +159,7 @@ def test_out_of_memory_is_caught_where_torch_has_no_top_level_out_of_memory_erro
 def test_auto_precision_on_a_cpu_without_torch_private_probes_is_fp32(monkeypatch):
     import torch
 
-    from COLIPRISlicerLib.devices import select_precision
+    from COLIPRISlicerLib.model.devices import select_precision
 
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
@@ -170,7 +170,7 @@ def test_auto_precision_on_a_cpu_without_torch_private_probes_is_fp32(monkeypatc
 
 @pytest.mark.parametrize("name", ["foo", "gpu", "cuda:x", ""])
 def test_unknown_device_names_are_refused_with_the_accepted_ones(name):
-    from COLIPRISlicerLib.devices import select_device
+    from COLIPRISlicerLib.model.devices import select_device
 
     with pytest.raises(ValueError, match=f'Unknown device "{name}"; use "auto", "cpu", "cuda", "cuda:N" or "mps"'):
         select_device(name)
@@ -179,7 +179,7 @@ def test_unknown_device_names_are_refused_with_the_accepted_ones(name):
 def test_missing_colipri_private_config_loader_names_the_version_to_install(monkeypatch):
     import colipri.checkpoint
 
-    from COLIPRISlicerLib.model_folder import colipri_config_loader
+    from COLIPRISlicerLib.model.folder import colipri_config_loader
 
     assert colipri_config_loader() is colipri.checkpoint._load_config
     monkeypatch.delattr(colipri.checkpoint, "_load_config")

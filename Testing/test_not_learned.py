@@ -9,8 +9,8 @@ import warnings
 import pytest
 
 from COLIPRISlicerLib.analysis import Analyzer
-from COLIPRISlicerLib.engine import Engine
-from COLIPRISlicerLib.report_evaluation import extract_findings
+from COLIPRISlicerLib.encoding.engine import Engine
+from COLIPRISlicerLib.report.evaluation import extract_findings
 from COLIPRISlicerLib.teaching.phantom import generate_phantom
 from COLIPRISlicerLib.teaching.bundle import _update_record
 
@@ -58,7 +58,7 @@ def test_the_report_neither_asserts_nor_denies_a_finding_not_learned_and_says_so
 
 def test_the_command_line_table_and_findings_json_say_not_learned(analysed, tmp_path, capsys):
     from COLIPRISlicerLib.cli import _print_findings
-    from COLIPRISlicerLib.outputs import write_analysis
+    from COLIPRISlicerLib.export.outputs import write_analysis
 
     _, result = analysed
     _print_findings(result)
@@ -72,7 +72,7 @@ def test_the_command_line_table_and_findings_json_say_not_learned(analysed, tmp_
 def test_the_summary_picture_labels_findings_not_learned(analysed, tmp_path):
     from matplotlib.figure import Figure
 
-    from COLIPRISlicerLib.summary_figure import _likelihood_bars
+    from COLIPRISlicerLib.export.summary_figure import _likelihood_bars
 
     _, result = analysed
     ax = Figure().add_subplot()

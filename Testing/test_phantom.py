@@ -69,7 +69,7 @@ def test_masks_lie_where_the_volume_has_the_planted_hu(phantoms):
 
 
 def test_report_states_exactly_the_planted_findings(phantoms):
-    from COLIPRISlicerLib.report_evaluation import extract_findings
+    from COLIPRISlicerLib.report.evaluation import extract_findings
 
     for _, truth in phantoms.values():
         assert extract_findings(truth["report"], list(CT_RATE_FINDINGS)) == truth["findings"]
@@ -123,7 +123,7 @@ def test_written_phantom_and_masks_share_one_geometry(tmp_path):
 
 
 def test_phantom_passes_volume_validation_without_the_not_ct_warning(tmp_path):
-    from COLIPRISlicerLib.volume import Volume, load_volume
+    from COLIPRISlicerLib.io.volume import Volume, load_volume
 
     write_phantom(2, tmp_path)
     with warnings.catch_warnings():
@@ -142,9 +142,9 @@ def test_generation_takes_under_three_cpu_seconds():
 
 
 def test_landmark_detector_finds_the_planted_carina_within_15_mm(phantoms):
-    landmarks = pytest.importorskip("COLIPRISlicerLib.landmarks", reason="landmarks.py not present yet")
+    landmarks = pytest.importorskip("COLIPRISlicerLib.localization.landmarks", reason="landmarks.py not present yet")
     if not hasattr(landmarks, "detect_landmarks"):
-        pytest.skip("COLIPRISlicerLib.landmarks has no detect_landmarks yet")
+        pytest.skip("COLIPRISlicerLib.localization.landmarks has no detect_landmarks yet")
     for seed in (2, 3, 7):
         volume, truth = phantoms[seed]
         found = landmarks.detect_landmarks(volume.array, volume.ijk_to_ras)

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from COLIPRISlicerLib.teaching.augmentation import (AIR, Augmentation, augment_batch, pack_masks, shift_volume,
-                                                   unpack_masks)
+from COLIPRISlicerLib.teaching.augmentation import (
+    AIR,
+    Augmentation,
+    augment_batch,
+    pack_masks,
+    shift_volume,
+    unpack_masks,
+)
 
 
 def test_packing_round_trips_a_depth_that_is_not_a_multiple_of_eight():

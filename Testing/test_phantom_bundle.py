@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from COLIPRISlicerLib.analysis import Analyzer
-from COLIPRISlicerLib.engine import Engine
+from COLIPRISlicerLib.encoding.engine import Engine
 from COLIPRISlicerLib.teaching.phantom import generate_phantom
 from COLIPRISlicerLib.teaching.bundle import (
     ANATOMY_WEIGHTS,

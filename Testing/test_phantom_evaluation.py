@@ -8,8 +8,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from COLIPRISlicerLib.teaching.evaluation import (_head_dice, _localization_summary, _pointing, _pointing_summary,
-                                                 evaluate_on_phantoms, format_summary)
+from COLIPRISlicerLib.teaching.evaluation import (
+    _head_dice,
+    _localization_summary,
+    _pointing,
+    _pointing_summary,
+    evaluate_on_phantoms,
+    format_summary,
+)
 
 
 def test_localization_summary_separates_reference_snippets_and_reports_the_middle_slice_baseline():
@@ -45,7 +51,7 @@ def test_evaluation_runs_through_the_engine_on_held_out_phantoms(tiny_model_fold
 
 def test_pointing_hits_when_the_peak_patch_overlaps_the_mask_and_knows_which_masks_cover_a_patch():
     from COLIPRISlicerLib.geometry import PatchGrid
-    from COLIPRISlicerLib.volume import Volume
+    from COLIPRISlicerLib.io.volume import Volume
 
     volume = Volume.from_array(np.zeros((16, 16, 16), np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
     grid = PatchGrid(model_shape=(16, 16, 16), model_to_ras=np.diag([2.0, 2.0, 2.0, 1.0]), patch_size=(8, 8, 8))

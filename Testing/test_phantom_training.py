@@ -18,8 +18,8 @@ from COLIPRISlicerLib.teaching.stream import coarse_geometry
 
 
 def test_sample_targets_match_the_phantom_truth_on_the_model_grid(phantom_sample, tiny_loaded):
-    from COLIPRISlicerLib.findings import mask_to_patch_fraction
-    from COLIPRISlicerLib.localization import strip_references
+    from COLIPRISlicerLib.findings.scoring import mask_to_patch_fraction
+    from COLIPRISlicerLib.localization.localize import strip_references
     from COLIPRISlicerLib.teaching.augmentation import unpack_masks
     from COLIPRISlicerLib.preprocessing import preprocess
 
@@ -50,7 +50,7 @@ def test_sample_targets_match_the_phantom_truth_on_the_model_grid(phantom_sample
 
 
 def test_training_embeddings_equal_the_engine_inference_path(tiny_loaded, phantom_sample):
-    from COLIPRISlicerLib.encoding import run_image_encoder
+    from COLIPRISlicerLib.encoding.encoder import run_image_encoder
 
     pooled, dense, weights = objectives.encode_pooled_and_dense(tiny_loaded.model, phantom_sample.image[None].float())
     reference_pooled, reference_dense, _, _ = run_image_encoder(tiny_loaded, phantom_sample.image.float(),
@@ -63,8 +63,8 @@ def test_training_embeddings_equal_the_engine_inference_path(tiny_loaded, phanto
 
 
 def test_snippet_loss_is_cross_entropy_of_the_engine_depth_profile(tiny_loaded, phantom_sample):
-    from COLIPRISlicerLib.localization import depth_profile
-    from COLIPRISlicerLib.localization_head import blurred_target
+    from COLIPRISlicerLib.localization.localize import depth_profile
+    from COLIPRISlicerLib.localization.head import blurred_target
     from COLIPRISlicerLib.preprocessing import PreprocessedImage
 
     grid = PreprocessedImage(phantom_sample.image, np.diag([6.0, 6.0, 6.0, 1.0]),
@@ -127,7 +127,7 @@ def test_centring_makes_phantoms_pooled_embeddings_differ(tmp_path):
 
 
 def _tiny_config():
-    from COLIPRISlicerLib.model_folder import SmallModelSpec
+    from COLIPRISlicerLib.model.folder import SmallModelSpec
     from COLIPRISlicerLib.teaching.training import TrainingConfig
 
     spec = SmallModelSpec(input_size=32, spacing_mm=12.0, image_embed_dim=48, image_depth=1, image_heads=2,
@@ -138,7 +138,7 @@ def _tiny_config():
 def test_a_short_training_run_writes_a_model_folder_the_engine_loads(tmp_path):
     import yaml
 
-    from COLIPRISlicerLib.engine import Engine
+    from COLIPRISlicerLib.encoding.engine import Engine
     from COLIPRISlicerLib.teaching.training import TEACHING_LABEL, TEACHING_MODEL_ID, train_phantom_model
 
     folder = tmp_path / "teaching"

@@ -18,7 +18,7 @@ from conftest import (RAS_NIFTI, SHARED_DATA, TCIA_SERIES, official_pipeline, re
                       write_oblique_permuted_copy)
 
 from COLIPRISlicerLib.preprocessing import fast_steps, preprocess
-from COLIPRISlicerLib.volume import Volume, load_volume
+from COLIPRISlicerLib.io.volume import Volume, load_volume
 
 ONE_HU = 1e-3 + 1e-6  # one HU after RescaleIntensity(-1000..1000 -> -1..1), plus float32 rounding
 MAX_FRACTION_DIFFERING = 0.02
@@ -127,7 +127,7 @@ def test_unknown_method_is_refused(scans, colipri_transform):
 
 
 def test_engine_refuses_an_unknown_preprocessing(tiny_model_folder):
-    from COLIPRISlicerLib.engine import Engine
+    from COLIPRISlicerLib.encoding.engine import Engine
 
     with pytest.raises(ValueError, match='Unknown preprocessing "sitk"; choose one of fast, reference'):
         Engine(str(tiny_model_folder), device="cpu", precision="fp32", preprocessing="sitk")
@@ -142,7 +142,7 @@ def grid_model_folder(tmp_path_factory):
     """A tiny random COLIPRI on the real model grid: 192^3 at 2 mm, 8^3 patches."""
     from conftest import CXR_BERT_VOCAB
 
-    from COLIPRISlicerLib.model_folder import SmallModelSpec, write_small_model
+    from COLIPRISlicerLib.model.folder import SmallModelSpec, write_small_model
 
     folder = tmp_path_factory.mktemp("grid_model")
     return write_small_model(folder, require(CXR_BERT_VOCAB), SmallModelSpec(input_size=192, spacing_mm=2.0, seed=7),
@@ -152,8 +152,8 @@ def grid_model_folder(tmp_path_factory):
 @pytest.mark.filterwarnings("ignore:The field of view:RuntimeWarning")
 @pytest.mark.parametrize("name", ["dicom", "oblique_nifti", "oblique_dicom", "odd_slices"])
 def test_fast_path_likelihoods_equal_official_pipeline(name, scans, grid_model_folder, tmp_path):
-    from COLIPRISlicerLib.engine import Engine
-    from COLIPRISlicerLib.outputs import write_volume
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.export.outputs import write_volume
 
     volume = scans[name]
     path = tmp_path / f"{name}.nii.gz"  # the official pipeline reads files: the same voxels and matrix
@@ -225,7 +225,7 @@ def test_one_sided_clamp_and_random_steps(scans, colipri_transform):
 def test_engine_preprocessing_option_selects_the_path(scans, tiny_model_folder):
     """``Engine(preprocessing="reference")`` feeds the encoder TorchIO's output bit for bit; the default
     fast path stays within one HU of it and gives the same likelihoods within 1e-4."""
-    from COLIPRISlicerLib.engine import Engine
+    from COLIPRISlicerLib.encoding.engine import Engine
 
     volume = scans["oblique_nifti"]
     reference_engine = Engine(str(tiny_model_folder), device="cpu", precision="fp32", preprocessing="reference")

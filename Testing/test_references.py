@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from COLIPRISlicerLib.references import SliceReference, find_references, resolve_reference
+from COLIPRISlicerLib.localization.references import SliceReference, find_references, resolve_reference
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TCIA_SERIES = SHARED_DATA / "ct" / "tcia_lung_pet_ct_dx_A0001" / "series_5mm"

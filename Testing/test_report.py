@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from COLIPRISlicerLib.defaults import resources_dir
-from COLIPRISlicerLib.report import FindingEvidence, ReportContext, TemplateReportComposer, side_and_zone
-from COLIPRISlicerLib.report_bank import BANK_FILENAME, CT_RATE_FINDINGS, SECTIONS, load_sentence_bank
+from COLIPRISlicerLib.report.draft import FindingEvidence, ReportContext, TemplateReportComposer, side_and_zone
+from COLIPRISlicerLib.report.bank import BANK_FILENAME, CT_RATE_FINDINGS, SECTIONS, load_sentence_bank
 
 GRID_SHAPE = (12, 10, 14)
 LUNG_S_RANGE = (-90.0, 90.0)

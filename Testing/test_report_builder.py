@@ -9,8 +9,8 @@ import pytest
 from conftest import TCIA_SERIES, require
 
 from COLIPRISlicerLib.analysis import Analyzer
-from COLIPRISlicerLib.report_builder import build_report, report_evidence
-from COLIPRISlicerLib.volume import load_volume
+from COLIPRISlicerLib.report.builder import build_report, report_evidence
+from COLIPRISlicerLib.io.volume import load_volume
 
 
 @pytest.fixture(scope="module")

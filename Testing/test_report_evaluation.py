@@ -9,14 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from COLIPRISlicerLib.report import FindingEvidence, ReportContext, TemplateReportComposer
-from COLIPRISlicerLib.report_bank import CT_RATE_FINDINGS, load_sentence_bank
-from COLIPRISlicerLib.report_evaluation import (
-    clinical_efficacy,
-    evaluate_reports,
-    extract_findings,
-    lexical_metrics,
-)
+from COLIPRISlicerLib.report.draft import FindingEvidence, ReportContext, TemplateReportComposer
+from COLIPRISlicerLib.report.bank import CT_RATE_FINDINGS, load_sentence_bank
+from COLIPRISlicerLib.report.evaluation import clinical_efficacy, evaluate_reports, extract_findings, lexical_metrics
 
 
 @pytest.fixture(scope="module")

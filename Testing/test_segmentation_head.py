@@ -1,4 +1,4 @@
-"""Segmentation head (segmentation_head.py, segmentation_head_io.py, segmentation_data.py,
+"""Segmentation head (segmentation/head.py, segmentation/files.py, segmentation/data.py,
 segmentation_training.py): training on generated spheres, geometry of the labelmap, head
 files, errors, and the zero-shot fallback."""
 
@@ -22,8 +22,8 @@ TRAINING_OPTIONS = {"base_channels": 8, "learning_rate": 1e-2, "progress": False
 def small_training(tiny_model_folder, tmp_path_factory):
     """Two generated sphere volumes (one to train, one to validate): one epoch, then a
     resumed call with a new engine up to two."""
-    from COLIPRISlicerLib.engine import Engine
-    from COLIPRISlicerLib.segmentation_training import make_sphere_dataset, train_segmentation_head
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset, train_segmentation_head
 
     root = tmp_path_factory.mktemp("spheres")
     images, labels = make_sphere_dataset(root / "train", 2, seed=0)
@@ -40,7 +40,7 @@ def random_head(tiny_engine, sphere_volume):
     """An untrained head for the tiny model whose output bias makes it say "label 1" everywhere."""
     import torch
 
-    from COLIPRISlicerLib.segmentation_head import create_head
+    from COLIPRISlicerLib.segmentation.head import create_head
 
     encoding = tiny_engine.encode(sphere_volume)
     torch.manual_seed(0)
@@ -52,8 +52,8 @@ def random_head(tiny_engine, sphere_volume):
 
 @pytest.fixture(scope="module")
 def sphere_volume(tmp_path_factory):
-    from COLIPRISlicerLib.segmentation_training import make_sphere_dataset
-    from COLIPRISlicerLib.volume import load_volume
+    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset
+    from COLIPRISlicerLib.io.volume import load_volume
 
     images, _ = make_sphere_dataset(tmp_path_factory.mktemp("one_sphere"), 1, seed=7)
     return load_volume(images / "sphere_000.nii.gz")
@@ -66,12 +66,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.slow
 def test_head_trained_on_ten_sphere_volumes_reaches_dice_0_7_on_an_unseen_volume(tiny_model_folder, tmp_path):
     """30-45 s on 2 idle CPU cores, several minutes on busy ones: see bench/bench_segmentation_head.py."""
-    from COLIPRISlicerLib.engine import Engine
-    from COLIPRISlicerLib.segmentation_data import read_label
-    from COLIPRISlicerLib.segmentation_head import predict
-    from COLIPRISlicerLib.segmentation_head import load_head
-    from COLIPRISlicerLib.segmentation_training import make_sphere_dataset, train_segmentation_head
-    from COLIPRISlicerLib.volume import load_volume
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.segmentation.data import read_label
+    from COLIPRISlicerLib.segmentation.head import predict
+    from COLIPRISlicerLib.segmentation.head import load_head
+    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset, train_segmentation_head
+    from COLIPRISlicerLib.io.volume import load_volume
 
     engine = Engine(str(tiny_model_folder), device="cpu", precision="fp32")
     images, labels = make_sphere_dataset(tmp_path / "train", 10, seed=0)
@@ -101,7 +101,7 @@ def copy_of_head_folder(small_training, tmp_path):
 
 
 def train_again(small_training, out, **options):
-    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
 
     root = small_training["root"] / "train"
     options = {**TRAINING_OPTIONS, **options}
@@ -162,9 +162,9 @@ def read_input_with_sitk(path):
 def test_labelmap_and_written_file_have_exactly_the_input_geometry(path, tiny_engine, random_head, tmp_path):
     import SimpleITK as sitk
 
-    from COLIPRISlicerLib.segmentation_head import predict
-    from COLIPRISlicerLib.segmentation_head_io import write_segmentation
-    from COLIPRISlicerLib.volume import load_volume
+    from COLIPRISlicerLib.segmentation.head import predict
+    from COLIPRISlicerLib.segmentation.files import write_segmentation
+    from COLIPRISlicerLib.io.volume import load_volume
 
     volume = load_volume(require(path))
     encoding = tiny_engine.encode(volume)
@@ -184,7 +184,7 @@ def test_labelmap_and_written_file_have_exactly_the_input_geometry(path, tiny_en
 
 
 def test_segmentation_json_maps_values_to_names_colours_terminology_and_source(random_head, tiny_engine, sphere_volume):
-    from COLIPRISlicerLib.segmentation_head import predict
+    from COLIPRISlicerLib.segmentation.head import predict
 
     result = predict(random_head, tiny_engine.encode(sphere_volume), sphere_volume)
     data = json.loads(result.to_json())
@@ -197,14 +197,14 @@ def test_segmentation_json_maps_values_to_names_colours_terminology_and_source(r
 
 
 def saved_head(head, folder):
-    from COLIPRISlicerLib.segmentation_head_io import save_head
+    from COLIPRISlicerLib.segmentation.files import save_head
 
     return save_head(head, folder)
 
 
 def test_load_head_refuses_a_head_trained_on_another_encoder(random_head, tiny_engine, tmp_path):
-    from COLIPRISlicerLib.segmentation_head import SegmentationHead
-    from COLIPRISlicerLib.segmentation_head import load_head
+    from COLIPRISlicerLib.segmentation.head import SegmentationHead
+    from COLIPRISlicerLib.segmentation.head import load_head
 
     other = dataclasses.replace(random_head.metadata, encoder={"model_id": "other/model", "sha256": "ab" * 32})
     folder = saved_head(SegmentationHead(random_head.network, other), tmp_path / "head")
@@ -216,7 +216,7 @@ def test_load_head_refuses_a_head_trained_on_another_encoder(random_head, tiny_e
 def test_load_head_round_trips_weights_and_labels(random_head, tiny_engine, tmp_path):
     import torch
 
-    from COLIPRISlicerLib.segmentation_head import load_head
+    from COLIPRISlicerLib.segmentation.head import load_head
 
     loaded = load_head(saved_head(random_head, tmp_path / "head"), tiny_engine)
     assert loaded.labels == random_head.labels
@@ -234,7 +234,7 @@ def test_load_head_round_trips_weights_and_labels(random_head, tiny_engine, tmp_
     ],
 )
 def test_load_head_reports_corrupt_or_missing_files(damage, error, match, random_head, tiny_engine, tmp_path):
-    from COLIPRISlicerLib.segmentation_head import load_head
+    from COLIPRISlicerLib.segmentation.head import load_head
 
     folder = saved_head(random_head, tmp_path / "head")
     if damage == "weights_garbage":
@@ -253,7 +253,7 @@ def test_load_head_reports_corrupt_or_missing_files(damage, error, match, random
 
 @pytest.fixture
 def one_case(tmp_path):
-    from COLIPRISlicerLib.segmentation_training import make_sphere_dataset
+    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset
 
     return make_sphere_dataset(tmp_path / "data", 1, seed=3)
 
@@ -267,7 +267,7 @@ def write_label_like(path, array, ijk_to_ras):
 
 
 def test_training_refuses_a_label_of_another_size(one_case, tiny_engine, tmp_path):
-    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
 
     images, labels = one_case
     write_label_like(labels / "sphere_000.nii.gz", np.zeros((64, 64, 60)), np.diag([6.0, 6.0, 6.0, 1.0]))
@@ -276,7 +276,7 @@ def test_training_refuses_a_label_of_another_size(one_case, tiny_engine, tmp_pat
 
 
 def test_training_refuses_a_label_elsewhere_in_space(one_case, tiny_engine, tmp_path):
-    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
 
     images, labels = one_case
     write_label_like(labels / "sphere_000.nii.gz", np.zeros((64, 64, 64)), np.diag([6.0, 6.0, 6.0, 1.0]))
@@ -285,7 +285,7 @@ def test_training_refuses_a_label_elsewhere_in_space(one_case, tiny_engine, tmp_
 
 
 def test_training_refuses_an_empty_label_folder(one_case, tiny_engine, tmp_path):
-    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
 
     images, labels = one_case
     shutil.rmtree(labels)
@@ -295,7 +295,7 @@ def test_training_refuses_an_empty_label_folder(one_case, tiny_engine, tmp_path)
 
 
 def test_training_refuses_folders_without_matching_names(one_case, tiny_engine, tmp_path):
-    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
 
     images, labels = one_case
     (labels / "sphere_000.nii.gz").rename(labels / "other_case.nii.gz")
@@ -304,14 +304,14 @@ def test_training_refuses_folders_without_matching_names(one_case, tiny_engine, 
 
 
 def test_training_reports_a_missing_folder(tiny_engine, tmp_path):
-    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
 
     with pytest.raises(FileNotFoundError, match="Images folder not found"):
         train_segmentation_head(tmp_path / "absent", tmp_path, tiny_engine, tmp_path / "out", progress=False)
 
 
 def test_cli_command_raises_a_user_error_that_names_the_empty_folder(tiny_model_folder, tmp_path):
-    from COLIPRISlicerLib.segmentation_training import train_seg_head_command
+    from COLIPRISlicerLib.segmentation.training import train_seg_head_command
 
     (tmp_path / "images").mkdir()
     with pytest.raises(ValueError, match=f'Images folder "{tmp_path / "images"}" holds no NIfTI'):
@@ -319,7 +319,7 @@ def test_cli_command_raises_a_user_error_that_names_the_empty_folder(tiny_model_
 
 
 def test_label_files_pair_with_nnunet_channel_suffix_and_other_formats(tmp_path):
-    from COLIPRISlicerLib.segmentation_data import find_training_cases
+    from COLIPRISlicerLib.segmentation.data import find_training_cases
 
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
@@ -336,7 +336,7 @@ def test_label_files_pair_with_nnunet_channel_suffix_and_other_formats(tmp_path)
 def test_decoder_upsamples_by_any_power_of_two_patch_size(patch):
     import torch
 
-    from COLIPRISlicerLib.segmentation_head import HeadConfig, SegmentationDecoder
+    from COLIPRISlicerLib.segmentation.head import HeadConfig, SegmentationDecoder
 
     decoder = SegmentationDecoder(HeadConfig(in_channels=12, num_classes=3, patch_size=patch, base_channels=2))
     logits = decoder(torch.zeros(1, 12, 2, 3, 2), torch.zeros(1, 1, 2 * patch, 3 * patch, 2 * patch))
@@ -345,7 +345,7 @@ def test_decoder_upsamples_by_any_power_of_two_patch_size(patch):
 
 
 def test_head_config_refuses_a_patch_size_that_is_not_a_power_of_two():
-    from COLIPRISlicerLib.segmentation_head import HeadConfig
+    from COLIPRISlicerLib.segmentation.head import HeadConfig
 
     with pytest.raises(ValueError, match="power of two >= 2, got 6"):
         HeadConfig(in_channels=8, num_classes=2, patch_size=6)
@@ -354,7 +354,7 @@ def test_head_config_refuses_a_patch_size_that_is_not_a_power_of_two():
 def test_predict_refuses_features_of_another_encoder(random_head, tiny_engine, sphere_volume):
     import torch
 
-    from COLIPRISlicerLib.segmentation_head import predict
+    from COLIPRISlicerLib.segmentation.head import predict
 
     encoding = tiny_engine.encode(sphere_volume)
     wrong = dataclasses.replace(encoding, features=torch.zeros(7, *encoding.features.shape[1:]))
@@ -372,7 +372,7 @@ def small_grid(model_size: int = 64, spacing: float = 6.0, patch: int = 8):
 
 def oblique_volume():
     """An anisotropic, rotated 80 x 70 x 40 volume (3 x 4 x 7 mm) centred on the model grid."""
-    from COLIPRISlicerLib.volume import Volume
+    from COLIPRISlicerLib.io.volume import Volume
 
     angle = np.deg2rad(20)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
@@ -392,8 +392,8 @@ def voxel_distances_mm(volume, point_ras) -> np.ndarray:
 
 
 def test_zero_shot_labels_the_voxels_around_the_hot_patch(tmp_path):
-    from COLIPRISlicerLib.segmentation_head import zero_shot_segmentation
-    from COLIPRISlicerLib.segmentation_head_io import write_segmentation
+    from COLIPRISlicerLib.segmentation.head import zero_shot_segmentation
+    from COLIPRISlicerLib.segmentation.files import write_segmentation
 
     grid, volume = small_grid(), oblique_volume()
     logits = np.full(grid.shape, -4.0, dtype=np.float32)
@@ -410,7 +410,7 @@ def test_zero_shot_labels_the_voxels_around_the_hot_patch(tmp_path):
 
 
 def test_zero_shot_picks_the_finding_with_the_highest_logit_above_the_threshold():
-    from COLIPRISlicerLib.segmentation_head import zero_shot_segmentation
+    from COLIPRISlicerLib.segmentation.head import zero_shot_segmentation
 
     grid, volume = small_grid(), oblique_volume()
     weak, strong = np.full(grid.shape, 1.0, np.float32), np.full(grid.shape, -1.0, np.float32)
@@ -424,7 +424,7 @@ def test_zero_shot_picks_the_finding_with_the_highest_logit_above_the_threshold(
 
 
 def test_zero_shot_description_comes_from_the_grid_16_mm_for_colipri():
-    from COLIPRISlicerLib.segmentation_head import zero_shot_segmentation
+    from COLIPRISlicerLib.segmentation.head import zero_shot_segmentation
 
     grid, volume = small_grid(model_size=192, spacing=2.0), oblique_volume()
     result = zero_shot_segmentation({"Nodule": np.zeros(grid.shape, np.float32)}, grid, volume)
@@ -432,7 +432,7 @@ def test_zero_shot_description_comes_from_the_grid_16_mm_for_colipri():
 
 
 def test_zero_shot_refuses_a_map_off_the_patch_grid():
-    from COLIPRISlicerLib.segmentation_head import zero_shot_segmentation
+    from COLIPRISlicerLib.segmentation.head import zero_shot_segmentation
 
     with pytest.raises(ValueError, match=r'"Nodule" has shape \(4, 4, 4\), expected the patch grid \(8, 8, 8\)'):
         zero_shot_segmentation({"Nodule": np.zeros((4, 4, 4))}, small_grid(), oblique_volume())
@@ -441,7 +441,7 @@ def test_zero_shot_refuses_a_map_off_the_patch_grid():
 def test_random_patch_crop_keeps_features_and_voxels_of_the_same_patches_and_finds_the_foreground():
     import torch
 
-    from COLIPRISlicerLib.segmentation_training import random_patch_crop
+    from COLIPRISlicerLib.segmentation.training import random_patch_crop
 
     features = torch.arange(5 * 6 * 4, dtype=torch.float32).reshape(1, 5, 6, 4).expand(3, 5, 6, 4)
     # every voxel holds the number of the patch it lies in (patch size 4)
@@ -463,7 +463,7 @@ def test_random_patch_crop_keeps_features_and_voxels_of_the_same_patches_and_fin
 
 def test_training_on_crops_feeds_crops_records_them_and_keeps_the_checkpoint_setup_apart(small_training, tmp_path,
                                                                                          monkeypatch):
-    from COLIPRISlicerLib import segmentation_training
+    from COLIPRISlicerLib.segmentation import training as segmentation_training
 
     shapes = []
     crop = segmentation_training.random_patch_crop
@@ -498,9 +498,9 @@ def test_a_checkpoint_from_before_crops_and_rare_class_options_existed_still_res
 
 
 def test_a_new_run_starts_at_the_prior_of_its_training_cases_only(small_training, monkeypatch):
-    from COLIPRISlicerLib import segmentation_training
-    from COLIPRISlicerLib.segmentation_data import cached_facts
-    from COLIPRISlicerLib.segmentation_training import _TrainingRun, class_frequencies
+    from COLIPRISlicerLib.segmentation import training as segmentation_training
+    from COLIPRISlicerLib.segmentation.data import cached_facts
+    from COLIPRISlicerLib.segmentation.training import _TrainingRun, class_frequencies
 
     monkeypatch.setattr(segmentation_training, "RARE_CLASS_PRIOR", 0.0)  # both spheres' shares are under 1 %
 
@@ -516,9 +516,9 @@ def test_a_new_run_starts_at_the_prior_of_its_training_cases_only(small_training
 def test_output_layer_starts_at_the_class_prior_of_the_training_voxels(small_training):
     import torch
 
-    from COLIPRISlicerLib.segmentation_data import load_cached
-    from COLIPRISlicerLib.segmentation_head import HeadConfig, SegmentationDecoder
-    from COLIPRISlicerLib.segmentation_training import class_frequencies, set_output_prior
+    from COLIPRISlicerLib.segmentation.data import load_cached
+    from COLIPRISlicerLib.segmentation.head import HeadConfig, SegmentationDecoder
+    from COLIPRISlicerLib.segmentation.training import class_frequencies, set_output_prior
 
     paths = sorted((small_training["out"] / "feature_cache").glob("*.safetensors"))
     values = torch.tensor([0, 1], dtype=torch.int32)
@@ -540,7 +540,7 @@ def test_output_layer_starts_at_the_class_prior_of_the_training_voxels(small_tra
 def test_a_label_absent_from_a_crop_adds_a_constant_dice_term_not_a_push_towards_nothing():
     import torch
 
-    from COLIPRISlicerLib.segmentation_training import head_loss
+    from COLIPRISlicerLib.segmentation.training import head_loss
 
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 4, 4, 4)
@@ -560,7 +560,7 @@ def test_a_label_absent_from_a_crop_adds_a_constant_dice_term_not_a_push_towards
 def test_head_config_refine_adds_one_upsampling_level_per_factor_of_two():
     import torch
 
-    from COLIPRISlicerLib.segmentation_head import HeadConfig, SegmentationDecoder
+    from COLIPRISlicerLib.segmentation.head import HeadConfig, SegmentationDecoder
 
     config = HeadConfig(in_channels=12, num_classes=3, patch_size=4, base_channels=2, refine=2)
     decoder = SegmentationDecoder(config)
@@ -574,7 +574,7 @@ def test_head_config_refine_adds_one_upsampling_level_per_factor_of_two():
 def ramp_volume(sphere_volume, hu_per_mm: float):
     """The sphere volume's grid holding HU = hu_per_mm * R (mm): trilinear interpolation reproduces it exactly."""
     from COLIPRISlicerLib.geometry import ijk_to_ras
-    from COLIPRISlicerLib.volume import Volume
+    from COLIPRISlicerLib.io.volume import Volume
 
     indices = np.stack(np.meshgrid(*[np.arange(n) for n in sphere_volume.shape], indexing="ij"), axis=-1)
     r_mm = ijk_to_ras(sphere_volume.ijk_to_ras, indices.reshape(-1, 3))[:, 0].reshape(sphere_volume.shape)
@@ -611,7 +611,7 @@ def test_resample_for_head_on_the_subdivided_grid_is_the_clamped_rescaled_hu_at_
 @pytest.fixture(scope="module")
 def refined_training(small_training, tmp_path_factory):
     """A head decoding on the model grid subdivided twice (3 mm for the 6 mm tiny model), one epoch."""
-    from COLIPRISlicerLib.segmentation_training import train_segmentation_head
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
 
     root, out = small_training["root"] / "train", tmp_path_factory.mktemp("refined") / "head"
     summary = train_segmentation_head(root / "images", root / "labels", small_training["engine"], out, epochs=1,
@@ -637,8 +637,8 @@ def test_refined_head_caches_image_and_target_on_the_subdivided_grid_and_records
 
 
 def test_refined_head_labels_the_input_grid_and_needs_the_processor_transform(refined_training, sphere_volume):
-    from COLIPRISlicerLib.segmentation_head import predict
-    from COLIPRISlicerLib.segmentation_head import load_head
+    from COLIPRISlicerLib.segmentation.head import predict
+    from COLIPRISlicerLib.segmentation.head import load_head
 
     engine = refined_training["engine"]
     head = load_head(refined_training["out"], engine)
@@ -654,7 +654,7 @@ def test_refined_head_labels_the_input_grid_and_needs_the_processor_transform(re
 def test_balanced_crops_centre_a_one_voxel_class_beside_a_large_one_in_about_half_the_crops():
     import torch
 
-    from COLIPRISlicerLib.segmentation_training import random_patch_crop
+    from COLIPRISlicerLib.segmentation.training import random_patch_crop
 
     features = torch.zeros(2, 8, 8, 8)
     image = torch.zeros(1, 32, 32, 32)
@@ -678,7 +678,7 @@ def test_class_balanced_cross_entropy_weighs_each_present_class_as_much_as_the_b
     import torch
     from torch.nn.functional import cross_entropy
 
-    from COLIPRISlicerLib.segmentation_training import class_balanced_cross_entropy, head_loss
+    from COLIPRISlicerLib.segmentation.training import class_balanced_cross_entropy, head_loss
 
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 4, 4, 4, requires_grad=True)
@@ -701,8 +701,8 @@ def test_class_balanced_cross_entropy_weighs_each_present_class_as_much_as_the_b
 
 
 def test_recall_epochs_add_the_class_balanced_term_in_the_first_epochs_only(small_training, tmp_path, monkeypatch):
-    from COLIPRISlicerLib import segmentation_training
-    from COLIPRISlicerLib.segmentation_training import RareClasses
+    from COLIPRISlicerLib.segmentation import training as segmentation_training
+    from COLIPRISlicerLib.segmentation.training import RareClasses
 
     calls = []
     balanced = segmentation_training.class_balanced_cross_entropy
@@ -735,8 +735,8 @@ def test_validate_every_skips_validation_between_and_always_validates_the_last_e
 
 
 def test_a_training_run_starts_a_class_rarer_than_one_percent_at_one_percent(small_training):
-    from COLIPRISlicerLib.segmentation_data import cached_facts
-    from COLIPRISlicerLib.segmentation_training import _TrainingRun, class_frequencies
+    from COLIPRISlicerLib.segmentation.data import cached_facts
+    from COLIPRISlicerLib.segmentation.training import _TrainingRun, class_frequencies
 
     paths = {path.name: path for path in (small_training["out"] / "feature_cache").glob("*.safetensors")}
     facts = {name: cached_facts(path) for name, path in paths.items()}

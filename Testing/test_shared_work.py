@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 from conftest import RAS_NIFTI, require
 
-from COLIPRISlicerLib.volume import load_volume
+from COLIPRISlicerLib.io.volume import load_volume
 
 
 def test_landmarks_and_body_mask_of_one_volume_share_one_coarse_grid(monkeypatch):
     """Report (landmarks) and snippets (body mask) of one volume block-average its voxels once."""
-    from COLIPRISlicerLib import landmarks
+    from COLIPRISlicerLib.localization import landmarks
 
     volume = load_volume(require(RAS_NIFTI))
     calls = []
@@ -32,8 +32,8 @@ def test_body_patches_from_the_coarse_mask_equal_those_of_the_full_resolution_ma
     from colipri import get_processor
     from conftest import TCIA_SERIES, write_oblique_permuted_copy
 
-    from COLIPRISlicerLib.findings import factored_mask_to_patch_fraction, mask_to_patch_fraction
-    from COLIPRISlicerLib.landmarks import body_mask, body_mask_factors
+    from COLIPRISlicerLib.findings.scoring import factored_mask_to_patch_fraction, mask_to_patch_fraction
+    from COLIPRISlicerLib.localization.landmarks import body_mask, body_mask_factors
     from COLIPRISlicerLib.preprocessing import preprocess
 
     transform = get_processor(image_only=True)._image_transform

@@ -423,7 +423,7 @@ def test_an_edited_volume_is_not_queried_with_its_old_analysis(logic, scene, nif
 
 def test_memory_holds_at_most_two_analyses_and_no_full_size_heatmaps(logic, scene, nifti, tcia):
     import slicer
-    from COLIPRISlicerLib.findings import heatmap_on_volume
+    from COLIPRISlicerLib.findings.scoring import heatmap_on_volume
     from COLIPRISlicerNodes.logic import MAX_RESULTS
 
     copy = slicer.util.addVolumeFromArray(slicer.util.arrayFromVolume(nifti).copy(), ijk_to_ras(nifti), "copy")

@@ -118,7 +118,7 @@ def test_download_folders_are_the_hub_cache_and_our_cache_never_a_model_folder(m
 
 
 def test_clear_downloads_keeps_what_a_user_put_in_the_cache_folder(monkeypatch, tmp_path):
-    from COLIPRISlicerLib.cache import mark_cache_folder
+    from COLIPRISlicerLib.encoding.cache import mark_cache_folder
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("COLIPRISLICER_CACHE", str(tmp_path / "documents"))  # a user's folder

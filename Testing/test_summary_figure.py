@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from COLIPRISlicerLib.summary_figure import _in_display_order
-from COLIPRISlicerLib.volume import Volume
+from COLIPRISlicerLib.export.summary_figure import _in_display_order
+from COLIPRISlicerLib.io.volume import Volume
 
 
 @pytest.mark.parametrize("diagonal, expected", [((1.0, 1.0, 1.0), (3, 0)), ((-1.0, -1.0, 1.0), (0, 2))])
@@ -38,9 +38,9 @@ def test_writing_the_summary_leaves_the_process_matplotlib_backend_alone(tiny_en
 
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import matplotlib; matplotlib.use('svg');"
-        "from COLIPRISlicerLib.sample_volume import synthetic_chest_ct as make;"
-        "from COLIPRISlicerLib.engine import Engine; from COLIPRISlicerLib.analysis import Analyzer;"
-        "from COLIPRISlicerLib.summary_figure import write_summary_png;"
+        "from COLIPRISlicerLib.io.sample_volume import synthetic_chest_ct as make;"
+        "from COLIPRISlicerLib.encoding.engine import Engine; from COLIPRISlicerLib.analysis import Analyzer;"
+        "from COLIPRISlicerLib.export.summary_figure import write_summary_png;"
         "engine = Engine(sys.argv[2], device='cpu', precision='fp32');"
         "write_summary_png(Analyzer(engine).analyze(make()), sys.argv[3]);"
         "print(matplotlib.get_backend())"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import MR_NIFTI, RAS_NIFTI, TCIA_SERIES, require, synthetic_chest
 
-from COLIPRISlicerLib.volume import Volume, load_volume
+from COLIPRISlicerLib.io.volume import Volume, load_volume
 
 
 def test_dicom_series_keeps_instance_numbers_and_matches_torchio():

@@ -66,7 +66,7 @@ def machine() -> dict:
 
 def random_model(folder: Path, vocab: Path, architecture: str = "full") -> Path:
     """A COLIPRI-architecture model folder with random weights (written once, then reused)."""
-    from COLIPRISlicerLib.model_folder import SmallModelSpec, write_small_model
+    from COLIPRISlicerLib.model.folder import SmallModelSpec, write_small_model
 
     if not (folder / "model.safetensors").is_file():
         write_small_model(folder, vocab, SmallModelSpec(**ARCHITECTURES[architecture]),
@@ -75,7 +75,7 @@ def random_model(folder: Path, vocab: Path, architecture: str = "full") -> Path:
 
 
 def synthetic_ct(slices: int):
-    from COLIPRISlicerLib.volume import Volume
+    from COLIPRISlicerLib.io.volume import Volume
 
     rng = np.random.default_rng(0)
     shape = (512, 512, slices)
@@ -109,7 +109,7 @@ def timed(function, *args, **kwargs):
 def text_timing(engine) -> dict:
     import torch
 
-    from COLIPRISlicerLib.catalogue import load_catalogue
+    from COLIPRISlicerLib.findings.catalogue import load_catalogue
 
     prompts = [p for f in load_catalogue() for p in f.prompts[1]]
     loaded = engine.loaded
@@ -133,7 +133,7 @@ def official_timing(model_folder: Path, scan: Path, device: str, calls: int) -> 
     sys.path.insert(0, str(REPO / "Testing"))
     from conftest import official_pipeline
 
-    from COLIPRISlicerLib.catalogue import load_catalogue
+    from COLIPRISlicerLib.findings.catalogue import load_catalogue
 
     findings = [f.name for f in load_catalogue()][:calls]
     def load():
@@ -211,8 +211,8 @@ def main() -> None:
     work = Path(os.environ.get("COLIPRISLICER_BENCH_DIR", Path.home() / ".cache" / "colipri-slicer" / "bench"))
     work.mkdir(parents=True, exist_ok=True)
     figures: dict = {"machine": machine(), "command": " ".join(sys.argv[1:])}
-    from COLIPRISlicerLib.engine import Engine
-    from COLIPRISlicerLib.outputs import write_volume
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.export.outputs import write_volume
 
     folder_name = "full-size-random" if args.architecture == "full" else f"{args.architecture}-size-random"
     model = args.model or str(random_model(work / folder_name, VOCAB, args.architecture))
@@ -277,7 +277,7 @@ def preprocess_timing(engine, volume) -> dict:
 
 def on_input_grid(result, finding):
     """A finding's heatmap on the input grid, where the engine computes it (the GPU keeps it there)."""
-    from COLIPRISlicerLib.findings import heatmap_on_volume, heatmap_tensor_on_volume
+    from COLIPRISlicerLib.findings.scoring import heatmap_on_volume, heatmap_tensor_on_volume
 
     if result.device.startswith("cuda"):
         return heatmap_tensor_on_volume(finding, result.encoding.grid, result.volume, result.device)
@@ -309,7 +309,7 @@ def first_analysis(engine, volume) -> dict:
 def warm_analysis(engine, volume) -> dict:
     """The same first analysis of another volume on the now warm engine (kernels chosen, catalogue
     prompts embedded), as every later *Analyze* of a session runs: ``warm_*`` figures."""
-    from COLIPRISlicerLib.volume import Volume
+    from COLIPRISlicerLib.io.volume import Volume
 
     other = Volume.from_array(np.ascontiguousarray(volume.array[:, :, ::-1]), volume.ijk_to_ras, name="bench_ct_2")
     figures = first_analysis(engine, other)
@@ -391,7 +391,7 @@ def mrml_import_timing(pair, scan: Path) -> dict:
 
 def bf16_difference(model: str, volume, fp32_likelihoods: np.ndarray, device: str) -> dict:
     from COLIPRISlicerLib.analysis import Analyzer
-    from COLIPRISlicerLib.engine import Engine
+    from COLIPRISlicerLib.encoding.engine import Engine
 
     engine = Engine(model, device=device, precision="bf16")
     result, seconds = timed(Analyzer(engine).analyze, volume)

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "COLIPRISlicer"))
 
-from COLIPRISlicerLib.teaching.training import TrainingConfig, default_vocabulary  # noqa: E402
+from COLIPRISlicerLib.teaching.training import TrainingConfig, default_vocabulary
 
 FIELD_OF_VIEW_MM = 400.0
 #: Input sizes (voxels per axis, multiples of the 8-voxel patch) over the same field of view.
@@ -34,8 +34,8 @@ def step_seconds(input_size: int, batch: int, steps: int) -> float:
     """Median seconds of one image-phase training step on ``batch`` random (1, S, S, S) images."""
     import torch
 
-    from COLIPRISlicerLib.model_folder import write_small_model
-    from COLIPRISlicerLib.model_loading import load_model
+    from COLIPRISlicerLib.model.folder import write_small_model
+    from COLIPRISlicerLib.model.loading import load_model
     from COLIPRISlicerLib.teaching.objectives import encode_pooled_and_dense
 
     spec = replace(TrainingConfig().spec, input_size=input_size, spacing_mm=FIELD_OF_VIEW_MM / input_size)

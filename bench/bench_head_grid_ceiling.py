@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--model", default="phantom")
     args = parser.parse_args()
 
-    from COLIPRISlicerLib.engine import Engine
+    from COLIPRISlicerLib.encoding.engine import Engine
     from COLIPRISlicerLib.geometry import resample_to_volume
     from COLIPRISlicerLib.teaching.phantom import generate_phantom
     from COLIPRISlicerLib.teaching.evaluation import VALIDATION_SEED_BASE

@@ -29,14 +29,14 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "COLIPRISlicer"))
 
-from COLIPRISlicerLib.analysis import Analyzer  # noqa: E402
-from COLIPRISlicerLib.calibration import auroc  # noqa: E402
-from COLIPRISlicerLib.engine import Engine  # noqa: E402
-from COLIPRISlicerLib.findings import patches_inside_volume  # noqa: E402
-from COLIPRISlicerLib.teaching.phantom import generate_phantom  # noqa: E402
-from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS  # noqa: E402
-from COLIPRISlicerLib.teaching.stream import coarse_geometry  # noqa: E402
-from COLIPRISlicerLib.teaching.training import VALIDATION_SEED_BASE, TrainingConfig  # noqa: E402
+from COLIPRISlicerLib.analysis import Analyzer
+from COLIPRISlicerLib.findings.calibration import auroc
+from COLIPRISlicerLib.encoding.engine import Engine
+from COLIPRISlicerLib.findings.scoring import patches_inside_volume
+from COLIPRISlicerLib.teaching.phantom import generate_phantom
+from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS
+from COLIPRISlicerLib.teaching.stream import coarse_geometry
+from COLIPRISlicerLib.teaching.training import VALIDATION_SEED_BASE, TrainingConfig
 
 
 def scores(analyzer: Analyzer, seeds: list[int], coarse: bool) -> dict[str, np.ndarray]:

@@ -29,9 +29,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "COLIPRISlicer"))
 
-from COLIPRISlicerLib.calibration import auroc  # noqa: E402
-from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS, PLANTED_LABEL_INDICES, make_samples  # noqa: E402
-from COLIPRISlicerLib.teaching.training import VALIDATION_SEED_BASE  # noqa: E402
+from COLIPRISlicerLib.findings.calibration import auroc
+from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS, PLANTED_LABEL_INDICES, make_samples
+from COLIPRISlicerLib.teaching.training import VALIDATION_SEED_BASE
 
 
 def embeddings(model, samples, batch: int = 8):
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=60, help="held-out phantoms")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from COLIPRISlicerLib.model_loading import load_model
+    from COLIPRISlicerLib.model.loading import load_model
 
     loaded = load_model(args.model, device="cpu", precision="fp32")
     start = time.perf_counter()

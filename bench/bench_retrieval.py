@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from COLIPRISlicerLib.analysis import Analyzer
-from COLIPRISlicerLib.engine import Engine
+from COLIPRISlicerLib.encoding.engine import Engine
 from COLIPRISlicerLib.retrieval.index import build_index
 from COLIPRISlicerLib.retrieval.search import SearchIndex, top_k
 from COLIPRISlicerLib.retrieval.sources import SeriesEntry

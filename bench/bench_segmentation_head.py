@@ -40,17 +40,17 @@ def parse_arguments() -> argparse.Namespace:
 
 
 def tiny_model(folder: Path) -> str:
-    from COLIPRISlicerLib.model_folder import SmallModelSpec, write_small_model
+    from COLIPRISlicerLib.model.folder import SmallModelSpec, write_small_model
 
     return str(write_small_model(folder, VOCAB, SmallModelSpec(seed=1234), extra={"model_id": "tests/tiny-random"}))
 
 
 def unseen_dice(engine, head_dir: Path, folder: Path, count: int) -> list[float]:
-    from COLIPRISlicerLib.segmentation_data import read_label
-    from COLIPRISlicerLib.segmentation_head import predict
-    from COLIPRISlicerLib.segmentation_head import load_head
-    from COLIPRISlicerLib.segmentation_training import make_sphere_dataset
-    from COLIPRISlicerLib.volume import load_volume
+    from COLIPRISlicerLib.segmentation.data import read_label
+    from COLIPRISlicerLib.segmentation.head import predict
+    from COLIPRISlicerLib.segmentation.head import load_head
+    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset
+    from COLIPRISlicerLib.io.volume import load_volume
 
     head = load_head(head_dir, engine)
     images, labels = make_sphere_dataset(folder, count, seed=12345)
@@ -66,8 +66,8 @@ def unseen_dice(engine, head_dir: Path, folder: Path, count: int) -> list[float]
 def main() -> None:
     import torch
 
-    from COLIPRISlicerLib.engine import Engine
-    from COLIPRISlicerLib.segmentation_training import make_sphere_dataset, train_segmentation_head
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset, train_segmentation_head
 
     arguments = parse_arguments()
     with tempfile.TemporaryDirectory() as temporary:

@@ -11,9 +11,9 @@ Example:
 """
 
 from .analysis import AnalysisCancelled, AnalysisResult, Analyzer
-from .catalogue import Catalogue, Finding, load_catalogue
-from .engine import Engine
-from .volume import SliceMetadata, Volume, load_volume
+from .findings.catalogue import Catalogue, Finding, load_catalogue
+from .encoding.engine import Engine
+from .io.volume import SliceMetadata, Volume, load_volume
 
 __all__ = [
     "AnalysisCancelled", "AnalysisResult", "Analyzer", "Catalogue", "Engine", "Finding", "SliceMetadata", "Volume",

@@ -10,11 +10,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .catalogue import Catalogue, free_text_finding, load_catalogue
-from .encoding import ImageEncoding
-from .findings import FindingResult, heatmap_on_volume, heatmap_tensor_on_volume, score_findings
-from .types import TypeStatusCallback
-from .volume import Volume
+from COLIPRISlicerLib.findings.catalogue import Catalogue, free_text_finding, load_catalogue
+from COLIPRISlicerLib.encoding.encoder import ImageEncoding
+from COLIPRISlicerLib.findings.scoring import (
+    FindingResult,
+    heatmap_on_volume,
+    heatmap_tensor_on_volume,
+    score_findings,
+)
+from COLIPRISlicerLib.types import TypeStatusCallback
+from COLIPRISlicerLib.io.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class AnalysisResult:
     def landmarks(self):
         """Intensity-based anatomical landmarks of the input volume (computed once)."""
         if not self._landmarks:
-            from .landmarks import detect_landmarks
+            from COLIPRISlicerLib.localization.landmarks import detect_landmarks
 
             self._landmarks.append(detect_landmarks(self.volume.array, self.volume.ijk_to_ras))
         return self._landmarks[0]
@@ -123,7 +128,7 @@ class Analyzer:
     def prepare_queries(self, result: AnalysisResult) -> None:
         """Do now what the first re-query would otherwise wait for: build the model (reopening a
         cached scan skips it), find the landmarks and the body patches snippets are scored on."""
-        from .localization import body_patches
+        from COLIPRISlicerLib.localization.localize import body_patches
 
         _ = self.engine.loaded
         _ = result.landmarks
@@ -139,21 +144,21 @@ class Analyzer:
 
     def region_likelihoods(self, result: AnalysisResult, mask_ijk: np.ndarray, **kwargs) -> dict[str, float]:
         """Catalogue likelihoods restricted to a mask on the input grid."""
-        from .findings import region_likelihoods
+        from COLIPRISlicerLib.findings.scoring import region_likelihoods
 
         return region_likelihoods(self.engine, result.encoding, list(self.catalogue), result.volume, mask_ijk, **kwargs)
 
     def report(self, result: AnalysisResult):
         """Draft report composed from the findings (see ``report_builder``)."""
-        from .report_builder import build_report
+        from COLIPRISlicerLib.report.builder import build_report
 
         return build_report(self.engine, result)
 
     def segment(self, result: AnalysisResult, head=None):
         """Segmentation with a trained head folder (default: the one shipped with the model, if any),
         or zero-shot from the finding heatmaps."""
-        from .segmentation_head import load_head, predict, zero_shot_segmentation
-        from .segmentation_head_io import SegmentationResult
+        from COLIPRISlicerLib.segmentation.head import load_head, predict, zero_shot_segmentation
+        from COLIPRISlicerLib.segmentation.files import SegmentationResult
 
         head = head if head is not None else self.engine.extras.segmentation_head
         if head is None:
@@ -171,7 +176,7 @@ class Analyzer:
     def localize(self, result: AnalysisResult, text: str, *, method: str = "auto", head=None,
                  anatomy_weight: float | None = None):
         """Where a report snippet refers to (see ``localization.localize``)."""
-        from .localization import localize
+        from COLIPRISlicerLib.localization.localize import localize
 
         return localize(self.engine, result.encoding, result.volume, text, method=method, head=head,
                         landmarks=result.landmarks, anatomy_weight=anatomy_weight)

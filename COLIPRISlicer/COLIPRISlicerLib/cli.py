@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .defaults import DEFAULT_MODEL, DEMO_MODEL, PHANTOM_MODEL, embedding_cache_dir
+from COLIPRISlicerLib.defaults import DEFAULT_MODEL, DEMO_MODEL, PHANTOM_MODEL, embedding_cache_dir
 
 #: Phantom of the demo: a validation seed, never seen in training.
 DEMO_PHANTOM_SEED = 10_000_007
@@ -115,10 +115,10 @@ def analyze(
 def _analyze(scan, out, model, device, precision, findings, extra, heatmaps, cache_dir, report=True, snippets=(),
              seg_head=None, summary: bool = True, truth: dict | None = None, dicom: bool = False,
              allow_non_ct: bool = False) -> None:
-    from .analysis import Analyzer
-    from .catalogue import load_catalogue
-    from .engine import Engine
-    from .outputs import write_analysis
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.findings.catalogue import load_catalogue
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.export.outputs import write_analysis
 
     texts, method, localizer = (*snippets, *([], "auto", None)[len(snippets):])  # (texts, method[, localizer])
     _check_analyze_options(out, extra, method, localizer, texts)
@@ -171,7 +171,7 @@ def _load_scan(scan: Path, allow_non_ct: bool):
 
     import SimpleITK as sitk
 
-    from .volume import load_volume, non_ct_reason
+    from COLIPRISlicerLib.io.volume import load_volume, non_ct_reason
 
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # our own process: ITK's problems come back as one Error line
     with warnings.catch_warnings():
@@ -187,8 +187,8 @@ def _load_scan(scan: Path, allow_non_ct: bool):
 def _check_analyze_options(out: Path, extra: list[str], method: str, localizer: Path | None,
                            texts: list[str] = ()) -> None:
     """Refuse options that cannot work before any slow step (UserError/ValueError naming the fix)."""
-    from .localization import METHODS
-    from .outputs import check_out_dir
+    from COLIPRISlicerLib.localization.localize import METHODS
+    from COLIPRISlicerLib.export.outputs import check_out_dir
 
     check_out_dir(out)
     if any(not text.strip() for text in extra):
@@ -219,19 +219,19 @@ def _report_writer(analyzer, result):
 
 
 def _dicom_writer(analyzer, result, segmented, report: bool):
-    from .dicom_export import dicom_writer
+    from COLIPRISlicerLib.export.dicom import dicom_writer
 
     return dicom_writer(result, segmented, analyzer.report(result).to_text() if report else None)
 
 
 def _segmentation_writer(segmented, result):
-    from .segmentation_head_io import write_segmentation
+    from COLIPRISlicerLib.segmentation.files import write_segmentation
 
     return lambda folder: write_segmentation(segmented, result.volume, folder)
 
 
 def _summary_writer(result, segmented, truth: dict | None):
-    from .summary_figure import write_summary_png
+    from COLIPRISlicerLib.export.summary_figure import write_summary_png
 
     return lambda folder: write_summary_png(result, folder / "summary.png", truth=truth, segmentation=segmented)
 
@@ -280,8 +280,8 @@ def demo(
 def _demo(out: Path, device: str, seed: int) -> None:
     import json
 
-    from .outputs import check_out_dir
-    from .teaching.phantom import write_phantom
+    from COLIPRISlicerLib.export.outputs import check_out_dir
+    from COLIPRISlicerLib.teaching.phantom import write_phantom
 
     check_out_dir(out)
     model = _demo_model_spec()
@@ -295,7 +295,7 @@ def _demo(out: Path, device: str, seed: int) -> None:
 
 def _demo_model_spec() -> str:
     """The bundled teaching model, or the untrained demo model where it is not installed."""
-    from .defaults import WEIGHTS_FILENAME, phantom_model_folder
+    from COLIPRISlicerLib.defaults import WEIGHTS_FILENAME, phantom_model_folder
 
     if (phantom_model_folder() / WEIGHTS_FILENAME).is_file():
         return PHANTOM_MODEL
@@ -321,11 +321,11 @@ def calibrate(
 def _calibrate(labels, out, model, method, scans_dir, findings, device, cache_dir) -> None:
     from tqdm import tqdm
 
-    from .analysis import Analyzer
-    from .calibration import calibrate_scores, format_table, read_label_csv
-    from .catalogue import load_catalogue
-    from .engine import Engine
-    from .volume import load_volume
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.findings.calibration import calibrate_scores, format_table, read_label_csv
+    from COLIPRISlicerLib.findings.catalogue import load_catalogue
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.io.volume import load_volume
 
     catalogue = load_catalogue(findings) if findings else load_catalogue()
     rows = read_label_csv(labels, [f.name for f in catalogue], scans_dir)
@@ -356,7 +356,7 @@ def eval_report(
     """Clinical efficacy (P/R/F1 of re-extracted findings) and BLEU / ROUGE-L of draft reports."""
 
     def action() -> None:
-        from .report_evaluation import evaluate_reports
+        from COLIPRISlicerLib.report.evaluation import evaluate_reports
 
         typer.echo(evaluate_reports(generated, labels, references).table)
 
@@ -371,7 +371,7 @@ def phantom(
     """Write a synthetic chest CT with planted findings and its ground truth."""
 
     def action() -> None:
-        from .teaching.phantom import write_phantom
+        from COLIPRISlicerLib.teaching.phantom import write_phantom
 
         if out.exists() and not out.is_dir():
             raise UserError(f'--out "{out}" is an existing file; give a folder path (it is created when absent).')
@@ -413,7 +413,7 @@ def train_phantom(
     def action() -> None:
         from dataclasses import replace
 
-        from .teaching.training import RECIPES, default_vocabulary
+        from COLIPRISlicerLib.teaching.training import RECIPES, default_vocabulary
 
         if recipe not in RECIPES:
             raise UserError(f'Unknown recipe "{recipe}"; choose one of {", ".join(RECIPES)}.')
@@ -438,8 +438,8 @@ def _cpu_count() -> int:
 
 def _train_phantom_stages(out: Path, vocab: Path, config, n_val: int, device: str, workers: int, resume: bool,
                           chosen: set[str]) -> None:
-    from .teaching.bundle import calibrate, completed_stages, train_head_on_phantoms
-    from .teaching.training import train_phantom_model
+    from COLIPRISlicerLib.teaching.bundle import calibrate, completed_stages, train_head_on_phantoms
+    from COLIPRISlicerLib.teaching.training import train_phantom_model
 
     done = completed_stages(out) if resume else set()
     if done:
@@ -476,7 +476,7 @@ def _evaluate_phantom_model(model: str, n_val: int, json_out: Path | None, devic
                             workers: int = 1) -> None:
     import json
 
-    from .teaching.evaluation import evaluate_on_phantoms, format_summary
+    from COLIPRISlicerLib.teaching.evaluation import evaluate_on_phantoms, format_summary
 
     figures = evaluate_on_phantoms(model, n_val=n_val, device=device, workers=workers, status_callback=_status)
     typer.echo(format_summary(figures))
@@ -507,7 +507,7 @@ def train_seg_head(
     """Train a segmentation head on frozen encoder features (features cached, resumable)."""
 
     def action() -> None:
-        from .segmentation_training import RareClasses, train_seg_head_command
+        from COLIPRISlicerLib.segmentation.training import RareClasses, train_seg_head_command
 
         train_seg_head_command(images, labels, model, out, max_minutes, epochs, device, show_progress,
                                crop_patches, refine, RareClasses(balanced_crops, rarity, recall_epochs, recall_weight))
@@ -526,7 +526,7 @@ def train_localizer(
     """Train the snippet-localisation head on frozen dense features (RadFinder's loss)."""
 
     def action() -> None:
-        from .localization_evaluation import train_localizer_command
+        from COLIPRISlicerLib.localization.evaluation import train_localizer_command
 
         train_localizer_command(csv, model, out, epochs, device, echo=typer.echo)
 
@@ -544,7 +544,7 @@ def eval_localizer(
     """MAE, median error, accuracy within 12/24 mm, per-scan MAE and baselines."""
 
     def action() -> None:
-        from .localization_evaluation import eval_localizer_command
+        from COLIPRISlicerLib.localization.evaluation import eval_localizer_command
 
         eval_localizer_command(csv, model, head, method, device, echo=typer.echo)
 
@@ -554,7 +554,7 @@ def eval_localizer(
 @cache_app.command("list")
 def cache_list(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> None:
     """Show cached encodings."""
-    from .cache import EncodingCache
+    from COLIPRISlicerLib.encoding.cache import EncodingCache
 
     folder = cache_dir or embedding_cache_dir()
 
@@ -577,7 +577,7 @@ def _check_cache_dir(folder: Path) -> None:
 @cache_app.command("clear")
 def cache_clear(cache_dir: Annotated[Optional[Path], typer.Option()] = None) -> None:
     """Delete cached encodings (only the files the cache wrote; anything else in the folder stays)."""
-    from .cache import EncodingCache
+    from COLIPRISlicerLib.encoding.cache import EncodingCache
 
     folder = cache_dir or embedding_cache_dir()
 
@@ -602,10 +602,10 @@ def index(
 
 
 def _index(sources: list[Path], out: Path, model: str, device: str, show_progress: bool) -> None:
-    from .analysis import Analyzer
-    from .engine import Engine
-    from .retrieval.index import build_index
-    from .retrieval.sources import expand_sources
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.retrieval.index import build_index
+    from COLIPRISlicerLib.retrieval.sources import expand_sources
 
     entries = expand_sources(sources)
     if not entries:
@@ -638,7 +638,7 @@ def _search(index_dir: Path, query: tuple, region: str | None, where: str | None
             device: str) -> None:
     import json
 
-    from .retrieval.search import SearchIndex, where_mask
+    from COLIPRISlicerLib.retrieval.search import SearchIndex, where_mask
 
     if sum(value is not None for value in query) != 1:
         raise UserError("Give exactly one of --text, --scan or --like.")
@@ -661,9 +661,9 @@ def _search(index_dir: Path, query: tuple, region: str | None, where: str | None
 
 def _query_vector(searched, query: tuple, region: str | None, device: str):
     """The query as a vector of the index's space: a text, a scan's (region) embedding or a stored one."""
-    from .analysis import Analyzer
-    from .engine import Engine
-    from .retrieval.index import check_same_model, engine_manifest, series_vectors
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.retrieval.index import check_same_model, engine_manifest, series_vectors
 
     text, scan, like = query
     if like is not None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .types import TypeAffine, TypeGrid
+from COLIPRISlicerLib.types import TypeAffine, TypeGrid
 
 #: diag(-1, -1, 1): flips the first two axes, LPS <-> RAS (its own inverse).
 FLIP_XY = np.diag([-1.0, -1.0, 1.0])

@@ -26,8 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import PatchGrid, crop_or_pad_bounds, resample_to_volume, resampling_plan, shifted_affine, spacing_of
-from .volume import Volume
+from COLIPRISlicerLib.geometry import (
+    PatchGrid,
+    crop_or_pad_bounds,
+    resample_to_volume,
+    resampling_plan,
+    shifted_affine,
+    spacing_of,
+)
+from COLIPRISlicerLib.io.volume import Volume
 
 logger = logging.getLogger(__name__)
 

@@ -171,7 +171,7 @@ class AnalysisLogic:
 
     def showHeatmap(self, findingName: str, opacity: float = 0.5):
         """Heatmap of a finding as the foreground layer; slice views jump to its peak."""
-        from COLIPRISlicerLib.findings import heatmap_on_volume
+        from COLIPRISlicerLib.findings.scoring import heatmap_on_volume
 
         def heatmap(result):
             finding = result.finding(findingName)
@@ -198,8 +198,8 @@ class AnalysisLogic:
         """Write the current analysis as a DICOM SR (TID 1500) and, after Segment, a DICOM SEG into
         ``folder/dicom``; a volume loaded from Slicer's DICOM database joins its own study. Returns the
         folder and whether the files were imported into the DICOM database."""
-        from COLIPRISlicerLib.dicom_export import export_dicom
-        from COLIPRISlicerLib.dicom_source import with_dicom_files
+        from COLIPRISlicerLib.export.dicom import export_dicom
+        from COLIPRISlicerLib.export.dicom_source import with_dicom_files
 
         node, result = self._requireResult()
         files, report = dicom_nodes.source_files(node), self.outputNode("report")

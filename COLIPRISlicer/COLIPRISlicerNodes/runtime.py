@@ -159,7 +159,7 @@ def weights_folder(source: str, folder: str | os.PathLike | None = None) -> Path
     if source == "hub":
         return hub_repo_folder(defaults.COLIPRI_REPO_ID)
     if source == "demo":
-        from COLIPRISlicerLib.demo_model import demo_model_folder
+        from COLIPRISlicerLib.model.demo import demo_model_folder
 
         return demo_model_folder()
     if source == "phantom":
@@ -171,7 +171,7 @@ def downloaded_folders() -> list[Path]:
     """Everything this module downloaded or generated: COLIPRI and CXR-BERT in the hub cache,
     the demo models, the embeddings cache. Never a user's own model folder, and never the
     whole cache folder (``$COLIPRISLICER_CACHE`` may name a folder that holds other files)."""
-    from COLIPRISlicerLib.demo_model import demo_model_folder
+    from COLIPRISlicerLib.model.demo import demo_model_folder
 
     candidates = [hub_repo_folder(defaults.COLIPRI_REPO_ID), hub_repo_folder(defaults.CXR_BERT_REPO_ID),
                   *demo_model_folder().parent.glob("demo-untrained-*"), defaults.embedding_cache_dir()]
@@ -181,7 +181,7 @@ def downloaded_folders() -> list[Path]:
 def clear_downloads() -> list[Path]:
     """Delete :func:`downloaded_folders` (of the embeddings cache only the files the cache
     wrote); returns what was removed."""
-    from COLIPRISlicerLib.cache import EncodingCache, NotACacheError
+    from COLIPRISlicerLib.encoding.cache import EncodingCache, NotACacheError
 
     removed = downloaded_folders()
     for path in removed:

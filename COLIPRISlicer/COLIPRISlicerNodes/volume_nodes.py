@@ -79,7 +79,7 @@ def volume_from_node(node):
     Raises:
         ValueError: for a missing, label-map, vector or empty volume, or a warped one.
     """
-    from COLIPRISlicerLib.volume import Volume
+    from COLIPRISlicerLib.io.volume import Volume
 
     if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
         kind = "nothing" if node is None else node.GetClassName()

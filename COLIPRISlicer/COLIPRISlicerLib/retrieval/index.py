@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .regions import REGIONS, region_embedding, region_patches
-from .sources import SeriesEntry, load_series
+from COLIPRISlicerLib.retrieval.regions import REGIONS, region_embedding, region_patches
+from COLIPRISlicerLib.retrieval.sources import SeriesEntry, load_series
 
 logger = logging.getLogger(__name__)
 

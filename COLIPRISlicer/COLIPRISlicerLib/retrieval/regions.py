@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..encoding import ImageEncoding
-from ..volume import Volume
+from COLIPRISlicerLib.encoding.encoder import ImageEncoding
+from COLIPRISlicerLib.io.volume import Volume
 
 #: Region names, in the order they are stored.
 REGIONS = ("lungs", "heart")
@@ -20,8 +20,8 @@ MIN_FRACTION = 0.5
 
 def region_patches(volume: Volume, encoding: ImageEncoding) -> dict[str, np.ndarray]:
     """(gx, gy, gz) bool patch selections of every region in ``REGIONS``."""
-    from ..findings import factored_mask_to_patch_fraction, mask_to_patch_fraction
-    from ..landmarks import body_mask_factors, lung_mask
+    from COLIPRISlicerLib.findings.scoring import factored_mask_to_patch_fraction, mask_to_patch_fraction
+    from COLIPRISlicerLib.localization.landmarks import body_mask_factors, lung_mask
 
     grid = encoding.grid
     lungs = mask_to_patch_fraction(lung_mask(volume.array, volume.ijk_to_ras), volume, grid) >= MIN_FRACTION

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .index import VECTOR_COLUMNS, read_index, read_manifest
+from COLIPRISlicerLib.retrieval.index import VECTOR_COLUMNS, read_index, read_manifest
 
 _OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 _CONDITION = re.compile(r"^\s*(.+?)\s*(>=|<=|>|<)\s*([0-9.]+)\s*$")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..volume import IMAGE_SUFFIXES, Volume, load_volume
+from COLIPRISlicerLib.io.volume import IMAGE_SUFFIXES, Volume, load_volume
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def load_series(entry: SeriesEntry) -> Volume:
         return load_volume(entry.source)
     import SimpleITK as sitk
 
-    from ..volume import scalar_array_from_sitk
+    from COLIPRISlicerLib.io.volume import scalar_array_from_sitk
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(Path(entry.files[0]).parent),

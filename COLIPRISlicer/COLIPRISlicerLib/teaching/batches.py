@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .augmentation import Augmentation, augment_batch
+from COLIPRISlicerLib.teaching.augmentation import Augmentation, augment_batch
 
 #: Bit weights of :func:`numpy.packbits`' default (big-endian) order.
 _BITS = (128, 64, 32, 16, 8, 4, 2, 1)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..segmentation_training import RareClasses
-from ..types import TypePath, TypeStatusCallback
+from COLIPRISlicerLib.segmentation.training import RareClasses
+from COLIPRISlicerLib.types import TypePath, TypeStatusCallback
 
 #: Findings the bundled head segments, with their label values.
 HEAD_LABELS = {1: "Lung nodule", 2: "Pleural effusion", 3: "Consolidation", 4: "Pericardial effusion",
@@ -71,7 +71,7 @@ def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None
 
 def _thresholds(scores: list[dict], labels: list[dict], method: str) -> tuple[dict[str, float], dict[str, str]]:
     """Per-finding thresholds, and the findings not learned with the reason."""
-    from ..calibration import choose_threshold, learned_status
+    from COLIPRISlicerLib.findings.calibration import choose_threshold, learned_status
 
     thresholds, not_learned = {}, {}
     for name in scores[0]:
@@ -128,7 +128,7 @@ def completed_stages(folder: TypePath) -> set[str]:
     ``head``, ``calibrate`` (thresholds and localisation) and ``evaluate`` (validation figures)."""
     import yaml
 
-    from ..defaults import CONFIG_FILENAME, WEIGHTS_FILENAME
+    from COLIPRISlicerLib.defaults import CONFIG_FILENAME, WEIGHTS_FILENAME
 
     folder = Path(folder)
     try:
@@ -146,7 +146,7 @@ def completed_stages(folder: TypePath) -> set[str]:
 
 
 def _seed_base(seed_base: int | None) -> int:
-    from .training import CALIBRATION_SEED_BASE
+    from COLIPRISlicerLib.teaching.training import CALIBRATION_SEED_BASE
 
     return CALIBRATION_SEED_BASE if seed_base is None else seed_base
 
@@ -155,10 +155,10 @@ def _analysed_phantoms(folder: TypePath, n: int, seed_base: int | None, done: st
                        status_callback: TypeStatusCallback | None, device: str = "cpu", workers: int = 1):
     """Yield (analyzer, truth, analysis) for calibration phantoms ``seed_base + i`` analysed by the
     folder's model on ``device`` (fp32), generated in ``workers`` processes."""
-    from ..analysis import Analyzer
-    from ..catalogue import load_catalogue
-    from ..engine import Engine
-    from .stream import phantom_stream
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.findings.catalogue import load_catalogue
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.teaching.stream import phantom_stream
 
     analyzer = Analyzer(Engine(str(folder), device=device, precision="fp32"), load_catalogue())
     seeds = [_seed_base(seed_base) + index for index in range(n)]
@@ -175,7 +175,7 @@ def _update_record(folder: TypePath, **entries) -> None:
     """Set entries of the ``colipri_slicer`` record in the folder's config.yaml (the rest kept)."""
     import yaml
 
-    from ..defaults import CONFIG_FILENAME
+    from COLIPRISlicerLib.defaults import CONFIG_FILENAME
 
     path = Path(folder) / CONFIG_FILENAME
     document = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -207,8 +207,8 @@ HEAD_SEED_BASE = 100_000
 
 def head_labelmap(truth: dict, anatomy: dict | None = None) -> np.ndarray:
     """(I, J, K) uint8 training labels of a phantom: ``HEAD_LABELS`` values over ``anatomy`` tissue values."""
-    from .anatomy import ALL_LABELS
-    from .findings import LABELS
+    from COLIPRISlicerLib.teaching.anatomy import ALL_LABELS
+    from COLIPRISlicerLib.teaching.findings import LABELS
 
     tissues = truth["label_array"]
     labelmap = np.zeros(tissues.shape, np.uint8)
@@ -232,7 +232,7 @@ def _model_spacing_mm(folder: Path) -> float:
     """The model grid's voxel size from the folder's processor config (colipri's Resample target)."""
     import yaml
 
-    from ..defaults import CONFIG_FILENAME
+    from COLIPRISlicerLib.defaults import CONFIG_FILENAME
 
     document = yaml.safe_load((folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
     return float(document["processor"]["image_transform"]["transforms"]["resample"]["target"])
@@ -251,10 +251,10 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
     ``anatomy`` (e.g. ``VESSEL_ANATOMY``; default none) adds tissue labels, which findings overwrite.
     ``refine`` None: the head decodes onto a grid of :data:`HEAD_OUTPUT_MM` (:func:`head_refine`).
     """
-    from ..engine import Engine
-    from ..outputs import write_volume
-    from .stream import phantom_stream
-    from ..segmentation_training import train_segmentation_head
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.export.outputs import write_volume
+    from COLIPRISlicerLib.teaching.stream import phantom_stream
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
 
     folder = Path(folder)
     anatomy = anatomy or {}

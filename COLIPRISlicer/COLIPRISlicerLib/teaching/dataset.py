@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .findings import LABELS as PLANTED
-from ..report_bank import CT_RATE_FINDINGS
+from COLIPRISlicerLib.teaching.findings import LABELS as PLANTED
+from COLIPRISlicerLib.report.bank import CT_RATE_FINDINGS
 
 #: Planted findings in a fixed order (rows of ``PhantomSample.patch_fractions``).
 PLANTED_FINDINGS: tuple[str, ...] = tuple(PLANTED)
@@ -72,11 +72,11 @@ def make_sample(seed: int, image_transform, patch_size: tuple[int, int, int], *,
     """
     import torch
 
-    from ..findings import mask_to_model_grid
-    from .phantom import CT_RATE_FINDINGS
-    from .stream import generate
-    from .augmentation import pack_masks
-    from ..preprocessing import preprocess
+    from COLIPRISlicerLib.findings.scoring import mask_to_model_grid
+    from COLIPRISlicerLib.teaching.phantom import CT_RATE_FINDINGS
+    from COLIPRISlicerLib.teaching.stream import generate
+    from COLIPRISlicerLib.teaching.augmentation import pack_masks
+    from COLIPRISlicerLib.preprocessing import preprocess
 
     volume, truth = generate(seed, coarse)
     with warnings.catch_warnings():
@@ -104,7 +104,7 @@ def make_samples(seeds: list[int], image_transform, patch_size: tuple[int, int, 
     """:func:`make_sample` for many seeds, in ``workers`` processes (1: in this process)."""
     from functools import partial
 
-    from .stream import in_workers
+    from COLIPRISlicerLib.teaching.stream import in_workers
 
     job = partial(make_sample, image_transform=image_transform, patch_size=patch_size, coarse=coarse)
     samples = []

@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from ..types import TypeStatusCallback
+from COLIPRISlicerLib.types import TypeStatusCallback
 
 VALIDATION_SEED_BASE = 10_000_000
 DICE_FINDINGS = ("Lung nodule", "Pleural effusion")
@@ -27,9 +27,9 @@ def evaluate_on_phantoms(model: str, *, n_val: int = 60, seed_base: int = VALIDA
                          status_callback: TypeStatusCallback | None = None) -> dict:
     """All acceptance figures of ``model`` on ``n_val`` phantoms (see the module docstring),
     analysed on ``device`` in fp32, the phantoms generated in ``workers`` processes."""
-    from ..analysis import Analyzer
-    from ..engine import Engine
-    from .stream import phantom_stream
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.teaching.stream import phantom_stream
 
     analyzer = Analyzer(Engine(model, device=device, precision="fp32"))
     rows = []
@@ -48,7 +48,7 @@ def evaluate_on_phantoms(model: str, *, n_val: int = 60, seed_base: int = VALIDA
 
 
 def _evaluate_one(analyzer, volume, truth: dict) -> dict:
-    from ..report_evaluation import extract_findings
+    from COLIPRISlicerLib.report.evaluation import extract_findings
 
     result = analyzer.analyze(volume)
     report = analyzer.report(result).to_markdown()
@@ -67,7 +67,7 @@ def _evaluate_one(analyzer, volume, truth: dict) -> dict:
 def _pointing(result, truth: dict) -> dict[str, tuple[bool, bool]]:
     """Per planted finding present in ``truth``: (the heatmap's peak patch overlaps its mask,
     the mask covers at least one patch's volume)."""
-    from ..findings import mask_to_patch_fraction
+    from COLIPRISlicerLib.findings.scoring import mask_to_patch_fraction
 
     grid, pointing = result.encoding.grid, {}
     for name, mask in truth["mask_arrays"].items():
@@ -82,7 +82,7 @@ def _pointing(result, truth: dict) -> dict[str, tuple[bool, bool]]:
 def _pointing_summary(rows: list[dict]) -> dict:
     """Pointing accuracy per finding: over every phantom that has it, and over those where it covers
     at least one patch's volume (the acceptance subset)."""
-    from .dataset import PLANTED_FINDINGS
+    from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS
 
     summary = {}
     for name in PLANTED_FINDINGS:
@@ -108,8 +108,8 @@ def _head_dice(segmented, truth: dict) -> dict:
 
 
 def _auroc_summary(rows: list[dict]) -> dict:
-    from ..calibration import auroc
-    from .dataset import PLANTED_FINDINGS
+    from COLIPRISlicerLib.findings.calibration import auroc
+    from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS
 
     per_finding = {}
     for name in PLANTED_FINDINGS:
@@ -145,7 +145,7 @@ def _dice_summary(rows: list[dict]) -> dict | None:
 
 
 def _report_summary(rows: list[dict]) -> dict:
-    from ..report_evaluation import clinical_efficacy
+    from COLIPRISlicerLib.report.evaluation import clinical_efficacy
 
     return clinical_efficacy([row["extracted"] for row in rows], [row["truth"] for row in rows])
 

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .anatomy import ALL_LABELS, BRONCHUS_ANGLES_DEG, Canvas, HeartSpec, Patient, aorta_path, heart_geometry
+from COLIPRISlicerLib.teaching.anatomy import (
+    ALL_LABELS,
+    BRONCHUS_ANGLES_DEG,
+    Canvas,
+    HeartSpec,
+    Patient,
+    aorta_path,
+    heart_geometry,
+)
 
 #: Finding -> label (Cardiomegaly's mask is the enlarged heart).
 LABELS: dict[str, int] = {

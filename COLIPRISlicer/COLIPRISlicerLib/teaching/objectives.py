@@ -125,8 +125,8 @@ class PromptBank:
     the pairs of the planted findings with their row in ``PhantomSample.patch_fractions``."""
 
     def __init__(self, tokenizer, planted: tuple[str, ...]):
-        from ..catalogue import load_catalogue
-        from .phantom import CT_RATE_FINDINGS
+        from COLIPRISlicerLib.findings.catalogue import load_catalogue
+        from COLIPRISlicerLib.teaching.phantom import CT_RATE_FINDINGS
 
         catalogue = list(load_catalogue())
         pairs = [(CT_RATE_FINDINGS.index(f.name), f.name, pair) for f in catalogue for pair in f.prompts]
@@ -181,7 +181,7 @@ def image_terms(pooled, dense, weights, directions, labels, fractions, temperatu
     Args:
         labels: (B, 18) CT-RATE labels. fractions: (B, 10, N) planted-finding patch fractions.
     """
-    from .dataset import PLANTED_LABEL_INDICES
+    from COLIPRISlicerLib.teaching.dataset import PLANTED_LABEL_INDICES
 
     planted = list(PLANTED_LABEL_INDICES)
     return {"pooled": pooled_pair_loss(pooled, directions, labels, temperature),

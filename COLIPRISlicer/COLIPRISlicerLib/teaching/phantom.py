@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import anatomy
-from . import findings
-from ..catalogue import slugify
-from .anatomy import Canvas, Patient
-from ..report_bank import CT_RATE_FINDINGS  # the 18 names, CT-RATE order
-from ..types import TypePath
-from ..volume import Volume
+from COLIPRISlicerLib.teaching import anatomy
+from COLIPRISlicerLib.teaching import findings
+from COLIPRISlicerLib.findings.catalogue import slugify
+from COLIPRISlicerLib.teaching.anatomy import Canvas, Patient
+from COLIPRISlicerLib.report.bank import CT_RATE_FINDINGS
+from COLIPRISlicerLib.types import TypePath
+from COLIPRISlicerLib.io.volume import Volume
 
 GENERATOR_VERSION = "1"
 PHANTOM_LABEL = "synthetic phantom - procedurally generated, not a patient"
@@ -86,7 +86,7 @@ def write_phantom(seed: int, out_dir: TypePath, **options) -> Path:
     Returns:
         Path of ``truth.json``.
     """
-    from ..outputs import write_volume
+    from COLIPRISlicerLib.export.outputs import write_volume
 
     out_dir = Path(out_dir)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from functools import partial
 
 import numpy as np
 
-from ..volume import Volume
+from COLIPRISlicerLib.io.volume import Volume
 
 
 def phantom_stream(seeds: list[int], *, workers: int = 1, coarse: bool = False) -> Iterator[tuple[Volume, dict]]:
@@ -46,7 +46,7 @@ def coarse_geometry(seed: int) -> dict[str, float]:
 
 def generate(seed: int, coarse: bool = False) -> tuple[Volume, dict]:
     """Phantom ``seed`` at the training set's coarse geometry, or at the generator's own random one."""
-    from .phantom import generate_phantom
+    from COLIPRISlicerLib.teaching.phantom import generate_phantom
 
     return generate_phantom(seed, **(coarse_geometry(seed) if coarse else {}))
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model_folder import SmallModelSpec
-from .augmentation import Augmentation
-from ..training_budget import epochs_that_fit
-from ..types import TypePath, TypeStatusCallback
+from COLIPRISlicerLib.model.folder import SmallModelSpec
+from COLIPRISlicerLib.teaching.augmentation import Augmentation
+from COLIPRISlicerLib.training_budget import epochs_that_fit
+from COLIPRISlicerLib.types import TypePath, TypeStatusCallback
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ RECIPES: dict[str, TrainingConfig] = {
 
 def default_vocabulary() -> Path:
     """The CXR-BERT ``vocab.txt`` shipped in the bundled teaching model's folder."""
-    from ..defaults import phantom_model_folder
+    from COLIPRISlicerLib.defaults import phantom_model_folder
 
     path = phantom_model_folder() / "vocab.txt"
     if not path.is_file():
@@ -125,9 +125,9 @@ def train_phantom_model(out_dir: TypePath, vocab: TypePath, config: TrainingConf
     import torch
     from safetensors.torch import save_model
 
-    from ..defaults import WEIGHTS_FILENAME
-    from ..devices import select_device
-    from .dataset import make_samples
+    from COLIPRISlicerLib.defaults import WEIGHTS_FILENAME
+    from COLIPRISlicerLib.model.devices import select_device
+    from COLIPRISlicerLib.teaching.dataset import make_samples
 
     notify = status_callback or (lambda message: logger.info(message))
     out_dir = Path(out_dir)
@@ -157,8 +157,8 @@ def _new_model(staging: Path, vocab: TypePath, config: TrainingConfig, device=No
     on ``device`` (default CPU)."""
     import torch
 
-    from ..model_folder import write_small_model
-    from ..model_loading import load_model
+    from COLIPRISlicerLib.model.folder import write_small_model
+    from COLIPRISlicerLib.model.loading import load_model
 
     identity = {"model_id": TEACHING_MODEL_ID, "revision": TEACHING_VERSION, "label": TEACHING_LABEL}
     write_small_model(staging, vocab, config.spec, extra=identity)
@@ -189,9 +189,9 @@ def fit(loaded, samples: list, config: TrainingConfig, notify, start: float) -> 
     """
     import torch
 
-    from .batches import TrainingTensors
-    from .dataset import PLANTED_FINDINGS
-    from .objectives import PromptBank
+    from COLIPRISlicerLib.teaching.batches import TrainingTensors
+    from COLIPRISlicerLib.teaching.dataset import PLANTED_FINDINGS
+    from COLIPRISlicerLib.teaching.objectives import PromptBank
 
     device = next(loaded.model.parameters()).device
     tensors = TrainingTensors.from_samples(samples, device)
@@ -218,7 +218,7 @@ def _optimiser(parameters, config: TrainingConfig, steps: int):
 def _image_phase(loaded, bank, tensors, directions, config: TrainingConfig, generator, notify, start) -> list[dict]:
     import torch
 
-    from . import objectives
+    from COLIPRISlicerLib.teaching import objectives
 
     encoder = loaded.model.image_encoder
     device = tensors.device
@@ -258,7 +258,7 @@ def _text_phase(loaded, bank, samples, tensors, directions, config: TrainingConf
                 start) -> list[dict]:
     import torch
 
-    from . import objectives
+    from COLIPRISlicerLib.teaching import objectives
 
     model = loaded.model
     cache = objectives.cache_image_embeddings(model, tensors.images, loaded.patch_size,
@@ -356,7 +356,7 @@ def check_replaceable(out_dir: Path) -> None:
     (training replaces it whole); raises FileExistsError that says what to do."""
     import yaml
 
-    from ..defaults import CONFIG_FILENAME
+    from COLIPRISlicerLib.defaults import CONFIG_FILENAME
 
     if not out_dir.exists():
         return
@@ -374,7 +374,7 @@ def write_record(folder: Path, config: TrainingConfig, record: dict, extra: dict
     """Store identity, label and training config under config.yaml's ``colipri_slicer`` key."""
     import yaml
 
-    from ..defaults import CONFIG_FILENAME
+    from COLIPRISlicerLib.defaults import CONFIG_FILENAME
 
     document = yaml.safe_load((folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
     training = {key: value for key, value in asdict(config).items() if key not in ("spec", "weights")}

@@ -1,0 +1,1 @@
+"""Encoding: one image forward pass (pooled + dense patch grid), prompt embeddings, their caches, and the engine holding them."""

@@ -1,0 +1,1 @@
+"""Findings: the catalogue, zero-shot scores from embeddings, heatmaps and peaks, and calibration against labels."""

@@ -1,0 +1,1 @@
+"""Segmentation head on frozen COLIPRI features: the network, its files, training data and the training loop."""
