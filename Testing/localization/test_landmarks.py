@@ -17,7 +17,7 @@ import pytest
 from COLIPRISlicerLib.localization.anatomy_prior import anatomy_prior
 from COLIPRISlicerLib.localization.landmarks import Landmarks, body_mask, detect_landmarks, lung_mask
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 TCIA_SERIES = SHARED_DATA / "ct" / "tcia_lung_pet_ct_dx_A0001" / "series_5mm"
 RAS_NIFTI = SHARED_DATA / "ct" / "totalsegmentator" / "example_ct.nii.gz"
 #: Tumour ground truth: InstanceNumbers 13-23, ImagePositionPatient z = -184 ... -234 mm.

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from COLIPRISlicerNodes import run_state, runtime
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_run_moves_through_the_states_from_engine_status_lines():

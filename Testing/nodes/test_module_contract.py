@@ -15,7 +15,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "COLIPRISlicer"
 MODULE_FILE = MODULE_DIR / "COLIPRISlicer.py"
 PANEL_FILE = MODULE_DIR / "COLIPRISlicerNodes" / "panel.py"

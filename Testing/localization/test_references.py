@@ -9,7 +9,7 @@ import pytest
 
 from COLIPRISlicerLib.localization.references import SliceReference, find_references, resolve_reference
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 TCIA_SERIES = SHARED_DATA / "ct" / "tcia_lung_pet_ct_dx_A0001" / "series_5mm"
 
 

@@ -21,7 +21,7 @@ import slicer_harness
 from conftest import LABELS_18, RAS_NIFTI, TCIA_SERIES, require
 from test_slicer_worker import main_thread_waits  # noqa: F401 - fixture: the GUI thread's waits
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "Resources" / "Screenshots" / "slice_overlay.png"
 SNIPPET = "Spiculated nodule in the right upper lobe."
 
