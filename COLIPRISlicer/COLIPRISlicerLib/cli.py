@@ -624,7 +624,8 @@ def search(
     text: Annotated[Optional[str], typer.Option("--text", help="Find series matching this text.")] = None,
     scan: Annotated[Optional[Path], typer.Option("--scan", exists=True, help="Find series like this scan.")] = None,
     like: Annotated[Optional[str], typer.Option("--like", help="Find series like this indexed SeriesInstanceUID (or path).")] = None,
-    region: Annotated[Optional[str], typer.Option(help="Compare region embeddings: lungs or heart.")] = None,
+    region: Annotated[Optional[str], typer.Option(help="Compare region embeddings: lungs, heart (mediastinum below the"
+                                                       " carina) or mediastinum (all between the lungs).")] = None,
     where: Annotated[Optional[str], typer.Option(help='Likelihood filter, e.g. "Pleural effusion>0.7".')] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Number of hits.")] = 10,
     json_output: Annotated[bool, typer.Option("--json", help="Print the hits as a JSON list.")] = False,
@@ -638,12 +639,13 @@ def _search(index_dir: Path, query: tuple, region: str | None, where: str | None
             device: str) -> None:
     import json
 
+    from .retrieval.regions import REGIONS
     from .retrieval.search import SearchIndex, where_mask
 
     if sum(value is not None for value in query) != 1:
         raise UserError("Give exactly one of --text, --scan or --like.")
-    if region not in (None, "lungs", "heart"):
-        raise UserError(f'Unknown --region "{region}"; choose lungs or heart (or leave it out for the whole scan).')
+    if region not in (None, *REGIONS):
+        raise UserError(f'Unknown --region "{region}"; choose {", ".join(REGIONS)} (or leave it out for the whole scan).')
     searched = SearchIndex(index_dir)
     where_mask(where, searched.findings, searched.likelihoods)  # a malformed filter is refused before the model loads
     hits = searched.search(_query_vector(searched, query, region, device), region=region, where=where, k=k)
