@@ -501,3 +501,22 @@ def test_an_index_without_series_and_sources_without_images_are_refused(tmp_path
 
     assert no_images.exit_code == 1 and "No image file or DICOM series found" in no_images.output
     assert nothing.exit_code == 1 and "holds no indexed series yet" in nothing.output
+
+
+def test_a_series_without_the_region_is_stored_without_it_and_cannot_be_the_query(tiny_model_folder, tmp_path):
+    array, ijk_to_ras = synthetic_chest((48, 40, 30), spacing=(4.0, 4.0, 5.0))
+    array[array < -500] = 0  # soft tissue where the lungs were: a body without lungs
+    array[0, 0, 0] = -1000
+    scan = tmp_path / "no_lungs.nii.gz"
+    write_volume(array, ijk_to_ras, scan)
+    out = tmp_path / "index"
+
+    indexed = cli("index", scan, "--model", tiny_model_folder, "--out", out, "--device", "cpu", "--hide-progress")
+    searched = cli("search", out, "--like", scan, "--region", "heart")
+    whole = search_json(out, "--like", str(scan))
+
+    assert indexed.exit_code == 0, indexed.output
+    row = read_index(out).to_pylist()[0]
+    assert row["pooled"] is not None and all(row[name] is None for name in REGIONS)
+    assert searched.exit_code == 1 and f'"{scan}" shows no heart region' in searched.output
+    assert [hit["source"] for hit in whole] == [str(scan)] and whole[0]["score"] == pytest.approx(1.0, abs=1e-6)

@@ -667,16 +667,21 @@ def _query_vector(searched, query: tuple, region: str | None, device: str):
     from .engine import Engine
     from .retrieval.index import check_same_model, engine_manifest, series_vectors
 
+    import numpy as np
+
     text, scan, like = query
     if like is not None:
-        return searched.vector_of(like, region)
-    analyzer = Analyzer(Engine(searched.manifest["model"], device=device, status_callback=None))
-    check_same_model(searched.manifest, engine_manifest(analyzer), searched.folder)
-    if text is not None:
-        return analyzer.engine.embed_prompts([text])[0].numpy()
-    vector = series_vectors(analyzer, _load_scan(scan, False))[region or "pooled"]
-    if vector is None:
-        raise UserError(f'"{scan}" shows no {region} region (no lung found); search without --region.')
+        vector = searched.vector_of(like, region)
+    else:
+        analyzer = Analyzer(Engine(searched.manifest["model"], device=device, status_callback=None))
+        check_same_model(searched.manifest, engine_manifest(analyzer), searched.folder)
+        if text is not None:
+            return analyzer.engine.embed_prompts([text])[0].numpy()
+        vector = series_vectors(analyzer, _load_scan(scan, False))[region or "pooled"]
+    if vector is None or np.isnan(vector).any():
+        message = (f'"{like or scan}" shows no {region} region (found from the lung mask: no lungs, or no body'
+                   " between them, in the scan); search without --region.")
+        raise UserError(message)
     return vector
 
 

@@ -77,7 +77,8 @@ def folder_series(folder: Path) -> list[SeriesEntry]:
                         if name.lower().endswith(IMAGE_SUFFIXES)]
             for series_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root) or ():
                 series_files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, series_uid))
-                entries.append(SeriesEntry(root, series_files, series_uid, _study_uid(series_files[0])))
+                entries.append(SeriesEntry(root, series_files, series_uid or None,  # GDCM says "" for a missing UID
+                                           _study_uid(series_files[0])))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     return entries
