@@ -76,12 +76,13 @@ def main() -> None:
         "index_seconds_incl_model_load": round(seconds, 1),
         "second_run_summary": summary_lines(second.stderr, "[colipri-slicer]")[-1],
         "second_run_seconds": round(seconds_again, 1),
-        "searches": [search_record(index, query) for query in QUERIES],
     }
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    figures["searches"] = [search_record(index, query) for query in QUERIES]
+    if args.json is None:
+        print(json.dumps(figures, indent=2))
+        return
+    args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    print(f"{figures['index_summary']}\n{figures['second_run_summary']}\nWrote {args.json}")
 
 
 if __name__ == "__main__":
