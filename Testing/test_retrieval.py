@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,8 @@ def test_the_index_holds_one_row_per_series_with_the_analysis_likelihoods_and_th
         row = rows[str(path)]
         assert row["error"] is None and row["series_uid"] is None and row["model_sha256"] == identity.sha256
         assert row["preprocessing"] == manifest["preprocessing"] and row["preprocessing"].startswith("fast:")
+        assert row["model_id"] == identity.model_id == manifest["model_id"] and manifest["model"] == "phantom"
+        assert datetime.fromisoformat(row["indexed_at"]).tzinfo is not None
         assert all(len(row[name]) == 64 for name in ("pooled", *REGIONS))
         assert np.linalg.norm(row["pooled"]) == pytest.approx(1.0, abs=1e-5)
         result = phantom_analyzer.analyze(load_volume(path))
@@ -520,3 +523,19 @@ def test_a_series_without_the_region_is_stored_without_it_and_cannot_be_the_quer
     assert row["pooled"] is not None and all(row[name] is None for name in REGIONS)
     assert searched.exit_code == 1 and f'"{scan}" shows no heart region' in searched.output
     assert [hit["source"] for hit in whole] == [str(scan)] and whole[0]["score"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_index_command_shows_progress_with_the_time_left_and_lists_failures(phantoms, tiny_model_folder, tmp_path):
+    import re
+
+    sources = tmp_path / "scans"
+    sources.mkdir()
+    shutil.copyfile(phantoms["paths"][0], sources / "a.nii.gz")
+    (sources / "b.nii.gz").write_bytes(phantoms["paths"][1].read_bytes()[:1500])
+
+    result = cli("index", sources, "--model", tiny_model_folder, "--out", tmp_path / "index", "--device", "cpu")
+
+    assert result.exit_code == 0, result.output
+    assert re.search(r"series: 100%.*2/2 \[\d\d:\d\d<\d\d:\d\d", result.output)  # done/total [elapsed<left]
+    assert f"Failed: {sources / 'b.nii.gz'}: ValueError:" in result.output
+    assert "1 indexed, 0 already there, 1 failed (recorded; run again to retry)" in result.output
