@@ -175,6 +175,20 @@ def test_a_dicom_folder_gives_one_entry_per_series_read_back_voxel_for_voxel(tmp
     assert entries["1.2.3.1"].source == str(tmp_path / "study") and entries["1.2.3.3"].source == str(tmp_path / "study" / "more")
     assert (entries["1.2.3.1"].study_uid, entries["1.2.3.2"].study_uid) == (STUDY_UID, "1.2.9")
     assert_same_scan(load_series(entries["1.2.3.2"]), second, second_matrix)
+    assert expand_sources([tmp_path / "study", tmp_path]) == list(entries.values())  # given twice: once each
+
+
+def test_a_series_split_over_two_folders_is_named_in_a_warning(tmp_path, caplog):
+    array, ijk_to_ras = synthetic_chest((24, 24, 12), spacing=(4.0, 4.0, 5.0))
+    files = write_dicom_series(array, ijk_to_ras, tmp_path / "a", "1.2.7.1")
+    (tmp_path / "b").mkdir()
+    for path in files[6:]:
+        path.rename(tmp_path / "b" / path.name)
+
+    entries = expand_sources([tmp_path])
+
+    assert [(entry.series_uid, len(entry.files)) for entry in entries] == [("1.2.7.1", 6)]
+    assert f'Series "1.2.7.1" has files in "{tmp_path / "a"}" and in "{tmp_path / "b"}"' in caplog.text
 
 
 def test_a_ctk_database_gives_its_series_with_files_relative_to_the_database(tmp_path):

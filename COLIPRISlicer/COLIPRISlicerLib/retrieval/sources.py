@@ -59,7 +59,13 @@ def expand_sources(sources: Sequence[str | Path]) -> list[SeriesEntry]:
             entries.append(SeriesEntry(str(path)))
         else:
             entries += folder_series(path)
-    unique = {entry.key: entry for entry in entries}
+    unique: dict[str, SeriesEntry] = {}
+    for entry in entries:
+        earlier = unique.get(entry.key)
+        if earlier is not None and entry.files and set(earlier.files) != set(entry.files):
+            logger.warning('Series "%s" has files in "%s" and in "%s"; only those in the second are indexed. Put the'
+                           " files of a series in one folder.", entry.key, earlier.source, entry.source)
+        unique[entry.key] = entry
     return list(unique.values())
 
 
