@@ -624,7 +624,8 @@ def search(
     text: Annotated[Optional[str], typer.Option("--text", help="Find series matching this text.")] = None,
     scan: Annotated[Optional[Path], typer.Option("--scan", exists=True, help="Find series like this scan.")] = None,
     like: Annotated[Optional[str], typer.Option("--like", help="Find series like this indexed SeriesInstanceUID (or path).")] = None,
-    region: Annotated[Optional[str], typer.Option(help="Compare region embeddings: lungs or heart.")] = None,
+    region: Annotated[Optional[str], typer.Option(help="Compare region embeddings: lungs, heart (mediastinum below the"
+                                                       " carina) or mediastinum (all between the lungs).")] = None,
     where: Annotated[Optional[str], typer.Option(help='Likelihood filter, e.g. "Pleural effusion>0.7".')] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Number of hits.")] = 10,
     json_output: Annotated[bool, typer.Option("--json", help="Print the hits as a JSON list.")] = False,
@@ -638,12 +639,13 @@ def _search(index_dir: Path, query: tuple, region: str | None, where: str | None
             device: str) -> None:
     import json
 
+    from COLIPRISlicerLib.retrieval.regions import REGIONS
     from COLIPRISlicerLib.retrieval.search import SearchIndex, where_mask
 
     if sum(value is not None for value in query) != 1:
         raise UserError("Give exactly one of --text, --scan or --like.")
-    if region not in (None, "lungs", "heart"):
-        raise UserError(f'Unknown --region "{region}"; choose lungs or heart (or leave it out for the whole scan).')
+    if region not in (None, *REGIONS):
+        raise UserError(f'Unknown --region "{region}"; choose {", ".join(REGIONS)} (or leave it out for the whole scan).')
     searched = SearchIndex(index_dir)
     where_mask(where, searched.findings, searched.likelihoods)  # a malformed filter is refused before the model loads
     hits = searched.search(_query_vector(searched, query, region, device), region=region, where=where, k=k)
@@ -665,16 +667,21 @@ def _query_vector(searched, query: tuple, region: str | None, device: str):
     from COLIPRISlicerLib.encoding.engine import Engine
     from COLIPRISlicerLib.retrieval.index import check_same_model, engine_manifest, series_vectors
 
+    import numpy as np
+
     text, scan, like = query
     if like is not None:
-        return searched.vector_of(like, region)
-    analyzer = Analyzer(Engine(searched.manifest["model"], device=device, status_callback=None))
-    check_same_model(searched.manifest, engine_manifest(analyzer), searched.folder)
-    if text is not None:
-        return analyzer.engine.embed_prompts([text])[0].numpy()
-    vector = series_vectors(analyzer, _load_scan(scan, False))[region or "pooled"]
-    if vector is None:
-        raise UserError(f'"{scan}" shows no {region} region (no lung found); search without --region.')
+        vector = searched.vector_of(like, region)
+    else:
+        analyzer = Analyzer(Engine(searched.manifest["model"], device=device, status_callback=None))
+        check_same_model(searched.manifest, engine_manifest(analyzer), searched.folder)
+        if text is not None:
+            return analyzer.engine.embed_prompts([text])[0].numpy()
+        vector = series_vectors(analyzer, _load_scan(scan, False))[region or "pooled"]
+    if vector is None or np.isnan(vector).any():
+        message = (f'"{like or scan}" shows no {region} region (found from the lung mask: no lungs, or no body'
+                   " between them, in the scan); search without --region.")
+        raise UserError(message)
     return vector
 
 

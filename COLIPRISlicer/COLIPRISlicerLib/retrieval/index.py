@@ -45,7 +45,7 @@ def engine_manifest(analyzer) -> dict:
     return {"format": FORMAT, "model": engine.spec, "model_id": description.identity.model_id,
             "model_sha256": description.identity.sha256,
             "preprocessing": f"{engine.preprocessing}:{description.processor_signature}",
-            "findings": [finding.name for finding in analyzer.catalogue]}
+            "regions": list(REGIONS), "findings": [finding.name for finding in analyzer.catalogue]}
 
 
 def read_manifest(folder: Path) -> dict:
@@ -88,19 +88,21 @@ def build_index(entries: Sequence[SeriesEntry], analyzer, out: Path, *, progress
     wanted = engine_manifest(analyzer)
     done = _open_or_create(out, wanted)
     run, rows = IndexRun(), []
-    for entry in tqdm(entries, desc="series", unit="series", disable=not progress):
-        if entry.key in done:
-            run.skipped.append(entry.key)
-            continue
-        row = _row(entry, analyzer, wanted, load)
-        if row["error"]:
-            run.failed[entry.key] = row["error"]
-        else:
-            run.indexed.append(entry.key)
-        rows.append(row)
-        if len(rows) >= FLUSH_EVERY:
-            rows = _write_shard(rows, out, wanted)
-    _write_shard(rows, out, wanted)
+    try:
+        for entry in tqdm(entries, desc="series", unit="series", disable=not progress):
+            if entry.key in done:
+                run.skipped.append(entry.key)
+                continue
+            row = _row(entry, analyzer, wanted, load)
+            if row["error"]:
+                run.failed[entry.key] = row["error"]
+            else:
+                run.indexed.append(entry.key)
+            rows.append(row)
+            if len(rows) >= FLUSH_EVERY:
+                rows = _write_shard(rows, out, wanted)
+    finally:  # an interrupted run keeps every series it finished
+        _write_shard(rows, out, wanted)
     return run
 
 

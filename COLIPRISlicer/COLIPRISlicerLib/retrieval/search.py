@@ -54,7 +54,7 @@ class SearchIndex:
         self.series_uids: list[str | None] = table["series_uid"].to_pylist()
         self.study_uids: list[str | None] = table["study_uid"].to_pylist()
         self.likelihoods = np.stack([table[name].to_numpy(zero_copy_only=False) for name in self.findings], axis=1)
-        self.vectors = {name: _matrix(table[name]) for name in VECTOR_COLUMNS}
+        self.vectors = {name: _matrix(table[name]) for name in VECTOR_COLUMNS if name in table.column_names}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.folder)!r}, series={len(self.keys)})"
@@ -69,7 +69,21 @@ class SearchIndex:
         if not matches:
             raise KeyError(f'No series "{key}" in "{self.folder}"; give a SeriesInstanceUID (or, for image'
                            " files, the path) shown by `colipri-slicer search --json`.")
-        return self.vectors[region or "pooled"][matches[0]]
+        return self.region_vectors(region)[matches[0]]
+
+    def region_vectors(self, region: str | None = None) -> np.ndarray:
+        """(N, embed_dim) stored vectors of ``region`` (None: the pooled whole-scan embedding); NaN rows
+        where a series has no such region.
+
+        Raises:
+            ValueError: if the index holds no such embeddings.
+        """
+        name = region or "pooled"
+        if name not in self.vectors:
+            message = (f'This index holds no "{region}" embeddings; choose one of {", ".join(list(self.vectors)[1:])}'
+                       " or index again into a new folder.")
+            raise ValueError(message)
+        return self.vectors[name]
 
     def search(self, query: np.ndarray, *, region: str | None = None, where: str | None = None,
                k: int = 10) -> list[Hit]:
@@ -78,10 +92,7 @@ class SearchIndex:
         Raises:
             ValueError: for an unknown region, a malformed ``where`` or a query of the wrong size.
         """
-        name = region or "pooled"
-        if name not in self.vectors:
-            raise ValueError(f'Unknown region "{region}"; choose one of {", ".join(VECTOR_COLUMNS[1:])}.')
-        matrix = self.vectors[name]
+        matrix = self.region_vectors(region)
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         if query.shape[0] != matrix.shape[1]:
             raise ValueError(f"Query has {query.shape[0]} values; this index stores {matrix.shape[1]}-d vectors.")

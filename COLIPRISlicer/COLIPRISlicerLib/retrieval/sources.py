@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from contextlib import closing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,13 @@ def expand_sources(sources: Sequence[str | Path]) -> list[SeriesEntry]:
             entries.append(SeriesEntry(str(path)))
         else:
             entries += folder_series(path)
-    unique = {entry.key: entry for entry in entries}
+    unique: dict[str, SeriesEntry] = {}
+    for entry in entries:
+        earlier = unique.get(entry.key)
+        if earlier is not None and entry.files and set(earlier.files) != set(entry.files):
+            logger.warning('Series "%s" has files in "%s" and in "%s"; only those in the second are indexed. Put the'
+                           " files of a series in one folder.", entry.key, earlier.source, entry.source)
+        unique[entry.key] = entry
     return list(unique.values())
 
 
@@ -67,13 +74,19 @@ def folder_series(folder: Path) -> list[SeriesEntry]:
     import SimpleITK as sitk
 
     entries = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        entries += [SeriesEntry(str(Path(root) / name)) for name in sorted(files)
-                    if name.lower().endswith(IMAGE_SUFFIXES)]
-        for series_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root) or ():
-            series_files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, series_uid))
-            entries.append(SeriesEntry(root, series_files, series_uid, _study_uid(series_files[0])))
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns about every folder without DICOM files
+    try:
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            entries += [SeriesEntry(str(Path(root) / name)) for name in sorted(files)
+                        if name.lower().endswith(IMAGE_SUFFIXES)]
+            for series_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root) or ():
+                series_files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, series_uid))
+                entries.append(SeriesEntry(root, series_files, series_uid or None,  # GDCM says "" for a missing UID
+                                           _study_uid(series_files[0])))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     return entries
 
 
@@ -85,7 +98,7 @@ def ctk_database_series(database: Path) -> list[SeriesEntry]:
         ValueError: if the file is not such a database.
     """
     try:
-        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        with closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as connection:
             rows = connection.execute(_CTK_QUERY).fetchall()
     except sqlite3.DatabaseError as error:
         message = f'"{database}" is not a Slicer/CTK DICOM database ({error}); give the ctkDICOM.sql of a DICOM folder.'
@@ -102,21 +115,40 @@ def load_series(entry: SeriesEntry) -> Volume:
     """The series as a ``Volume`` (its DICOM files read in slice order, or the image file).
 
     Raises:
-        ValueError: if the files cannot be read as one 3-D CT volume.
+        ValueError: if the files cannot be read as one 3-D CT volume, cover less than
+            ``volume.MIN_EXTENT_MM`` along an axis, or hold values that do not look like CT.
+        FileNotFoundError: if the image file is gone.
     """
-    if not entry.files:
-        return load_volume(entry.source)
+    import warnings
+
+    from COLIPRISlicerLib.io.volume import check_extent, non_ct_reason
+
+    with warnings.catch_warnings():  # a non-CT series is refused below, in one line
+        warnings.filterwarnings("ignore", message=".*does not look like CT", category=RuntimeWarning)
+        volume = load_volume(entry.source) if not entry.files else _read_series_files(entry)
+    what = f'Series "{entry.key}"' if entry.files else f'"{entry.source}"'
+    if entry.files:
+        check_extent(volume.shape, volume.ijk_to_ras, what, dicom=True)
+    reason = non_ct_reason(volume.array)
+    if reason:
+        raise ValueError(f"{what}: {reason} Only CT series can be indexed.")
+    return volume
+
+
+def _read_series_files(entry: SeriesEntry) -> Volume:
+    """A DICOM series' files read with ITK in slice order (ValueError when unreadable)."""
     import SimpleITK as sitk
 
     from COLIPRISlicerLib.io.volume import scalar_array_from_sitk
 
+    folder = str(Path(entry.files[0]).parent)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(Path(entry.files[0]).parent),
-                                                                       entry.series_uid or "") or list(entry.files))
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, entry.series_uid or "") or list(entry.files))
     try:
         image = reader.Execute()
     except RuntimeError as error:
-        raise ValueError(f'Series "{entry.key}" in "{entry.source}" is unreadable: {" ".join(str(error).split())[:200]}') from None
+        message = f'Series "{entry.key}" in "{entry.source}" is unreadable: {" ".join(str(error).split())[:200]}'
+        raise ValueError(message) from None
     array, ijk_to_ras = scalar_array_from_sitk(image, f'Series "{entry.key}"', "a 3-D scalar CT")
     return Volume.from_array(array, ijk_to_ras, name=entry.series_uid or Path(entry.source).name)
 
