@@ -101,15 +101,18 @@ def build_index(entries: Sequence[SeriesEntry], analyzer, out: Path, *, progress
     todo = pending_entries(entries, open_index(out, wanted), run)
     engine, rows = analyzer.engine, []
     transform = build_image_transform(engine.description.resolved.config["processor"]) if todo else None
-    with tqdm(total=len(todo), desc="series", unit="series", disable=not progress) as bar:
-        for start in range(0, len(todo), max(1, batch)):
-            prepared = [prepare_series(entry, transform, method=engine.preprocessing, device=engine.identity.device,
-                                       load=load) for entry in todo[start:start + max(1, batch)]]
-            rows += record_rows(run, index_rows(analyzer, prepared, wanted))
-            bar.update(len(prepared))
-            if len(rows) >= FLUSH_EVERY:
-                rows = _write_next_shard(rows, out, wanted)
-    _write_next_shard(rows, out, wanted)
+    try:
+        with tqdm(total=len(todo), desc="series", unit="series", disable=not progress) as bar:
+            for start in range(0, len(todo), max(1, batch)):
+                prepared = [prepare_series(entry, transform, method=engine.preprocessing,
+                                           device=engine.identity.device, load=load)
+                            for entry in todo[start:start + max(1, batch)]]
+                rows += record_rows(run, index_rows(analyzer, prepared, wanted))
+                bar.update(len(prepared))
+                if len(rows) >= FLUSH_EVERY:
+                    rows = _write_next_shard(rows, out, wanted)
+    finally:  # an interrupted run keeps every series it finished
+        _write_next_shard(rows, out, wanted)
     return run
 
 
