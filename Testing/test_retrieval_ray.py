@@ -19,7 +19,8 @@ from COLIPRISlicerLib.analysis import Analyzer  # noqa: E402
 from COLIPRISlicerLib.engine import Engine  # noqa: E402
 from COLIPRISlicerLib.retrieval import ray_engine  # noqa: E402
 from COLIPRISlicerLib.retrieval.index import FORMAT, MANIFEST, VECTOR_COLUMNS, build_index, read_index  # noqa: E402
-from COLIPRISlicerLib.retrieval.ray_engine import build_index_ray, encoder_placement  # noqa: E402
+from COLIPRISlicerLib.retrieval.ray_engine import (  # noqa: E402
+    batch_for_gpu_memory, build_index_ray, encoder_placement)
 from COLIPRISlicerLib.retrieval.search import SearchIndex  # noqa: E402
 from COLIPRISlicerLib.retrieval.sources import expand_sources  # noqa: E402
 
@@ -171,6 +172,48 @@ def test_encoder_pool_refuses_devices_ray_cannot_place():
         encoder_placement("cuda", {"CPU": 4.0})
     with pytest.raises(ValueError, match='not "mps"; give --device auto, cuda or cpu'):
         encoder_placement("mps", {"CPU": 4.0})
+
+
+@pytest.mark.parametrize(("gib", "expected"), [(80, 16), (24, 11), (8, 3), (4, 1), (2, 1)])
+def test_gpu_batch_is_what_fits_beside_the_model(gib, expected):
+    assert batch_for_gpu_memory(gib * 2**30) == expected
+
+
+def test_a_batch_the_encoder_cannot_take_is_recorded_per_series_with_a_smaller_batch_hint(
+        sources, analyzer, monkeypatch, tmp_path):
+    import torch
+
+    from COLIPRISlicerLib import encoding
+
+    def out_of_memory(loaded, tensors, *, precision):
+        raise torch.OutOfMemoryError(f"CUDA out of memory for {len(tensors)} inputs")
+
+    monkeypatch.setattr(encoding, "run_image_encoder_batch", out_of_memory)
+    run = build_index(expand_sources([sources]), analyzer, tmp_path / "index", progress=False, batch=2)
+    assert run.indexed == [] and len(run.failed) == 4
+    assert "is not an image file ITK can read" in run.failed[str(sources / UNREADABLE)]
+    for seed in PHANTOM_SEEDS:
+        message = run.failed[str(sources / f"phantom_{seed}.nii.gz")]
+        assert message.startswith("OutOfMemoryError: CUDA out of memory for ")
+        assert message.endswith("run again with a smaller --batch)")
+    rows = _rows(tmp_path / "index")
+    assert {key: row["error"] for key, row in rows.items()} == run.failed
+    assert all(row["pooled"] is None for row in rows.values())
+
+
+def test_index_command_runs_on_ray(ray_session, sources, tiny_model_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from COLIPRISlicerLib.cli import app
+
+    out = tmp_path / "index"
+    arguments = ["index", str(sources), "--model", str(tiny_model_folder), "--out", str(out), "--engine", "ray",
+                 "--device", "cpu", "--batch", "3", "--hide-progress"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert f"{out}: 3 indexed, 0 already there, 1 failed (recorded; run again to retry)" in result.output
+    assert len(list(out.glob("part-00000-*.parquet"))) == 2  # 4 series in batches of 3
+    assert sum(row["error"] is None for row in _rows(out).values()) == len(PHANTOM_SEEDS)
 
 
 def test_missing_ray_says_what_to_install(monkeypatch):

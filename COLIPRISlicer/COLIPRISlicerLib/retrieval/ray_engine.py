@@ -86,8 +86,12 @@ def default_batch(actor_device: str) -> int:
     if actor_device != "cuda":
         return CPU_BATCH
     ray = require_ray()
-    total_gib = ray.get(ray.remote(num_gpus=1)(_gpu_memory_bytes).remote()) / 2**30
-    return max(1, min(MAX_GPU_BATCH, int((total_gib - MODEL_GIB) // GIB_PER_SERIES)))
+    return batch_for_gpu_memory(ray.get(ray.remote(num_gpus=1)(_gpu_memory_bytes).remote()))
+
+
+def batch_for_gpu_memory(total_bytes: int) -> int:
+    """Series per batch that fit beside the model in a GPU of ``total_bytes`` (1 to ``MAX_GPU_BATCH``)."""
+    return max(1, min(MAX_GPU_BATCH, int((total_bytes / 2**30 - MODEL_GIB) // GIB_PER_SERIES)))
 
 
 def _gpu_memory_bytes() -> int:
