@@ -616,13 +616,16 @@ def _index(sources: list[Path], out: Path, model: str, device: str, show_progres
         raise UserError(f'Unknown --engine "{engine}"; choose local or ray.')
     if ray_address and engine != "ray":
         raise UserError(f'--ray-address "{ray_address}" needs --engine ray.')
+    if engine == "ray":
+        from .retrieval.ray_engine import require_ray
+
+        require_ray()  # before any work
     entries = expand_sources(sources)
     if not entries:
         raise UserError(f"No image file or DICOM series found in {', '.join(map(str, sources))}.")
     if engine == "ray":
-        from .retrieval.ray_engine import build_index_ray, require_ray
+        from .retrieval.ray_engine import build_index_ray
 
-        require_ray()
         analyzer = Analyzer(Engine(model, device="cpu", status_callback=None))  # the workers choose their device
         run = build_index_ray(entries, analyzer, out, address=ray_address, batch=batch, device=device,
                               progress=show_progress)
