@@ -80,6 +80,14 @@ def search_latency_ms(count: int = 100_000, dim: int = 64, repeats: int = 20) ->
     return float(np.median(times))
 
 
+def report(figures: dict, path: Path | None) -> None:
+    """Print the figures as JSON, and write them to ``path`` when given."""
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if path:
+        path.write_text(text + "\n", encoding="utf-8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="phantom")
@@ -101,10 +109,7 @@ def main() -> None:
         "image_to_image": image_agreement(searched, truths),
         "search_latency_ms_100k_64d": round(search_latency_ms(), 2),
     }
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    report(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -595,23 +595,43 @@ def index(
     out: Annotated[Path, typer.Option("--out", "-o", help="Index folder (created, or resumed when it holds an index).")],
     model: ModelOption = DEFAULT_MODEL,
     device: DeviceOption = "auto",
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray Data pipeline; pip install 'colipri-slicer[cluster]').")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to run on (default: start or attach a local Ray); --out must be on storage every node sees.")] = None,
+    batch: Annotated[Optional[int], typer.Option(min=1, help="Series per encoder batch (default: 1 locally; with ray, from the GPU's memory, 2 on CPUs).")] = None,
     show_progress: Annotated[bool, typer.Option("--show-progress/--hide-progress")] = True,
 ) -> None:
     """Index series for similar-case search: embeddings (whole, lungs, heart), 18 likelihoods -> Parquet."""
-    _run(lambda: _index(sources, out, model, device, show_progress))
+    _run(lambda: _index(sources, out, model, device, show_progress, engine=engine, ray_address=ray_address,
+                        batch=batch))
 
 
-def _index(sources: list[Path], out: Path, model: str, device: str, show_progress: bool) -> None:
+def _index(sources: list[Path], out: Path, model: str, device: str, show_progress: bool, *, engine: str = "local",
+           ray_address: str | None = None, batch: int | None = None) -> None:
     from COLIPRISlicerLib.analysis import Analyzer
     from COLIPRISlicerLib.encoding.engine import Engine
     from COLIPRISlicerLib.retrieval.index import build_index
     from COLIPRISlicerLib.retrieval.sources import expand_sources
 
+    if engine not in ("local", "ray"):
+        raise UserError(f'Unknown --engine "{engine}"; choose local or ray.')
+    if ray_address and engine != "ray":
+        raise UserError(f'--ray-address "{ray_address}" needs --engine ray.')
+    if engine == "ray":
+        from COLIPRISlicerLib.retrieval.ray_engine import require_ray
+
+        require_ray()  # before any work
     entries = expand_sources(sources)
     if not entries:
         raise UserError(f"No image file or DICOM series found in {', '.join(map(str, sources))}.")
-    analyzer = Analyzer(Engine(model, device=device, status_callback=None))
-    run = build_index(entries, analyzer, out, progress=show_progress)
+    if engine == "ray":
+        from COLIPRISlicerLib.retrieval.ray_engine import build_index_ray
+
+        analyzer = Analyzer(Engine(model, device="cpu", status_callback=None))  # the workers choose their device
+        run = build_index_ray(entries, analyzer, out, address=ray_address, batch=batch, device=device,
+                              progress=show_progress)
+    else:
+        analyzer = Analyzer(Engine(model, device=device, status_callback=None))
+        run = build_index(entries, analyzer, out, progress=show_progress, batch=batch or 1)
     for key, error in run.failed.items():
         typer.echo(f"Failed: {key}: {error}", err=True)
     _status(f"{out}: {len(run.indexed)} indexed, {len(run.skipped)} already there, {len(run.failed)} failed"

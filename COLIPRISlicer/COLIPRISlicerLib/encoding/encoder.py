@@ -49,13 +49,28 @@ def run_image_encoder(loaded, tensor, *, precision: str):
     Returns:
         ``(pooled (D,), dense (D, gx, gy, gz), features (C, gx, gy, gz), seconds)``.
     """
+    pooled, dense, features, seconds = run_image_encoder_batch(loaded, [tensor], precision=precision)
+    return pooled[0], dense[0], features[0], seconds
+
+
+def run_image_encoder_batch(loaded, tensors, *, precision: str):
+    """One forward pass over several model inputs of one shape (see :func:`run_image_encoder`).
+
+    Args:
+        loaded: a ``LoadedModel``.
+        tensors: sequence of (1, X, Y, Z) float32 model inputs, all the same shape.
+        precision: ``bf16`` runs the image encoder under autocast; ``fp32`` does not.
+
+    Returns:
+        ``(pooled (B, D), dense (B, D, gx, gy, gz), features (B, C, gx, gy, gz), seconds)``, on the CPU.
+    """
     import torch
     import torch.nn.functional as F
     from einops import rearrange
 
     encoder = loaded.model.image_encoder
     device = next(encoder.parameters()).device
-    batch = tensor.unsqueeze(0).to(device)
+    batch = torch.stack([tensor.to(device) for tensor in tensors])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     start = time.perf_counter()
     with torch.no_grad(), autocast:
@@ -66,7 +81,7 @@ def run_image_encoder(loaded, tensor, *, precision: str):
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # kernels run asynchronously: time the work, not its launch
     seconds = time.perf_counter() - start
-    pooled = F.normalize(pooled.float(), dim=1)[0].cpu()
-    dense = F.normalize(dense.float(), dim=1)[0].cpu()
-    logger.debug("Image forward pass %.2f s on %s (%s).", seconds, device, precision)
-    return pooled, dense, features.float()[0].cpu(), seconds
+    pooled = F.normalize(pooled.float(), dim=1).cpu()
+    dense = F.normalize(dense.float(), dim=1).cpu()
+    logger.debug("Image forward pass of %d input(s) %.2f s on %s (%s).", len(tensors), seconds, device, precision)
+    return pooled, dense, features.float().cpu(), seconds

@@ -181,11 +181,19 @@ def _assemble(model, description: ModelDescription) -> LoadedModel:
 
     resolved = description.resolved
     processor_config = OmegaConf.create(resolved.config["processor"])
-    image_transform = instantiate(processor_config["image_transform"])
     tokenizer = instantiate(processor_config["tokenizer"])
     dense_pooler = model.image_encoder.pooler.to_dense().eval()
-    return LoadedModel(model, image_transform, tokenizer, description.identity, description.processor_signature,
-                       dense_pooler)
+    return LoadedModel(model, build_image_transform(resolved.config["processor"]), tokenizer, description.identity,
+                       description.processor_signature, dense_pooler)
+
+
+def build_image_transform(processor_config: dict):
+    """The processor's TorchIO transform (a ``tio.Compose``) from its config: no weights needed, so
+    workers that only preprocess never build the model."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    return instantiate(OmegaConf.create(processor_config)["image_transform"])
 
 
 def resolve_spec(spec: TypePath, notify: TypeStatusCallback) -> _ResolvedSpec:

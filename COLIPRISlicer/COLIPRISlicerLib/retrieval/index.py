@@ -12,11 +12,11 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
-from COLIPRISlicerLib.retrieval.regions import REGIONS, region_embedding, region_patches
+from COLIPRISlicerLib.retrieval.regions import REGIONS
 from COLIPRISlicerLib.retrieval.sources import SeriesEntry, load_series
+from COLIPRISlicerLib.retrieval.stages import result_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -74,40 +74,70 @@ def check_same_model(manifest: dict, wanted: dict, folder: Path) -> None:
 
 
 def build_index(entries: Sequence[SeriesEntry], analyzer, out: Path, *, progress: bool = True,
-                load: Callable[[SeriesEntry], object] = load_series) -> IndexRun:
+                load: Callable[[SeriesEntry], object] = load_series, batch: int = 1) -> IndexRun:
     """Index every entry not yet indexed in ``out`` with the analyzer's model and preprocessing.
 
     A series that fails is recorded with its error and the run goes on; it is tried again next run.
+
+    Args:
+        entries: the series (``sources.expand_sources``).
+        analyzer: an ``Analyzer``: its model, device and catalogue.
+        out: the index folder (created, or resumed).
+        progress: show a progress bar with ETA.
+        load: reads a series (``sources.load_series``).
+        batch: series per encoder forward pass.
 
     Raises:
         ValueError: if ``out`` is a folder with other content, or an index of another model.
     """
     from tqdm import tqdm
 
+    from COLIPRISlicerLib.model.loading import build_image_transform
+    from COLIPRISlicerLib.retrieval.stages import index_rows, prepare_series
+
     out = Path(out)
     wanted = engine_manifest(analyzer)
-    done = _open_or_create(out, wanted)
-    run, rows = IndexRun(), []
+    run = IndexRun()
+    todo = pending_entries(entries, open_index(out, wanted), run)
+    engine, rows = analyzer.engine, []
+    transform = build_image_transform(engine.description.resolved.config["processor"]) if todo else None
     try:
-        for entry in tqdm(entries, desc="series", unit="series", disable=not progress):
-            if entry.key in done:
-                run.skipped.append(entry.key)
-                continue
-            row = _row(entry, analyzer, wanted, load)
-            if row["error"]:
-                run.failed[entry.key] = row["error"]
-            else:
-                run.indexed.append(entry.key)
-            rows.append(row)
-            if len(rows) >= FLUSH_EVERY:
-                rows = _write_shard(rows, out, wanted)
+        with tqdm(total=len(todo), desc="series", unit="series", disable=not progress) as bar:
+            for start in range(0, len(todo), max(1, batch)):
+                prepared = [prepare_series(entry, transform, method=engine.preprocessing,
+                                           device=engine.identity.device, load=load)
+                            for entry in todo[start:start + max(1, batch)]]
+                rows += record_rows(run, index_rows(analyzer, prepared, wanted))
+                bar.update(len(prepared))
+                if len(rows) >= FLUSH_EVERY:
+                    rows = _write_next_shard(rows, out, wanted)
     finally:  # an interrupted run keeps every series it finished
-        _write_shard(rows, out, wanted)
+        _write_next_shard(rows, out, wanted)
     return run
 
 
-def _open_or_create(out: Path, wanted: dict) -> set[str]:
-    """Keys already indexed in ``out`` (creating the index when ``out`` is absent or empty)."""
+def pending_entries(entries: Sequence[SeriesEntry], done: set[str], run: IndexRun) -> list[SeriesEntry]:
+    """The entries not in ``done``; the others are added to ``run.skipped``."""
+    run.skipped += [entry.key for entry in entries if entry.key in done]
+    return [entry for entry in entries if entry.key not in done]
+
+
+def record_rows(run: IndexRun, rows: list[dict]) -> list[dict]:
+    """Note each row as indexed or failed in ``run``; returns ``rows``."""
+    for row in rows:
+        if row["error"]:
+            run.failed[row["key"]] = row["error"]
+        else:
+            run.indexed.append(row["key"])
+    return rows
+
+
+def open_index(out: Path, wanted: dict) -> set[str]:
+    """Keys already indexed in ``out`` (creating the index when ``out`` is absent or empty).
+
+    Raises:
+        ValueError: if ``out`` is a folder with other content, or an index of another model.
+    """
     if out.is_dir() and (out / MANIFEST).is_file():
         check_same_model(read_manifest(out), wanted, out)
         table = read_index(out)
@@ -119,37 +149,30 @@ def _open_or_create(out: Path, wanted: dict) -> set[str]:
     return set()
 
 
-def _row(entry: SeriesEntry, analyzer, wanted: dict, load) -> dict:
-    """One Parquet row: embeddings and likelihoods, or the error that stopped this series."""
-    row = {"key": entry.key, "source": entry.source, "series_uid": entry.series_uid, "study_uid": entry.study_uid,
-           "model_id": wanted["model_id"], "model_sha256": wanted["model_sha256"],
-           "preprocessing": wanted["preprocessing"], "indexed_at": datetime.now(timezone.utc).isoformat(),
-           "error": None}
-    try:
-        row.update(series_vectors(analyzer, load(entry)))
-    except (ValueError, RuntimeError, OSError) as error:
-        logger.warning('Could not index "%s": %s', entry.source, error)
-        row["error"] = f"{type(error).__name__}: {' '.join(str(error).split())}"
-    return row
-
-
 def series_vectors(analyzer, volume) -> dict:
     """``pooled`` and region embeddings (float32 arrays or None) and each finding's likelihood."""
     result = analyzer.analyze(volume)
-    regions = region_patches(volume, result.encoding)
-    vectors = {name: region_embedding(result.encoding, regions[name]) for name in REGIONS}
-    pooled = result.encoding.pooled
-    vectors["pooled"] = (pooled.numpy() if hasattr(pooled, "numpy") else pooled).astype("float32")
-    return {**vectors, **{finding.name: finding.likelihood for finding in result.findings}}
+    return result_vectors(volume, result.encoding, result.findings)
 
 
-def _write_shard(rows: list[dict], out: Path, manifest: dict) -> list[dict]:
-    """Write ``rows`` as the next ``part-<n>.parquet`` (written whole, then renamed); returns []."""
+def shard_count(out: Path) -> int:
+    """How many shards ``out`` holds (the next local shard's number)."""
+    return len(list(Path(out).glob("part-*.parquet")))
+
+
+def _write_next_shard(rows: list[dict], out: Path, manifest: dict) -> list[dict]:
+    """Write ``rows`` as the next ``part-<n>.parquet`` and note the embedding size; returns []."""
+    if rows:
+        record_embed_dim(out, manifest, write_shard(rows, out / f"part-{shard_count(out):05d}.parquet", manifest))
+    return []
+
+
+def write_shard(rows: list[dict], path: Path, manifest: dict) -> int | None:
+    """Write ``rows`` as one Parquet file (written whole, then renamed); returns the embedding size
+    (None when no row has vectors and the manifest does not know it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not rows:
-        return []
     dim = next((len(row["pooled"]) for row in rows if row.get("pooled") is not None), None)
     dim = dim or manifest.get("embed_dim")
     columns = {name: pa.array([row[name] for row in rows], pa.string()) for name in _TEXT_COLUMNS}
@@ -158,14 +181,17 @@ def _write_shard(rows: list[dict], out: Path, manifest: dict) -> list[dict]:
         columns[name] = pa.array(values, pa.list_(pa.float32(), dim) if dim else pa.null())
     for name in manifest["findings"]:
         columns[name] = pa.array([row.get(name) for row in rows], pa.float32())
-    number = len(list(out.glob("part-*.parquet")))
-    partial = out / f"part-{number:05d}.parquet.partial"
+    partial = path.with_name(path.name + ".partial")
     pq.write_table(pa.table(columns), partial)
-    partial.replace(out / f"part-{number:05d}.parquet")
+    partial.replace(path)
+    return dim
+
+
+def record_embed_dim(out: Path, manifest: dict, dim: int | None) -> None:
+    """Note the embedding size in ``index.json`` once it is known."""
     if dim and "embed_dim" not in manifest:
         manifest["embed_dim"] = dim
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    return []
+        (Path(out) / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
 
 def read_index(folder: Path):
