@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,8 +26,10 @@ MANIFEST = "index.json"
 FORMAT = "colipri-slicer-index/1"
 #: Series written per shard, so an interrupted run keeps what it did.
 FLUSH_EVERY = 16
+#: ... and a shard at least this often (slow series on a CPU: a quit loses at most this much work).
+FLUSH_SECONDS = 60.0
 _TEXT_COLUMNS = ("key", "source", "series_uid", "study_uid", "model_id", "model_sha256", "preprocessing",
-                 "indexed_at", "error")
+                 "indexed_at", "error", "patient_name", "patient_id", "study_date")
 VECTOR_COLUMNS = ("pooled", *REGIONS)
 
 
@@ -36,6 +40,7 @@ class IndexRun:
     indexed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    cancelled: bool = False  # stopped between two series; what was indexed before is written
 
 
 def engine_manifest(analyzer) -> dict:
@@ -63,21 +68,25 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def check_same_model(manifest: dict, wanted: dict, folder: Path) -> None:
-    """Raises ValueError when an index was built with another model or preprocessing."""
+def check_same_model(manifest: dict, wanted: dict, folder: Path, advice: str | None = None) -> None:
+    """Raises ValueError when an index was built with another model or preprocessing; ``advice``
+    ends the message (default: the command-line options to use)."""
+    advice = advice or f'index with --model {manifest["model"]} or choose another --out'
     for key in ("model_sha256", "preprocessing"):
         if manifest[key] != wanted[key]:
             message = (f'"{folder}" was indexed with model {manifest["model_id"]} ({key} {manifest[key][:16]}),'
-                       f" not {wanted['model_id']} ({wanted[key][:16]}); one index holds one model: index with"
-                       f' --model {manifest["model"]} or choose another --out.')
+                       f" not {wanted['model_id']} ({wanted[key][:16]}); one index holds one model: {advice}.")
             raise ValueError(message)
 
 
 def build_index(entries: Sequence[SeriesEntry], analyzer, out: Path, *, progress: bool = True,
-                load: Callable[[SeriesEntry], object] = load_series) -> IndexRun:
+                load: Callable[[SeriesEntry], object] = load_series, cancel: threading.Event | None = None,
+                on_series: Callable[[IndexRun, int], None] | None = None) -> IndexRun:
     """Index every entry not yet indexed in ``out`` with the analyzer's model and preprocessing.
 
     A series that fails is recorded with its error and the run goes on; it is tried again next run.
+    ``cancel`` (checked before each series) stops the run with what was done so far written;
+    ``on_series(run, total)`` is called after each series.
 
     Raises:
         ValueError: if ``out`` is a folder with other content, or an index of another model.
@@ -87,19 +96,24 @@ def build_index(entries: Sequence[SeriesEntry], analyzer, out: Path, *, progress
     out = Path(out)
     wanted = engine_manifest(analyzer)
     done = _open_or_create(out, wanted)
-    run, rows = IndexRun(), []
+    run, rows, flushed = IndexRun(), [], time.monotonic()
     for entry in tqdm(entries, desc="series", unit="series", disable=not progress):
+        if cancel is not None and cancel.is_set():
+            run.cancelled = True
+            break
         if entry.key in done:
             run.skipped.append(entry.key)
-            continue
-        row = _row(entry, analyzer, wanted, load)
-        if row["error"]:
-            run.failed[entry.key] = row["error"]
         else:
-            run.indexed.append(entry.key)
-        rows.append(row)
-        if len(rows) >= FLUSH_EVERY:
-            rows = _write_shard(rows, out, wanted)
+            row = _row(entry, analyzer, wanted, load)
+            if row["error"]:
+                run.failed[entry.key] = row["error"]
+            else:
+                run.indexed.append(entry.key)
+            rows.append(row)
+        if len(rows) >= FLUSH_EVERY or (rows and time.monotonic() - flushed >= FLUSH_SECONDS):
+            rows, flushed = _write_shard(rows, out, wanted), time.monotonic()
+        if on_series is not None:
+            on_series(run, len(entries))
     _write_shard(rows, out, wanted)
     return run
 
@@ -122,7 +136,8 @@ def _row(entry: SeriesEntry, analyzer, wanted: dict, load) -> dict:
     row = {"key": entry.key, "source": entry.source, "series_uid": entry.series_uid, "study_uid": entry.study_uid,
            "model_id": wanted["model_id"], "model_sha256": wanted["model_sha256"],
            "preprocessing": wanted["preprocessing"], "indexed_at": datetime.now(timezone.utc).isoformat(),
-           "error": None}
+           "error": None, "patient_name": entry.patient_name, "patient_id": entry.patient_id,
+           "study_date": entry.study_date}
     try:
         row.update(series_vectors(analyzer, load(entry)))
     except (ValueError, RuntimeError, OSError) as error:
