@@ -215,6 +215,13 @@ def test_search_by_volume_ranks_its_own_series_first_and_shows_patient_date_and_
     assert rows[0][3] == ", ".join(f"{name} {value:.2f}" for name, value in top)
     assert rows[0][4] == str(Path(archive[0]).parent / "dicom" / "1")
     assert widget.ui.similarResultsLabel.text.startswith("3 similar cases")
+    widget._parameterNode.similarRegion, widget._parameterNode.similarCount = "lungs", 2
+    widget.ui.similarByVolumeButton.click()  # the lungs' embedding of the volume, encoded here
+    lungs = {row["key"]: row["lungs"] for row in read_index(built_index).to_pylist()}
+    expected = cosines([np.array(lungs[s.series_uid]) for s in series], np.array(lungs[series[1].series_uid]))
+    rows = table_rows(widget)
+    assert panel.app.slot_errors == [] and len(rows) == 2 and rows[0][1] == "Roe, Richard (P002)"
+    np.testing.assert_allclose([float(row[0]) for row in rows], np.sort(expected)[::-1][:2], atol=1.5e-4)
 
 
 def test_search_by_text_and_by_a_finding_row_rank_by_their_prompt(module, panel, scene, dicom, archive, built_index,
@@ -273,6 +280,12 @@ def test_a_folder_that_is_not_an_index_says_what_to_do_and_is_left_untouched(mod
     widget.ui.indexDatabaseButton.click()
     assert [str(error) for error in panel.app.slot_errors] == [message, message]
     assert index_files(folder) == ["notes.txt"] and (folder / "notes.txt").read_text() == "a user's file"
+    (tmp_path / "empty").mkdir()
+    widget.ui.indexFolderPathLineEdit.emit("currentPathChanged(QString)", str(tmp_path / "empty"))
+    message = "Empty folder: press Index DICOM database to build an index here."
+    assert widget.ui.indexFolderStatusLabel.text == message
+    widget.ui.similarByTextButton.click()
+    assert [str(error) for error in panel.app.slot_errors][2:] == [message]
 
 
 def test_an_index_of_another_model_is_refused_with_the_model_to_choose(module, panel, scene, dicom, built_index,

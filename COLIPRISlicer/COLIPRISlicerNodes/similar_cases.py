@@ -236,27 +236,31 @@ class SimilarCasesLogic:
         """Top-``k`` hits of the index in ``folder`` for ``vector(analyzer)`` (run on the worker)."""
         from COLIPRISlicerLib.retrieval.search import where_mask
 
-        status = folder_status(folder)
-        if not status.searchable:
-            raise ValueError(status.text if status.state != "index" else
-                             "This index holds no series yet: press Index DICOM database first.")
-
         def work():
-            analyzer = self.analysis.session.analyzer()
             index = self._open(Path(folder))
+            analyzer = self.analysis.session.analyzer()
             self._checkModel(analyzer, index.manifest, index.folder)
             where_mask(where, index.findings, index.likelihoods)  # a malformed filter fails before encoding
             return index.search(vector(analyzer), region=region, where=where, k=k)
         return self._call(work)
 
     def _open(self, folder: Path):
-        """The index loaded for search, reloaded when its files changed (worker thread)."""
+        """The index loaded for search, checked and reloaded when its files changed (worker thread:
+        both read the whole index).
+
+        Raises:
+            ValueError: when ``folder`` is not an index or holds no series yet (what to do).
+        """
         from COLIPRISlicerLib.retrieval.index import MANIFEST
         from COLIPRISlicerLib.retrieval.search import SearchIndex
 
         files = [folder / MANIFEST, *sorted(folder.glob("part-*.parquet"))]
-        signature = (str(folder), tuple((path.name, path.stat().st_mtime_ns) for path in files))
+        signature = (str(folder), tuple((path.name, path.stat().st_mtime_ns) for path in files if path.is_file()))
         if self._opened[0] != signature:
+            status = folder_status(folder)
+            if not status.searchable:
+                raise ValueError(status.text if status.state != "index" else
+                                 "This index holds no series yet: press Index DICOM database first.")
             self._opened = (signature, SearchIndex(folder))
         return self._opened[1]
 
