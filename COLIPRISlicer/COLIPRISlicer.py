@@ -50,6 +50,7 @@ class COLIPRISlicerSettings:
     precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
     offline: bool = False
     diskCache: bool = False
+    indexFolder: str = ""  # similar cases; bound by the panel, as modelFolder
 
 
 @parameterNodeWrapper
@@ -60,6 +61,10 @@ class COLIPRISlicerParameterNode:
     snippet: str = ""
     segmentationSource: Annotated[str, Choice(["zero-shot", "head"])] = "zero-shot"
     headFolder: str = ""
+    similarQuery: str = ""
+    similarRegion: Annotated[str, Choice(["whole scan", "lungs", "heart"])] = "whole scan"
+    similarWhere: str = ""
+    similarCount: Annotated[int, WithinRange(1, 100)] = 10
     settings: COLIPRISlicerSettings
 
 

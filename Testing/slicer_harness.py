@@ -11,8 +11,10 @@ up beside the module file only; singleton parameter node), ``slicer.parameterNod
 (values stored on the MRML node, so Close Scene, which resets the singleton node, resets
 them), ``qt`` (QSettings, QIcon, table items), ``slicer.i18n``; for the panel
 (:class:`PanelHarness`): ``slicer.app`` whose ``processEvents`` runs scheduled user
-actions (clicks, Close Scene, module switch, quit) and counts nesting, and the .ui widgets
-with their signals, slots called as PythonQt calls them. Slicer versions: ``slicer.packaging``
+actions (clicks, Close Scene, module switch, quit) and counts nesting, has no layout manager
+(as without a main window) and a core IO manager that loads volume files as Add Data does (for
+``slicer.util.loadVolume``), and the .ui widgets with their signals, slots called as PythonQt
+calls them. Slicer's DICOM database and ``DICOMLib`` are in ``slicer_dicom_harness``. Slicer versions: ``slicer.packaging``
 absent (5.10) or present (5.12), and the PyTorch extension's ``PyTorchUtils``. Without a
 :class:`PanelHarness` there is no ``slicer.app`` and the Logic's ``processEvents`` does nothing.
 
@@ -294,11 +296,36 @@ class FakeApplication:
     def testingEnabled(self) -> bool:
         return True
 
+    def layoutManager(self):
+        """None, as in Slicer started without a main window (no slice widgets to fit)."""
+        return None
+
+    def coreIOManager(self) -> CoreIOManager:
+        return CoreIOManager()
+
     def setOverrideCursor(self, cursor) -> None:
         pass
 
     def restoreOverrideCursor(self) -> None:
         pass
+
+
+class CoreIOManager:
+    """``slicer.app.coreIOManager()`` for ``slicer.util.loadVolume``: a "VolumeFile" is loaded as
+    Slicer's volume reader loads it (``AddArchetypeVolume``, named after the file unless
+    ``properties["name"]``); a file it cannot read makes ``loadNodes`` return False."""
+
+    def fileType(self, filename) -> str:
+        return "VolumeFile"
+
+    def loadNodes(self, file_type, properties, loaded_nodes, user_messages=None) -> bool:
+        path = Path(properties["fileName"])
+        name = properties.get("name") or path.name.split(".")[0]
+        node = slicer.modules.volumes.logic().AddArchetypeVolume(str(path), name) if file_type == "VolumeFile" else None
+        if node is None:
+            return False
+        loaded_nodes.AddItem(node)
+        return True
 
 
 class FakeWidget:
@@ -312,7 +339,7 @@ class FakeWidget:
         self._slots: dict[str, list] = {}
         self._blocked = False
         self._items: dict[tuple[int, int], object] = {}
-        self._rows = 0
+        self._rows, self._current = 0, (-1, -1)
 
     def connect(self, signal: str, slot) -> None:
         self._slots.setdefault(signal, []).append(slot)
@@ -354,6 +381,13 @@ class FakeWidget:
 
     def item(self, row: int, column: int):
         return self._items.get((row, column))
+
+    def setCurrentCell(self, row: int, column: int) -> None:
+        """The user selects a cell (a table's current cell; no click signal)."""
+        self._current = (row, column)
+
+    def currentRow(self) -> int:
+        return self._current[0] if self._current[0] < self._rows else -1
 
     def blockSignals(self, block: bool) -> bool:
         previous, self._blocked = self._blocked, block

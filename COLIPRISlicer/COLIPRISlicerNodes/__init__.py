@@ -10,6 +10,8 @@ panel action at a time, newest request wins), ``run_state`` (the Analyze state m
 thread, engine, status lines and warnings), ``volume_nodes`` (volume node -> engine
 ``Volume``, signatures, heatmap volume nodes), ``importer``/``outputs``/``result_nodes``
 (this module's nodes: created together, replaced on re-run, rolled back on failure),
-``views`` (slice layers, jumps, layout), ``runtime`` (device, offline mode, weights
+``views`` (slice layers, jumps, layout), ``similar_cases`` and ``similar_cases_panel`` (index
+Slicer's DICOM database, search an index, load a hit beside the current volume; the panel's
+section), ``runtime`` (device, offline mode, weights
 folders, settings; no Slicer import) and ``dependencies`` (asking, then installing).
 """

@@ -36,3 +36,24 @@ def import_into_database(folder: Path) -> bool:
 
     DICOMUtils.importDicom(str(folder), database)
     return True
+
+
+def load_series(series_uid: str, source: str = ""):
+    """Load a series from Slicer's DICOM database with Slicer's DICOM plugins; returns its scalar volume node.
+
+    Raises:
+        ValueError: when no DICOM database is open or the series is not (or no longer) in it.
+    """
+    database = getattr(slicer, "dicomDatabase", None)
+    where = f' (indexed from "{source}")' if source else ""
+    if database is None or not database.isOpen or not database.filesForSeries(series_uid):
+        message = (f"Series {series_uid}{where} is not in Slicer's DICOM database: import its folder in the DICOM"
+                   " module (Import DICOM files), then double-click it again.")
+        raise ValueError(message)
+    from DICOMLib import DICOMUtils
+
+    nodes = [slicer.mrmlScene.GetNodeByID(node_id) for node_id in DICOMUtils.loadSeriesByUID([series_uid])]
+    volumes = [node for node in nodes if node is not None and node.IsA("vtkMRMLScalarVolumeNode")]
+    if not volumes:
+        raise ValueError(f"Slicer's DICOM plugins loaded no volume from series {series_uid}{where}.")
+    return volumes[0]

@@ -25,6 +25,7 @@ from slicer.util import VTKObservationMixin
 from . import run_state
 from .jobs import JobQueue
 from .run_state import RunState
+from .similar_cases_panel import SimilarCasesSection
 
 SETTINGS_PREFIX = "COLIPRISlicer"
 
@@ -71,6 +72,8 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.localizeButton.connect("clicked(bool)", self.onLocalizeButton)
         self.ui.openWeightsFolderButton.connect("clicked(bool)", self.onOpenWeightsFolder)
         self.ui.clearWeightsButton.connect("clicked(bool)", self.onClearWeights)
+        self.similarCases = SimilarCasesSection(self)
+        self.similarCases.setup()
         for widget, pack, field in self.pathFields():
             widget.connect("currentPathChanged(QString)",
                            lambda path, pack=pack, field=field: self.onPathChanged(pack, field, path))
@@ -80,7 +83,8 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """(widget, pack, field) of the path fields bound here, not through the .ui: Slicer's
         Path connector would show "no folder chosen" as "."."""
         return ((self.ui.modelFolderPathLineEdit, "settings", "modelFolder"),
-                (self.ui.headFolderPathLineEdit, None, "headFolder"))
+                (self.ui.headFolderPathLineEdit, None, "headFolder"),
+                (self.ui.indexFolderPathLineEdit, "settings", "indexFolder"))
 
     def pathOwner(self, pack: str | None):
         return getattr(self._parameterNode, pack) if pack else self._parameterNode
@@ -106,6 +110,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Module unloaded (quit, reload): cancel the job, stop the worker in at most 2 s, GUI responsive."""
         self.closed = True
         self.cancelEvent.set()
+        self.similarCases.cancel()
         self.jobs.clear()
         self.disconnectParameterNode()
         self.removeObservers()
@@ -178,6 +183,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings = self._parameterNode.settings if self._parameterNode else None
         canClear = settings is not None and (settings.modelSource in ("hub", "demo") or settings.diskCache)
         self.ui.clearWeightsButton.enabled = not (busy or jobRunning) and canClear
+        self.similarCases.showState()
 
     def onStatus(self, message: str) -> None:
         self.runState.on_status(message, self.cancelEvent.is_set())
@@ -199,7 +205,11 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.info("%s", error)  # scene closed, cancelled or module unloaded meanwhile
             finally:
                 self.showState()
-        self.jobs.request(job)
+        try:
+            self.jobs.request(job)
+        finally:
+            if not self.jobs.running:
+                self.showState()  # every job done (or failed): the buttons are free again, the last status shown
 
     def onAnalyzeButton(self) -> None:
         if self.runState.busy:
@@ -208,16 +218,21 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.runJob(_("COLIPRI analysis failed."), self.runAnalysis)
 
+    def configureEngine(self, settings) -> None:
+        """Install what is missing (after asking), then use the model and device of ``settings``."""
+        from . import dependencies
+        dependencies.ensure_dependencies(Path(self.resourcePath("requirements.txt")))
+        self.logic.configure(settings.modelSource, settings.modelFolder, settings.device, settings.precision,
+                             settings.offline, settings.diskCache)
+
     def runAnalysis(self) -> None:
         from COLIPRISlicerLib.analysis import AnalysisCancelled
-        from . import dependencies, views
+        from . import views
         self.cancelEvent = threading.Event()
         settings, inputVolume = self._parameterNode.settings, self._parameterNode.inputVolume
         try:
             self.showState("installing")
-            dependencies.ensure_dependencies(Path(self.resourcePath("requirements.txt")))
-            self.logic.configure(settings.modelSource, settings.modelFolder, settings.device, settings.precision,
-                                 settings.offline, settings.diskCache)
+            self.configureEngine(settings)
             nodes = self.logic.run(inputVolume, self.cancelEvent, self.onStatus)
         except AnalysisCancelled as error:
             self.showState("idle", _("Cancelled; nothing was added.") if self.cancelEvent.is_set() else str(error))

@@ -27,12 +27,14 @@ MIN_FREE_GPU_GIB = 4.0
 
 #: Settings kept across Slicer sessions (QSettings under ``COLIPRISlicer/``), with their choices.
 SETTINGS_CHOICES = {"modelSource": MODEL_SOURCES, "device": DEVICES, "precision": PRECISIONS,
-                    "modelFolder": None, "offline": None, "diskCache": None}
+                    "modelFolder": None, "offline": None, "diskCache": None, "indexFolder": None}
+#: Settings that hold a folder ("" when none was chosen).
+PATH_SETTINGS = ("modelFolder", "indexFolder")
 
 
 def settings_to_strings(settings) -> dict[str, str]:
     """The persistent settings of a settings object (attribute per key) as strings."""
-    return {key: path_text(getattr(settings, key)) if key == "modelFolder" else str(getattr(settings, key))
+    return {key: path_text(getattr(settings, key)) if key in PATH_SETTINGS else str(getattr(settings, key))
             for key in SETTINGS_CHOICES}
 
 
@@ -51,7 +53,7 @@ def settings_from_strings(stored: dict) -> dict:
         choices, text = SETTINGS_CHOICES[key], str(value)
         if key in ("offline", "diskCache"):
             settings[key] = text.lower() in ("1", "true", "yes")
-        elif key == "modelFolder":
+        elif key in PATH_SETTINGS:
             if path_text(text):
                 settings[key] = path_text(text)
         elif text in choices:

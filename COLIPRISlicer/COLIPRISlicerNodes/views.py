@@ -30,3 +30,26 @@ def jump_slices(scene, point_ras: np.ndarray) -> None:
 def show_chart_in_layout(chart_node) -> None:
     """Switch to a layout with a plot view showing ``chart_node`` (application only)."""
     slicer.modules.plots.logic().ShowChartInLayout(chart_node)
+
+
+def show_side_by_side(scene, left_node, right_node) -> None:
+    """Side-by-side layout: ``left_node`` in the Red view, ``right_node`` in the Yellow view, both
+    axial, their slice views linked (scrolling one scrolls the other) and fitted to their volumes.
+    The Red view keeps its foreground (e.g. a heatmap), and its background when ``left_node`` is None;
+    the Yellow view shows ``right_node`` alone."""
+    layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")  # the scene's one layout node
+    layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+    for view, node in (("Red", left_node), ("Yellow", right_node)):
+        scene.GetNodeByID(f"vtkMRMLSliceNode{view}").SetOrientation("Axial")
+        composite = scene.GetNodeByID(f"vtkMRMLSliceCompositeNode{view}")
+        if node is not None:
+            composite.SetBackgroundVolumeID(node.GetID())
+        if view == "Yellow":
+            composite.SetForegroundVolumeID(None)
+            composite.SetLabelVolumeID(None)
+    for view in ("Red", "Yellow"):  # linked after the volumes are set, so that no choice is broadcast
+        scene.GetNodeByID(f"vtkMRMLSliceCompositeNode{view}").SetLinkedControl(True)
+    app = getattr(slicer, "app", None)
+    manager = app.layoutManager() if app is not None else None  # None without a main window
+    if manager is not None:
+        manager.resetSliceViews()

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "COLIPRISlicer"
 MODULE_FILE = MODULE_DIR / "COLIPRISlicer.py"
 PANEL_FILE = MODULE_DIR / "COLIPRISlicerNodes" / "panel.py"
+SIMILAR_CASES_PANEL_FILE = MODULE_DIR / "COLIPRISlicerNodes" / "similar_cases_panel.py"
 UI_FILE = REPO / "Resources" / "UI" / "COLIPRISlicer.ui"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 #: Third-party packages the Extensions Index allows at file scope of a module file.
@@ -72,7 +73,7 @@ def file_scope_imports(tree: ast.Module) -> list[tuple[str, int]]:
 
 
 def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
-    trees = (module_tree(), ast.parse(PANEL_FILE.read_text(encoding="utf-8")))
+    trees = (module_tree(), *(ast.parse(path.read_text(encoding="utf-8")) for path in (PANEL_FILE, SIMILAR_CASES_PANEL_FILE)))
     used = {node.attr for tree in trees for node in ast.walk(tree) if isinstance(node, ast.Attribute)
             and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
             and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
@@ -87,7 +88,7 @@ def parameter_fields(class_name: str) -> dict[str, str]:
 
 
 #: Path fields the panel binds itself (Slicer's Path connector shows an empty path as ".").
-BOUND_BY_THE_PANEL = {"headFolder", "settings.modelFolder"}
+BOUND_BY_THE_PANEL = {"headFolder", "settings.modelFolder", "settings.indexFolder"}
 
 
 def test_every_parameter_is_bound_to_exactly_the_widgets_in_the_ui():

@@ -544,6 +544,13 @@ def test_quit_during_a_run_stops_the_worker_within_2_s_never_blocking_the_gui_ov
     assert tagged_nodes(scene.scene) == []
 
 
+def test_after_a_job_the_panel_is_free_again_and_shows_its_outcome(module, panel, scene, nifti):
+    widget = panel.make_widget(module)
+    widget.ui.analyzeButton.click()
+    assert (widget.ui.analyzeButton.text, widget.ui.analyzeButton.enabled) == ("Analyze", True)
+    assert widget.ui.statusLabel.text == "Ready. Done (tests/tiny-random · cpu · fp32)." and widget.ui.segmentButton.enabled
+
+
 def test_two_quick_clicks_show_the_newest_heatmap_without_nested_waits(module, panel, scene, nifti):
     widget = panel.make_widget(module)
     widget.ui.analyzeButton.click()

@@ -42,10 +42,10 @@ def test_unknown_state_is_refused():
 
 def test_settings_round_trip_through_strings():
     settings = SimpleNamespace(modelSource="folder", modelFolder="/models/colipri", device="cpu",
-                               precision="bf16", offline=True, diskCache=True)
+                               precision="bf16", offline=True, diskCache=True, indexFolder="/archive/index")
     stored = runtime.settings_to_strings(settings)
     assert stored == {"modelSource": "folder", "modelFolder": "/models/colipri", "device": "cpu",
-                      "precision": "bf16", "offline": "True", "diskCache": "True"}
+                      "precision": "bf16", "offline": "True", "diskCache": "True", "indexFolder": "/archive/index"}
     assert runtime.settings_from_strings(stored) == vars(settings)
 
 
@@ -96,9 +96,10 @@ def test_offline_mode_reaches_an_imported_huggingface_hub_and_is_undone(monkeypa
 
 def test_no_model_folder_is_stored_and_shown_as_empty_not_as_a_dot():
     settings = SimpleNamespace(modelSource="hub", modelFolder="", device="auto", precision="auto",
-                               offline=False, diskCache=False)
+                               offline=False, diskCache=False, indexFolder=".")
     assert runtime.settings_to_strings(settings)["modelFolder"] == ""
-    assert runtime.settings_from_strings({"modelFolder": "."}) == {}
+    assert runtime.settings_to_strings(settings)["indexFolder"] == ""
+    assert runtime.settings_from_strings({"modelFolder": ".", "indexFolder": "."}) == {}
     assert runtime.weights_folder("folder", Path()) is None
     assert runtime.weights_folder("folder", "/models/colipri") == Path("/models/colipri")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +26,10 @@ MANIFEST = "index.json"
 FORMAT = "colipri-slicer-index/1"
 #: Series written per shard, so an interrupted run keeps what it did.
 FLUSH_EVERY = 16
+#: ... and a shard at least this often (slow series on a CPU: a quit loses at most this much work).
+FLUSH_SECONDS = 60.0
 _TEXT_COLUMNS = ("key", "source", "series_uid", "study_uid", "model_id", "model_sha256", "preprocessing",
-                 "indexed_at", "error")
+                 "indexed_at", "error", "patient_name", "patient_id", "study_date")
 VECTOR_COLUMNS = ("pooled", *REGIONS)
 
 
@@ -36,6 +40,7 @@ class IndexRun:
     indexed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    cancelled: bool = False  # stopped between two series; what was indexed before is written
 
 
 def engine_manifest(analyzer) -> dict:
@@ -63,21 +68,26 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def check_same_model(manifest: dict, wanted: dict, folder: Path) -> None:
-    """Raises ValueError when an index was built with another model or preprocessing."""
+def check_same_model(manifest: dict, wanted: dict, folder: Path, advice: str | None = None) -> None:
+    """Raises ValueError when an index was built with another model or preprocessing; ``advice``
+    ends the message (default: the command-line options to use)."""
+    advice = advice or f'index with --model {manifest["model"]} or choose another --out'
     for key in ("model_sha256", "preprocessing"):
         if manifest[key] != wanted[key]:
             message = (f'"{folder}" was indexed with model {manifest["model_id"]} ({key} {manifest[key][:16]}),'
-                       f" not {wanted['model_id']} ({wanted[key][:16]}); one index holds one model: index with"
-                       f' --model {manifest["model"]} or choose another --out.')
+                       f" not {wanted['model_id']} ({wanted[key][:16]}); one index holds one model: {advice}.")
             raise ValueError(message)
 
 
 def build_index(entries: Sequence[SeriesEntry], analyzer, out: Path, *, progress: bool = True,
-                load: Callable[[SeriesEntry], object] = load_series, batch: int = 1) -> IndexRun:
+                load: Callable[[SeriesEntry], object] = load_series, batch: int = 1,
+                cancel: threading.Event | None = None,
+                on_series: Callable[[IndexRun, int], None] | None = None) -> IndexRun:
     """Index every entry not yet indexed in ``out`` with the analyzer's model and preprocessing.
 
     A series that fails is recorded with its error and the run goes on; it is tried again next run.
+    ``cancel`` (checked before each series) stops the run with what was done so far written;
+    ``on_series(run, total)`` is called after each series.
 
     Args:
         entries: the series (``sources.expand_sources``).
@@ -99,19 +109,24 @@ def build_index(entries: Sequence[SeriesEntry], analyzer, out: Path, *, progress
     wanted = engine_manifest(analyzer)
     run = IndexRun()
     todo = pending_entries(entries, open_index(out, wanted), run)
-    engine, rows = analyzer.engine, []
+    engine, rows, flushed, step = analyzer.engine, [], time.monotonic(), max(1, batch)
     transform = build_image_transform(engine.description.resolved.config["processor"]) if todo else None
     try:
         with tqdm(total=len(todo), desc="series", unit="series", disable=not progress) as bar:
-            for start in range(0, len(todo), max(1, batch)):
+            for start in range(0, len(todo), step):
+                if cancel is not None and cancel.is_set():
+                    run.cancelled = True
+                    break
                 prepared = [prepare_series(entry, transform, method=engine.preprocessing,
                                            device=engine.identity.device, load=load)
-                            for entry in todo[start:start + max(1, batch)]]
+                            for entry in todo[start:start + step]]
                 rows += record_rows(run, index_rows(analyzer, prepared, wanted))
                 bar.update(len(prepared))
-                if len(rows) >= FLUSH_EVERY:
-                    rows = _write_next_shard(rows, out, wanted)
-    finally:  # an interrupted run keeps every series it finished
+                if len(rows) >= FLUSH_EVERY or (rows and time.monotonic() - flushed >= FLUSH_SECONDS):
+                    rows, flushed = _write_next_shard(rows, out, wanted), time.monotonic()
+                if on_series is not None:
+                    on_series(run, len(entries))
+    finally:  # an interrupted or cancelled run keeps every series it finished
         _write_next_shard(rows, out, wanted)
     return run
 

@@ -12,6 +12,7 @@ import numpy as np
 from COLIPRISlicerLib.retrieval.index import VECTOR_COLUMNS, read_index, read_manifest
 
 _OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+_PATIENT_COLUMNS = ("patient_name", "patient_id", "study_date")
 _CONDITION = re.compile(r"^\s*(.+?)\s*(>=|<=|>|<)\s*([0-9.]+)\s*$")
 
 
@@ -24,10 +25,14 @@ class Hit:
     series_uid: str | None
     study_uid: str | None
     likelihoods: dict[str, float]
+    patient_name: str | None = None
+    patient_id: str | None = None
+    study_date: str | None = None
 
     def as_dict(self) -> dict:
         return {"source": self.source, "score": self.score, "series_uid": self.series_uid,
-                "study_uid": self.study_uid, "likelihoods": self.likelihoods}
+                "study_uid": self.study_uid, "likelihoods": self.likelihoods, "patient_name": self.patient_name,
+                "patient_id": self.patient_id, "study_date": self.study_date}
 
 
 class SearchIndex:
@@ -53,6 +58,8 @@ class SearchIndex:
         self.sources: list[str] = table["source"].to_pylist()
         self.series_uids: list[str | None] = table["series_uid"].to_pylist()
         self.study_uids: list[str | None] = table["study_uid"].to_pylist()
+        self.patients = {name: table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+                         for name in _PATIENT_COLUMNS}  # absent in indexes written before they were stored
         self.likelihoods = np.stack([table[name].to_numpy(zero_copy_only=False) for name in self.findings], axis=1)
         self.vectors = {name: _matrix(table[name]) for name in VECTOR_COLUMNS if name in table.column_names}
 
@@ -99,7 +106,8 @@ class SearchIndex:
         allowed = where_mask(where, self.findings, self.likelihoods) & ~np.isnan(matrix).any(axis=1)
         order, scores = top_k(matrix, query, k, allowed)
         return [Hit(self.sources[i], float(s), self.series_uids[i], self.study_uids[i],
-                    dict(zip(self.findings, map(float, self.likelihoods[i])))) for i, s in zip(order, scores)]
+                    dict(zip(self.findings, map(float, self.likelihoods[i]))),
+                    *(self.patients[name][i] for name in _PATIENT_COLUMNS)) for i, s in zip(order, scores)]
 
 
 def top_k(matrix: np.ndarray, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

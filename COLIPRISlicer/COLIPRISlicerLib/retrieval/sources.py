@@ -18,6 +18,11 @@ logger = logging.getLogger(__name__)
 _CTK_QUERY = ("SELECT Images.SeriesInstanceUID, Series.StudyInstanceUID, Images.Filename FROM Images"
               " LEFT JOIN Series ON Images.SeriesInstanceUID = Series.SeriesInstanceUID"
               " ORDER BY Images.SeriesInstanceUID, Images.Filename")
+#: Per series of a CTK database: modality, patient and study date (CTK schema 0.6: Patients, Studies).
+_CTK_METADATA_QUERY = ("SELECT Series.SeriesInstanceUID, Series.Modality, Patients.PatientsName, Patients.PatientID,"
+                       " Studies.StudyDate FROM Series"
+                       " LEFT JOIN Studies ON Series.StudyInstanceUID = Studies.StudyInstanceUID"
+                       " LEFT JOIN Patients ON Studies.PatientsUID = Patients.UID")
 
 
 @dataclass(frozen=True)
@@ -29,12 +34,17 @@ class SeriesEntry:
         files: the series' DICOM files (empty for an image file).
         series_uid: SeriesInstanceUID, None for an image file.
         study_uid: StudyInstanceUID when known.
+        patient_name, patient_id, study_date: PatientName (DICOM PN, e.g. ``Doe^Jane``), PatientID and
+            StudyDate (``YYYY-MM-DD``) when known.
     """
 
     source: str
     files: tuple[str, ...] = ()
     series_uid: str | None = None
     study_uid: str | None = None
+    patient_name: str | None = None
+    patient_id: str | None = None
+    study_date: str | None = None
 
     @property
     def key(self) -> str:
@@ -84,15 +94,16 @@ def folder_series(folder: Path) -> list[SeriesEntry]:
             for series_uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root) or ():
                 series_files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, series_uid))
                 entries.append(SeriesEntry(root, series_files, series_uid or None,  # GDCM says "" for a missing UID
-                                           _study_uid(series_files[0])))
+                                           **_dicom_metadata(series_files[0])))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     return entries
 
 
 def ctk_database_series(database: Path) -> list[SeriesEntry]:
-    """The series of a Slicer/CTK DICOM database (``ctkDICOM.sql``); relative file names are
-    taken relative to the database's folder.
+    """The CT series of a Slicer/CTK DICOM database (``ctkDICOM.sql``) with patient and study date;
+    relative file names are taken relative to the database's folder. Series of another modality
+    (MR, SEG, SR, ...) are left out.
 
     Raises:
         ValueError: if the file is not such a database.
@@ -100,6 +111,7 @@ def ctk_database_series(database: Path) -> list[SeriesEntry]:
     try:
         with closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as connection:
             rows = connection.execute(_CTK_QUERY).fetchall()
+            metadata = _ctk_metadata(connection)
     except sqlite3.DatabaseError as error:
         message = f'"{database}" is not a Slicer/CTK DICOM database ({error}); give the ctkDICOM.sql of a DICOM folder.'
         raise ValueError(message) from error
@@ -108,7 +120,28 @@ def ctk_database_series(database: Path) -> list[SeriesEntry]:
     for series_uid, study_uid, filename in rows:
         files.setdefault(series_uid, []).append(str(database.parent / filename))  # absolute names stay absolute
         studies[series_uid] = study_uid
-    return [SeriesEntry(str(Path(names[0]).parent), tuple(names), uid, studies[uid]) for uid, names in files.items()]
+    known = {uid: metadata.get(uid, (None,) * 4) for uid in files}
+    return [SeriesEntry(str(Path(names[0]).parent), tuple(names), uid, studies[uid], *known[uid][1:])
+            for uid, names in files.items() if known[uid][0] in ("CT", None)]
+
+
+def _ctk_metadata(connection: sqlite3.Connection) -> dict[str, tuple]:
+    """SeriesInstanceUID -> (modality, patient name, patient ID, study date); {} for a database
+    without CTK's Patients and Studies tables."""
+    try:
+        rows = connection.execute(_CTK_METADATA_QUERY).fetchall()
+    except sqlite3.OperationalError as error:
+        logger.info("No patient or study table in the DICOM database (%s); indexing without them.", error)
+        return {}
+    return {uid: (modality, name, patient_id, iso_date(date)) for uid, modality, name, patient_id, date in rows}
+
+
+def iso_date(value) -> str | None:
+    """A DICOM date (``YYYYMMDD``) or CTK's stored date (``YYYY-MM-DD``) as ``YYYY-MM-DD``; None stays None."""
+    text = None if value is None else str(value).strip()
+    if text and len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text or None
 
 
 def load_series(entry: SeriesEntry) -> Volume:
@@ -153,8 +186,16 @@ def _read_series_files(entry: SeriesEntry) -> Volume:
     return Volume.from_array(array, ijk_to_ras, name=entry.series_uid or Path(entry.source).name)
 
 
-def _study_uid(file: str) -> str | None:
+#: SeriesEntry field -> DICOM keyword read from a series' first file.
+_DICOM_METADATA = {"study_uid": "StudyInstanceUID", "patient_name": "PatientName", "patient_id": "PatientID",
+                   "study_date": "StudyDate"}
+
+
+def _dicom_metadata(file: str) -> dict[str, str | None]:
+    """StudyInstanceUID, PatientName, PatientID and StudyDate of a DICOM file (None when absent)."""
     import pydicom
 
-    dataset = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-    return str(dataset.StudyInstanceUID) if "StudyInstanceUID" in dataset else None
+    dataset = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=list(_DICOM_METADATA.values()))
+    values = {field: str(dataset.get(keyword)) if dataset.get(keyword) not in (None, "") else None
+              for field, keyword in _DICOM_METADATA.items()}
+    return {**values, "study_date": iso_date(values["study_date"])}

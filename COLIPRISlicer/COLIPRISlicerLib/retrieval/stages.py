@@ -76,7 +76,8 @@ def series_row(entry: SeriesEntry, manifest: dict) -> dict:
     return {"key": entry.key, "source": entry.source, "series_uid": entry.series_uid, "study_uid": entry.study_uid,
             "model_id": manifest["model_id"], "model_sha256": manifest["model_sha256"],
             "preprocessing": manifest["preprocessing"], "indexed_at": datetime.now(timezone.utc).isoformat(),
-            "error": None}
+            "error": None, "patient_name": entry.patient_name, "patient_id": entry.patient_id,
+            "study_date": entry.study_date}
 
 
 def index_rows(analyzer, prepared: Sequence[PreparedSeries], manifest: dict) -> list[dict]:
