@@ -6,73 +6,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from COLIPRISlicerLib.analysis_result import AnalysisResult
+from COLIPRISlicerLib.encoding.engine import Engine
 from COLIPRISlicerLib.findings.catalogue import Catalogue, free_text_finding, load_catalogue
-from COLIPRISlicerLib.encoding.encoder import ImageEncoding
 from COLIPRISlicerLib.findings.scoring import (
     FindingResult,
-    heatmap_on_volume,
-    heatmap_tensor_on_volume,
     score_findings,
 )
-from COLIPRISlicerLib.types import TypeStatusCallback
 from COLIPRISlicerLib.io.volume import Volume
+from COLIPRISlicerLib.types import TypeStatusCallback
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.localization.head import LocalizationHead
+    from COLIPRISlicerLib.types import TypePath
 
 logger = logging.getLogger(__name__)
 
 
 class AnalysisCancelled(Exception):
     """Raised when a cancel event was set; nothing was produced."""
-
-
-@dataclass
-class AnalysisResult:
-    """Results for one volume. Heatmaps on the input grid are computed on request and kept
-    (on ``device`` when it is a GPU: copied to the CPU only when asked for as an array)."""
-
-    volume: Volume
-    encoding: ImageEncoding
-    findings: list[FindingResult]
-    model: dict
-    timings: dict[str, float] = field(default_factory=dict)
-    _heatmaps: dict[str, object] = field(default_factory=dict, repr=False)
-    _landmarks: list = field(default_factory=list, repr=False)
-    device: str = "cpu"
-
-    def finding(self, name: str) -> FindingResult:
-        for result in self.findings:
-            if result.name.lower() == name.lower() or result.slug == name:
-                return result
-        raise KeyError(f'No finding "{name}" in this analysis; available: {[f.name for f in self.findings]}')
-
-    def heatmap(self, name: str) -> np.ndarray:
-        """(I, J, K) float32 heatmap of a finding on the input grid (NaN outside the field of view)."""
-        heatmap = self.heatmap_tensor(name)
-        return heatmap if isinstance(heatmap, np.ndarray) else heatmap.cpu().numpy()
-
-    def heatmap_tensor(self, name: str):
-        """The heatmap where it was computed: an (I, J, K) float32 tensor on a GPU ``device``, else
-        the numpy array of :meth:`heatmap`."""
-        result = self.finding(name)
-        if result.slug not in self._heatmaps:
-            if self.device.startswith("cuda"):
-                heatmap = heatmap_tensor_on_volume(result, self.encoding.grid, self.volume, self.device)
-            else:
-                heatmap = heatmap_on_volume(result, self.encoding.grid, self.volume)
-            self._heatmaps[result.slug] = heatmap
-        return self._heatmaps[result.slug]
-
-    @property
-    def landmarks(self):
-        """Intensity-based anatomical landmarks of the input volume (computed once)."""
-        if not self._landmarks:
-            from COLIPRISlicerLib.localization.landmarks import detect_landmarks
-
-            self._landmarks.append(detect_landmarks(self.volume.array, self.volume.ijk_to_ras))
-        return self._landmarks[0]
 
 
 class Analyzer:
@@ -83,7 +39,7 @@ class Analyzer:
         catalogue: findings to score (default: the bundled 18 CT-RATE findings).
     """
 
-    def __init__(self, engine, catalogue: Catalogue | None = None):
+    def __init__(self, engine: Engine, catalogue: Catalogue | None = None):
         self.engine = engine
         self._catalogue = catalogue
 
@@ -154,11 +110,11 @@ class Analyzer:
 
         return build_report(self.engine, result)
 
-    def segment(self, result: AnalysisResult, head=None):
+    def segment(self, result: AnalysisResult, head: TypePath | None = None):
         """Segmentation with a trained head folder (default: the one shipped with the model, if any),
         or zero-shot from the finding heatmaps."""
-        from COLIPRISlicerLib.segmentation.head import load_head, predict, zero_shot_segmentation
         from COLIPRISlicerLib.segmentation.files import SegmentationResult
+        from COLIPRISlicerLib.segmentation.head import load_head, predict, zero_shot_segmentation
 
         head = head if head is not None else self.engine.extras.segmentation_head
         if head is None:
@@ -173,7 +129,8 @@ class Analyzer:
         # load_head has loaded the model already (it checks the patch size), so the transform costs nothing
         return predict(load_head(head, self.engine), result.encoding, result.volume, self.engine.loaded.image_transform)
 
-    def localize(self, result: AnalysisResult, text: str, *, method: str = "auto", head=None,
+    def localize(self, result: AnalysisResult, text: str, *, method: str = "auto",
+                 head: LocalizationHead | TypePath | None = None,
                  anatomy_weight: float | None = None):
         """Where a report snippet refers to (see ``localization.localize``)."""
         from COLIPRISlicerLib.localization.localize import localize

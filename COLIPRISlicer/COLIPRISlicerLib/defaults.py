@@ -1,4 +1,4 @@
-"""Constants shared by the engine: model identity, pinned revisions, resource paths."""
+"""Constants shared by the engine: model identity, hub revisions, resource paths."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 #: Hugging Face repository of the released COLIPRI weights.
 COLIPRI_REPO_ID = "microsoft/colipri"
-#: Revision of ``COLIPRI_REPO_ID`` that downloads are pinned to. Override with the
-#: ``COLIPRISLICER_COLIPRI_REVISION`` environment variable to test a newer release.
+#: Revision of ``COLIPRI_REPO_ID`` that downloads use: the branch ``main``, not a commit (no commit of
+#: the weights could be verified where this was built). Pin one with the
+#: ``COLIPRISLICER_COLIPRI_REVISION`` environment variable; every output records the sha256 it used.
 COLIPRI_REVISION = os.environ.get("COLIPRISLICER_COLIPRI_REVISION", "main")
 WEIGHTS_FILENAME = "model.safetensors"
 CONFIG_FILENAME = "config.yaml"

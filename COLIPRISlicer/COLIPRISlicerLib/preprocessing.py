@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from COLIPRISlicerLib.geometry import (
     spacing_of,
 )
 from COLIPRISlicerLib.io.volume import Volume
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.encoding.encoder import ImageEncoding
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +344,7 @@ def resample_for_head(volume: Volume, image_transform, shape: tuple[int, int, in
     return image.data.to(torch.float32)
 
 
-def head_input(volume: Volume, image_transform, encoding, refine: int):
+def head_input(volume: Volume, image_transform, encoding: ImageEncoding, refine: int):
     """(1, X, Y, Z) image a segmentation head decodes with, on the model grid subdivided ``refine`` times.
 
     The model input itself for 1 (``encoding.image``), else :func:`resample_for_head` onto

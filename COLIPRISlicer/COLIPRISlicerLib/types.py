@@ -31,5 +31,6 @@ if TYPE_CHECKING:
     TypePatchGridMap: TypeAlias = Float[np.ndarray, "gx gy gz"]
     TypePooledEmbedding: TypeAlias = Float[Tensor, "embed_dim"]
     TypePatchEmbeddings: TypeAlias = Float[Tensor, "embed_dim gx gy gz"]
+    TypeBackboneFeatures: TypeAlias = Float[Tensor, "backbone_dim gx gy gz"]
     TypeTextEmbeddings: TypeAlias = Float[Tensor, "num_prompts embed_dim"]
     TypeModelInput: TypeAlias = Float[Tensor, "1 x y z"]

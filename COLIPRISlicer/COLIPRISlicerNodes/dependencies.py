@@ -22,7 +22,7 @@ import slicer
 
 logger = logging.getLogger(__name__)
 
-TORCH_REQUIREMENT = ">=2.4,<3"
+TORCH_REQUIREMENT = ">=2.5,<3"  # the range of pyproject.toml
 SKIP_PACKAGES = ["torch", "torchvision", "SimpleITK"]
 #: torchvision 0.(N + 15) is built for torch 2.N.
 TORCHVISION_MINOR_OFFSET = 15

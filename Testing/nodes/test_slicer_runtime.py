@@ -233,5 +233,5 @@ def test_a_mismatched_torchvision_is_reinstalled_by_pytorch_utils_not_pip(depend
     fake_versions(monkeypatch, dependencies, {"torch": "2.5.0", "torchvision": "0.19.0"}, [])
     with pytest.raises(RuntimeError, match="Reinstall PyTorch with the PyTorch Utils module"):
         dependencies.ensure_torch()  # the fake installs nothing, so the mismatch stays
-    assert calls == [("installTorch", {"askConfirmation": True, "torchVersionRequirement": ">=2.4,<3"})]
+    assert calls == [("installTorch", {"askConfirmation": True, "torchVersionRequirement": ">=2.5,<3"})]
     assert pip_calls == []

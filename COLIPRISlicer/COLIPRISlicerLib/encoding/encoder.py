@@ -5,8 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from COLIPRISlicerLib.geometry import PatchGrid
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.model.loading import LoadedModel
+    from COLIPRISlicerLib.types import TypeBackboneFeatures, TypeModelInput, TypePatchEmbeddings, TypePooledEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +33,17 @@ class ImageEncoding:
         key: the cache key this encoding is stored under.
     """
 
-    pooled: object
-    dense: object
-    features: object
-    image: object
+    pooled: TypePooledEmbedding
+    dense: TypePatchEmbeddings
+    features: TypeBackboneFeatures
+    image: TypeModelInput
     grid: PatchGrid
     cropped_mm: tuple[float, float, float]
     key: str
     encode_seconds: float = 0.0
 
 
-def run_image_encoder(loaded, tensor, *, precision: str):
+def run_image_encoder(loaded: LoadedModel, tensor, *, precision: str):
     """Backbone once, then the pooled and the dense heads.
 
     Args:
@@ -53,7 +58,7 @@ def run_image_encoder(loaded, tensor, *, precision: str):
     return pooled[0], dense[0], features[0], seconds
 
 
-def run_image_encoder_batch(loaded, tensors, *, precision: str):
+def run_image_encoder_batch(loaded: LoadedModel, tensors, *, precision: str):
     """One forward pass over several model inputs of one shape (see :func:`run_image_encoder`).
 
     Args:

@@ -21,9 +21,14 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from COLIPRISlicerLib.export.dicom_source import Provenance, SourceSeries, derived_source_series, read_source_series
 from COLIPRISlicerLib.types import TypePath
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.analysis_result import AnalysisResult
+    from COLIPRISlicerLib.io.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +39,7 @@ DERIVED_DIRNAME = "ct"
 SUMMARY_FILENAME = "dicom.json"
 
 
-def write_dicom(result, folder: TypePath, *, segmentation=None, report_text: str | None = None) -> Path:
+def write_dicom(result: AnalysisResult, folder: TypePath, *, segmentation=None, report_text: str | None = None) -> Path:
     """Write ``folder/dicom/`` for an analysis (not atomic by itself: see :func:`export_dicom`).
 
     Args:
@@ -79,7 +84,7 @@ def _save(dataset, path: Path) -> None:
     dataset.save_as(path, enforce_file_format=True)
 
 
-def source_series_for(volume, target: Path) -> SourceSeries:
+def source_series_for(volume: Volume, target: Path) -> SourceSeries:
     """The input's own series when it was read from DICOM files, else a derived one in ``target/ct``."""
     if volume.slices is not None and volume.slices.files:
         return read_source_series(volume)
@@ -99,12 +104,12 @@ def _summary(source: SourceSeries, result) -> dict:
     }
 
 
-def dicom_writer(result, segmentation=None, report_text: str | None = None) -> Callable[[Path], None]:
+def dicom_writer(result: AnalysisResult, segmentation=None, report_text: str | None = None) -> Callable[[Path], None]:
     """An ``extra_writers`` entry for ``outputs.write_analysis``: writes ``dicom/`` into its staging folder."""
     return lambda folder: write_dicom(result, folder, segmentation=segmentation, report_text=report_text)
 
 
-def export_dicom(result, out_dir: TypePath, *, segmentation=None, report_text: str | None = None) -> Path:
+def export_dicom(result: AnalysisResult, out_dir: TypePath, *, segmentation=None, report_text: str | None = None) -> Path:
     """Write ``out_dir/dicom/`` atomically (for the Slicer module's *Export to DICOM*).
 
     Everything is written into a temporary sibling first; an existing ``dicom`` folder is

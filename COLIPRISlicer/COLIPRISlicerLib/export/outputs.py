@@ -14,12 +14,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from COLIPRISlicerLib.findings.scoring import heatmap_on_volume
 from COLIPRISlicerLib.geometry import array_to_sitk
 from COLIPRISlicerLib.types import TypePath
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.analysis_result import AnalysisResult
 
 FINDINGS_FILENAME = "findings.json"
 HEATMAPS_DIRNAME = "heatmaps"
@@ -39,7 +43,7 @@ def write_volume(array_ijk: np.ndarray, ijk_to_ras: np.ndarray, path: TypePath) 
     sitk.WriteImage(array_to_sitk(array_ijk, ijk_to_ras), str(path), useCompression=True)
 
 
-def findings_document(result) -> dict:
+def findings_document(result: AnalysisResult) -> dict:
     """The ``findings.json`` content of an ``AnalysisResult``."""
     grid = result.encoding.grid
     return {
@@ -53,7 +57,7 @@ def findings_document(result) -> dict:
     }
 
 
-def write_analysis(result, out_dir: TypePath, *, heatmaps: Iterable[str] | str | None = "all",
+def write_analysis(result: AnalysisResult, out_dir: TypePath, *, heatmaps: Iterable[str] | str | None = "all",
                    extra_writers: Iterable[Callable[[Path], None]] = ()) -> Path:
     """Write findings.json (+ heatmaps and whatever ``extra_writers`` add); the folder then holds this run only.
 

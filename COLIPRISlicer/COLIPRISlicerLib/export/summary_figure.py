@@ -11,15 +11,19 @@ changing the process's backend; the labels say which model made it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from COLIPRISlicerLib.types import TypePath
 
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.analysis_result import AnalysisResult
+
 LUNG_WINDOW_HU = (-1350.0, 150.0)
 
 
-def write_summary_png(result, path: TypePath, *, truth: dict | None = None, segmentation=None) -> Path:
+def write_summary_png(result: AnalysisResult, path: TypePath, *, truth: dict | None = None, segmentation=None) -> Path:
     """Write the summary picture of an ``AnalysisResult`` to ``path`` (PNG) and return the path.
 
     Args:

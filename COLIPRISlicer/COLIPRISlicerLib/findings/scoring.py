@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from COLIPRISlicerLib import geometry
 from COLIPRISlicerLib.findings.catalogue import Finding
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.encoding.encoder import ImageEncoding
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.io.volume import Volume
 
 
 @dataclass
@@ -59,7 +65,7 @@ class FindingResult:
         }
 
 
-def score_findings(engine, encoding, findings: Sequence[Finding], volume) -> list[FindingResult]:
+def score_findings(engine: Engine, encoding: ImageEncoding, findings: Sequence[Finding], volume: Volume) -> list[FindingResult]:
     """Score findings on one encoding: pooled likelihoods and dense maps for all pairs at once.
 
     Args:
@@ -89,7 +95,7 @@ def score_findings(engine, encoding, findings: Sequence[Finding], volume) -> lis
     return results
 
 
-def patches_inside_volume(grid: geometry.PatchGrid, volume) -> np.ndarray:
+def patches_inside_volume(grid: geometry.PatchGrid, volume: Volume) -> np.ndarray:
     """(gx, gy, gz) bool: patch centres that fall inside the input volume (not padding)."""
     indices = geometry.ras_to_ijk(volume.ijk_to_ras, grid.centres_ras())
     upper = np.asarray(volume.shape) - 0.5
@@ -103,19 +109,19 @@ def peak_ras(logit_map: np.ndarray, grid: geometry.PatchGrid, inside: np.ndarray
     return geometry.apply_affine(grid.grid_to_ras, np.asarray(index, dtype=float))
 
 
-def heatmap_on_volume(result: FindingResult, grid: geometry.PatchGrid, volume) -> np.ndarray:
+def heatmap_on_volume(result: FindingResult, grid: geometry.PatchGrid, volume: Volume) -> np.ndarray:
     """(I, J, K) float32 heatmap on the input grid; NaN outside the model's field of view."""
     return grid.to_volume(result.logit_map, volume.shape, volume.ijk_to_ras, linear=True)
 
 
-def heatmap_tensor_on_volume(result: FindingResult, grid: geometry.PatchGrid, volume, device):
+def heatmap_tensor_on_volume(result: FindingResult, grid: geometry.PatchGrid, volume: Volume, device):
     """(I, J, K) float32 tensor on ``device``: :func:`heatmap_on_volume` computed there (NaN outside the
     model's field of view), for a GPU that keeps it until it is shown."""
     return geometry.resample_to_volume_on_device(result.logit_map, grid.grid_to_ras, volume.shape,
                                                  volume.ijk_to_ras, device)
 
 
-def mask_to_model_grid(mask_ijk: np.ndarray, volume, grid: geometry.PatchGrid) -> np.ndarray:
+def mask_to_model_grid(mask_ijk: np.ndarray, volume: Volume, grid: geometry.PatchGrid) -> np.ndarray:
     """(X, Y, Z) bool: a mask given on the input grid, nearest-neighbour on the model grid."""
     if tuple(mask_ijk.shape) != tuple(volume.shape):
         raise ValueError(f"Mask shape {mask_ijk.shape} differs from the volume's {volume.shape}.")
@@ -123,12 +129,12 @@ def mask_to_model_grid(mask_ijk: np.ndarray, volume, grid: geometry.PatchGrid) -
                                        grid.model_to_ras, linear=False).astype(bool)
 
 
-def mask_to_patch_fraction(mask_ijk: np.ndarray, volume, grid: geometry.PatchGrid) -> np.ndarray:
+def mask_to_patch_fraction(mask_ijk: np.ndarray, volume: Volume, grid: geometry.PatchGrid) -> np.ndarray:
     """(gx, gy, gz) fraction of each patch covered by a mask given on the input grid."""
     return _patch_fraction(mask_to_model_grid(mask_ijk, volume, grid), grid)
 
 
-def factored_mask_to_patch_fraction(coarse: np.ndarray, index_maps, volume, grid: geometry.PatchGrid) -> np.ndarray:
+def factored_mask_to_patch_fraction(coarse: np.ndarray, index_maps, volume: Volume, grid: geometry.PatchGrid) -> np.ndarray:
     """:func:`mask_to_patch_fraction` of the input-grid mask ``coarse[np.ix_(*index_maps)]``, never built
     at full resolution (``landmarks.body_mask_factors``)."""
     on_model = geometry.factored_nearest_to_volume(coarse.astype(np.uint8), index_maps, volume.ijk_to_ras,
@@ -144,7 +150,7 @@ def _patch_fraction(on_model: np.ndarray, grid: geometry.PatchGrid) -> np.ndarra
     return on_model.reshape(gx, px, gy, py, gz, pz).mean(axis=(1, 3, 5))
 
 
-def region_likelihoods(engine, encoding, findings: Sequence[Finding], volume, mask_ijk: np.ndarray,
+def region_likelihoods(engine: Engine, encoding: ImageEncoding, findings: Sequence[Finding], volume: Volume, mask_ijk: np.ndarray,
                        min_fraction: float = 0.5) -> dict[str, float]:
     """Likelihoods restricted to a region (fVLM idea): pool dense embeddings inside a mask.
 

@@ -13,11 +13,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from COLIPRISlicerLib import geometry
-from COLIPRISlicerLib.localization.localize import localize, strip_references
+from COLIPRISlicerLib.io.volume import load_volume
 from COLIPRISlicerLib.localization.head import (
     HEAD_WEIGHTS,
     LocalizationHead,
@@ -27,8 +28,12 @@ from COLIPRISlicerLib.localization.head import (
     predict_s_mm,
     save_head,
 )
+from COLIPRISlicerLib.localization.localize import localize, strip_references
 from COLIPRISlicerLib.types import TypePath
-from COLIPRISlicerLib.io.volume import load_volume
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.io.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +75,7 @@ def read_localization_csv(path: TypePath) -> list[LocalizationRow]:
     return rows
 
 
-def row_s_mm(row: LocalizationRow, volume) -> float:
+def row_s_mm(row: LocalizationRow, volume: Volume) -> float:
     """True S (mm) of a row: ``s_mm``, or the S of the slice whose DICOM InstanceNumber is given.
 
     Raises:
@@ -94,7 +99,7 @@ def _scans(rows: Sequence[LocalizationRow], engine):
         yield volume, engine.encode(volume), group
 
 
-def build_samples(rows: Sequence[LocalizationRow], engine) -> tuple[list[LocalizationSample], dict]:
+def build_samples(rows: Sequence[LocalizationRow], engine: Engine) -> tuple[list[LocalizationSample], dict]:
     """Samples (explicit references removed from the snippets) and the grid of the encodings."""
     samples, grid = [], {}
     for volume, encoding, group in _scans(rows, engine):
@@ -107,7 +112,7 @@ def build_samples(rows: Sequence[LocalizationRow], engine) -> tuple[list[Localiz
     return samples, grid
 
 
-def train_localizer(rows: Sequence[LocalizationRow], engine, out_dir: TypePath, *, epochs: int = 200,
+def train_localizer(rows: Sequence[LocalizationRow], engine: Engine, out_dir: TypePath, *, epochs: int = 200,
                     seed: int = 0) -> tuple[LocalizationHead, dict]:
     """Encode each scan once (engine cache), train a head and save it to ``out_dir``."""
     samples, grid = build_samples(rows, engine)
@@ -143,7 +148,7 @@ def evaluate_predictions(samples: Sequence[LocalizationSample], predicted_s_mm: 
     return result
 
 
-def evaluate_localizer(rows: Sequence[LocalizationRow], engine, head: LocalizationHead | None = None,
+def evaluate_localizer(rows: Sequence[LocalizationRow], engine: Engine, head: LocalizationHead | None = None,
                        method: str | None = None, *, seed: int = 0) -> dict:
     """Localise every row with ``localization.localize`` and score it against the baselines.
 

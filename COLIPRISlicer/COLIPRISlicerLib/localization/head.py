@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ import torch.nn.functional as F
 
 from COLIPRISlicerLib.encoding.encoder import ImageEncoding
 from COLIPRISlicerLib.types import TypePath
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.encoding.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +192,7 @@ def save_head(head: LocalizationHead, out_dir: TypePath, *, encoder: dict, grid:
     return out_dir
 
 
-def load_head(folder: TypePath, engine=None) -> LocalizationHead:
+def load_head(folder: TypePath, engine: Engine | None = None) -> LocalizationHead:
     """Read a head folder; with an engine, check that it was trained on the same encoder weights.
 
     Raises:

@@ -25,6 +25,7 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,6 +33,11 @@ from COLIPRISlicerLib import geometry
 from COLIPRISlicerLib.encoding.encoder import ImageEncoding
 from COLIPRISlicerLib.findings.scoring import factored_mask_to_patch_fraction, patches_inside_volume
 from COLIPRISlicerLib.io.volume import Volume
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.localization.head import LocalizationHead
+    from COLIPRISlicerLib.types import TypePath
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +159,7 @@ def depth_profile(similarities: np.ndarray, grid: geometry.PatchGrid, *, tempera
     return DepthProfile(grid.level_s_mm(), weights / weights.sum(), best, grid.level_mm)
 
 
-def zero_shot_profile(engine, encoding: ImageEncoding, text: str, *, inside: np.ndarray | None = None,
+def zero_shot_profile(engine: Engine, encoding: ImageEncoding, text: str, *, inside: np.ndarray | None = None,
                       top_k: int = ZERO_SHOT_TOP_K, temperature: float | None = None) -> DepthProfile:
     """Depth profile of a snippet from the cached dense embeddings (no image forward pass).
 
@@ -202,7 +208,7 @@ def strip_references(text: str) -> str:
     return re.sub(r"\s+([,.;:])", r"\1", re.sub(r"\s{2,}", " ", text)).strip(" ,;")
 
 
-def localize(engine, encoding: ImageEncoding, volume: Volume, text: str, *, method: str = "auto", head=None,
+def localize(engine: Engine, encoding: ImageEncoding, volume: Volume, text: str, *, method: str = "auto", head: LocalizationHead | TypePath | None = None,
              landmarks=None, anatomy_weight: float | None = None) -> LocalizationResult:
     """Where in the volume a report snippet refers to (no image forward pass: ``encoding`` is reused).
 

@@ -8,6 +8,8 @@ the template composer.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from COLIPRISlicerLib.findings.scoring import FindingResult, patches_inside_volume
@@ -20,6 +22,10 @@ from COLIPRISlicerLib.report.draft import (
     side_and_zone,
 )
 
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.analysis_result import AnalysisResult
+    from COLIPRISlicerLib.encoding.engine import Engine
+
 #: Catalogue region -> report section, for free-text findings.
 REGION_SECTIONS = {
     "lungs": "Lungs and airways", "airways": "Lungs and airways", "pleura": "Pleura",
@@ -28,7 +34,7 @@ REGION_SECTIONS = {
 }
 
 
-def build_report(engine, result, *, generator: ReportGenerator | None = None) -> DraftReport:
+def build_report(engine: Engine, result: AnalysisResult, *, generator: ReportGenerator | None = None) -> DraftReport:
     """Draft report of an ``AnalysisResult`` (deterministic for a given analysis)."""
     evidence = report_evidence(result)
     model = result.model
@@ -41,7 +47,7 @@ def build_report(engine, result, *, generator: ReportGenerator | None = None) ->
     return (generator or TemplateReportComposer()).generate(evidence, context=context)
 
 
-def report_evidence(result) -> list[FindingEvidence]:
+def report_evidence(result: AnalysisResult) -> list[FindingEvidence]:
     """One ``FindingEvidence`` per finding; side and zone only for positive findings."""
     grid = result.encoding.grid
     inside = patches_inside_volume(grid, result.volume)

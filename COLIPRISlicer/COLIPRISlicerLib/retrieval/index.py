@@ -15,10 +15,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from COLIPRISlicerLib.retrieval.regions import REGIONS
 from COLIPRISlicerLib.retrieval.sources import SeriesEntry, load_series
 from COLIPRISlicerLib.retrieval.stages import result_vectors
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.io.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,7 @@ class IndexRun:
     cancelled: bool = False  # stopped between two series; what was indexed before is written
 
 
-def engine_manifest(analyzer) -> dict:
+def engine_manifest(analyzer: Analyzer) -> dict:
     """The ``index.json`` content an analyzer's engine writes."""
     engine = analyzer.engine
     description = engine.description
@@ -79,7 +84,7 @@ def check_same_model(manifest: dict, wanted: dict, folder: Path, advice: str | N
             raise ValueError(message)
 
 
-def build_index(entries: Sequence[SeriesEntry], analyzer, out: Path, *, progress: bool = True,
+def build_index(entries: Sequence[SeriesEntry], analyzer: Analyzer, out: Path, *, progress: bool = True,
                 load: Callable[[SeriesEntry], object] = load_series, batch: int = 1,
                 cancel: threading.Event | None = None,
                 on_series: Callable[[IndexRun, int], None] | None = None) -> IndexRun:
@@ -164,7 +169,7 @@ def open_index(out: Path, wanted: dict) -> set[str]:
     return set()
 
 
-def series_vectors(analyzer, volume) -> dict:
+def series_vectors(analyzer: Analyzer, volume: Volume) -> dict:
     """``pooled`` and region embeddings (float32 arrays or None) and each finding's likelihood."""
     result = analyzer.analyze(volume)
     return result_vectors(volume, result.encoding, result.findings)

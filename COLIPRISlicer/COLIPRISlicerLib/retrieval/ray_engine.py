@@ -14,6 +14,7 @@ import pickle
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from COLIPRISlicerLib.retrieval.index import (
     write_shard,
 )
 from COLIPRISlicerLib.retrieval.sources import SeriesEntry
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.analysis import Analyzer
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +112,7 @@ def _gpu_memory_bytes() -> int:
     return int(torch.cuda.get_device_properties(0).total_memory)
 
 
-def build_index_ray(entries: Sequence[SeriesEntry], analyzer, out: Path, *, address: str | None = None,
+def build_index_ray(entries: Sequence[SeriesEntry], analyzer: Analyzer, out: Path, *, address: str | None = None,
                     batch: int | None = None, device: str | None = None, progress: bool = True) -> IndexRun:
     """Index every entry not yet indexed in ``out``, on Ray (see the module docstring).
 

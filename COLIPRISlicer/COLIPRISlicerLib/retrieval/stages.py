@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,10 @@ from COLIPRISlicerLib.encoding.encoder import ImageEncoding
 from COLIPRISlicerLib.io.volume import Volume
 from COLIPRISlicerLib.retrieval.regions import REGIONS, region_embedding, region_patches
 from COLIPRISlicerLib.retrieval.sources import SeriesEntry, load_series
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.analysis import Analyzer
+    from COLIPRISlicerLib.encoding.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +85,7 @@ def series_row(entry: SeriesEntry, manifest: dict) -> dict:
             "study_date": entry.study_date}
 
 
-def index_rows(analyzer, prepared: Sequence[PreparedSeries], manifest: dict) -> list[dict]:
+def index_rows(analyzer: Analyzer, prepared: Sequence[PreparedSeries], manifest: dict) -> list[dict]:
     """One row per prepared series: encoded in one batch, or the error that stopped it.
 
     Args:
@@ -107,7 +112,7 @@ def index_rows(analyzer, prepared: Sequence[PreparedSeries], manifest: dict) -> 
     return rows
 
 
-def encode_prepared(engine, prepared: Sequence[PreparedSeries]) -> list[ImageEncoding]:
+def encode_prepared(engine: Engine, prepared: Sequence[PreparedSeries]) -> list[ImageEncoding]:
     """The encodings of prepared series, one forward pass for all of them."""
     from COLIPRISlicerLib.encoding.encoder import run_image_encoder_batch
 
@@ -122,7 +127,7 @@ def encode_prepared(engine, prepared: Sequence[PreparedSeries]) -> list[ImageEnc
                           seconds / len(prepared)) for i, item in enumerate(prepared)]
 
 
-def encoding_vectors(analyzer, volume: Volume, encoding: ImageEncoding) -> dict:
+def encoding_vectors(analyzer: Analyzer, volume: Volume, encoding: ImageEncoding) -> dict:
     """``pooled`` and region embeddings (float32 arrays or None) and each finding's likelihood."""
     from COLIPRISlicerLib.findings.scoring import score_findings
 

@@ -13,10 +13,15 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from COLIPRISlicerLib.types import TypePath
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.io.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +92,7 @@ def read_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return array.astype(np.int32), ijk_to_ras
 
 
-def check_label_geometry(case: TrainingCase, volume, label: np.ndarray, label_to_ras: np.ndarray) -> None:
+def check_label_geometry(case: TrainingCase, volume: Volume, label: np.ndarray, label_to_ras: np.ndarray) -> None:
     """Raise a ValueError unless the label has the image's size and IJK->RAS (within 1e-3 mm)."""
     if label.shape != volume.shape:
         message = (
@@ -136,7 +141,7 @@ def _cache_path(case: TrainingCase, engine, cache_dir: Path, refine: int = 1) ->
     return cache_dir / f"{case.name}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:16]}.safetensors"
 
 
-def cache_case(case: TrainingCase, engine, cache_dir: Path, refine: int = 1) -> Path:
+def cache_case(case: TrainingCase, engine: Engine, cache_dir: Path, refine: int = 1) -> Path:
     """Encode a case once, unless cached; return its cache file.
 
     The file holds features (C, gx, gy, gz) float32, image (1, X, Y, Z) float32 and target
@@ -151,8 +156,8 @@ def cache_case(case: TrainingCase, engine, cache_dir: Path, refine: int = 1) -> 
     from safetensors.torch import save_file
 
     from COLIPRISlicerLib.geometry import resample_to_volume
-    from COLIPRISlicerLib.preprocessing import head_input
     from COLIPRISlicerLib.io.volume import load_volume
+    from COLIPRISlicerLib.preprocessing import head_input
 
     path = _cache_path(case, engine, cache_dir, refine)
     if path.is_file():

@@ -22,11 +22,15 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from COLIPRISlicerLib.types import TypeAffine, TypePath
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.io.volume import Volume
 
 
 logger = logging.getLogger(__name__)
@@ -204,7 +208,7 @@ def read_head_metadata(folder: Path) -> HeadMetadata:
     return HeadMetadata.from_dict(data, folder / HEAD_METADATA)
 
 
-def check_encoder(metadata: HeadMetadata, folder: Path, engine) -> None:
+def check_encoder(metadata: HeadMetadata, folder: Path, engine: Engine) -> None:
     identity = engine.identity
     trained, loaded = metadata.encoder["sha256"], identity.sha256
     if trained != loaded:
@@ -241,7 +245,7 @@ def read_weights(path: Path, network) -> dict:
     return state
 
 
-def write_segmentation(result: SegmentationResult, volume, out_dir: TypePath) -> tuple[Path, Path]:
+def write_segmentation(result: SegmentationResult, volume: Volume, out_dir: TypePath) -> tuple[Path, Path]:
     """Write ``segmentation.nii.gz`` (the input's exact geometry) and ``segmentation.json``.
 
     Args:

@@ -21,10 +21,11 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock, UnetResBlock
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetResBlock, UnetrUpBlock
 from torch import nn
 
 from COLIPRISlicerLib.geometry import PatchGrid, resample_to_volume, spacing_of
@@ -42,6 +43,11 @@ from COLIPRISlicerLib.segmentation.files import (
     read_weights,
 )
 from COLIPRISlicerLib.types import TypePath
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.encoding.encoder import ImageEncoding
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.io.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +160,7 @@ class SegmentationHead:
         return f"{type(self).__name__}(labels={names}, encoder={self.metadata.encoder.get('model_id')!r})"
 
 
-def load_head(folder: TypePath, engine) -> SegmentationHead:
+def load_head(folder: TypePath, engine: Engine) -> SegmentationHead:
     """Load a head folder for use with an engine's encoder.
 
     Args:
@@ -179,7 +185,7 @@ def load_head(folder: TypePath, engine) -> SegmentationHead:
     return SegmentationHead(network, metadata)
 
 
-def create_head(engine, grid: PatchGrid, in_channels: int, values: list[int], names: dict[int, str] | None = None,
+def create_head(engine: Engine, grid: PatchGrid, in_channels: int, values: list[int], names: dict[int, str] | None = None,
                 *, base_channels: int = 16, refine: int = 1) -> SegmentationHead:
     """A randomly initialised head for an engine's encoder (the torch seed decides the weights).
 
@@ -240,7 +246,7 @@ def grid_probabilities(head: SegmentationHead, features: torch.Tensor, image: to
     return logits.softmax(dim=1)[0].cpu().numpy()
 
 
-def predict(head: SegmentationHead, encoding, volume, image_transform=None) -> SegmentationResult:
+def predict(head: SegmentationHead, encoding: ImageEncoding, volume: Volume, image_transform=None) -> SegmentationResult:
     """Segment a volume with a trained head.
 
     Args:
@@ -289,7 +295,7 @@ def _label_of_best(scores, shape: tuple[int, int, int]) -> np.ndarray:
 def zero_shot_segmentation(
     logit_maps: dict[str, np.ndarray],
     grid: PatchGrid,
-    volume,
+    volume: Volume,
     *,
     threshold: float = 0.0,
     colours: dict[str, tuple[float, float, float]] | None = None,

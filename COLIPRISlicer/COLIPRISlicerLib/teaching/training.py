@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from COLIPRISlicerLib.model.folder import SmallModelSpec
 from COLIPRISlicerLib.teaching.augmentation import Augmentation
 from COLIPRISlicerLib.training_budget import epochs_that_fit
 from COLIPRISlicerLib.types import TypePath, TypeStatusCallback
+
+if TYPE_CHECKING:
+    from COLIPRISlicerLib.model.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +180,7 @@ def _device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-def fit(loaded, samples: list, config: TrainingConfig, notify, start: float) -> list[dict]:
+def fit(loaded: LoadedModel, samples: list, config: TrainingConfig, notify, start: float) -> list[dict]:
     """Two phases; returns one record per epoch of each.
 
     1. Image: the image encoder with one free direction per finding in place of the text
