@@ -66,8 +66,14 @@ def _normalised(name: str) -> str:
 
 def _third_party_imports(*packages: Path) -> dict[str, str]:
     """Top-level third-party module -> one file importing it, over every module of ``packages``."""
+    files = sorted(file for package in packages for file in package.rglob("*.py"))
+    return _third_party_imports_of(files, own={package.name for package in packages})
+
+
+def _third_party_imports_of(files: list[Path], own: set[str]) -> dict[str, str]:
+    """Top-level third-party module -> the first of ``files`` importing it (any depth, deferred too)."""
     imports = {}
-    for path in sorted(file for package in packages for file in package.rglob("*.py")):
+    for path in files:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -77,7 +83,6 @@ def _third_party_imports(*packages: Path) -> dict[str, str]:
                 continue
             for name in names:
                 imports.setdefault(name.split(".")[0], path.relative_to(REPO).as_posix())
-    own = {package.name for package in packages}
     return {name: where for name, where in imports.items() if name not in sys.stdlib_module_names | own}
 
 
@@ -99,12 +104,71 @@ def test_every_third_party_import_of_the_engine_and_the_panel_is_declared_with_a
 
 
 def test_requirements_txt_asks_for_the_same_ranges_as_pyproject():
-    project = _declared(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"])
-    lines = (line.split("#")[0].strip() for line in (REPO / "Resources" / "requirements.txt").read_text().splitlines())
-    slicer = _declared([line for line in lines if line])
+    project, slicer = _pyproject_dependencies(), _slicer_requirements()
+    assert {"colipri", "transformers", "pyarrow"} <= set(slicer)
     assert set(slicer) <= set(project), "every package Slicer installs is a dependency of the engine"
     assert {name: str(r.specifier) for name, r in slicer.items()} == {
         name: str(project[name].specifier) for name in slicer}
+
+
+def _pyproject_dependencies() -> dict[str, Requirement]:
+    return _declared(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"])
+
+
+def _slicer_requirements() -> dict[str, Requirement]:
+    """What the module installs into Slicer (``Resources/requirements.txt``, comments dropped)."""
+    lines = (line.split("#")[0].strip() for line in (REPO / "Resources" / "requirements.txt").read_text().splitlines())
+    return _declared([line for line in lines if line])
+
+
+def test_the_slicer_installers_torch_range_is_pyprojects():
+    """``dependencies.TORCH_REQUIREMENT`` (what the PyTorch extension is asked for) = pyproject's torch range."""
+    source = REPO / "COLIPRISlicer" / "COLIPRISlicerNodes" / "dependencies.py"
+    assigned = {target.id: node.value for node in ast.parse(source.read_text(encoding="utf-8")).body
+                if isinstance(node, ast.Assign) for target in node.targets if isinstance(target, ast.Name)}
+    asked = Requirement("torch" + ast.literal_eval(assigned["TORCH_REQUIREMENT"])).specifier
+    assert asked == _pyproject_dependencies()["torch"].specifier, "set TORCH_REQUIREMENT to pyproject.toml's torch range"
+
+
+#: Packages Slicer's own Python ships (python-packaging, pydicom, numpy, SimpleITK), and torch with
+#: torchvision, which come from the PyTorch extension: requirements.txt never asks pip for them.
+SLICER_PROVIDED = {"numpy", "SimpleITK", "pydicom", "packaging", "torch", "torchvision"}
+
+
+def _modules_the_slicer_module_loads() -> list[Path]:
+    """The module file, COLIPRISlicerNodes, and every engine module they reach (imports at any depth)."""
+    module = REPO / "COLIPRISlicer"
+    graph, lib = _engine_import_graph(), module / "COLIPRISlicerLib"
+    entry = [module / "COLIPRISlicer.py", *sorted((module / "COLIPRISlicerNodes").glob("*.py"))]
+    todo = set()
+    for path in entry:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "COLIPRISlicerLib":
+                base = node.module.removeprefix("COLIPRISlicerLib").removeprefix(".")
+                todo |= {f"{base}.{alias.name}".lstrip(".") if f"{base}.{alias.name}".lstrip(".") in graph else base
+                         for alias in node.names}
+    reached = set()
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo |= graph.get(name, set())
+    files = [lib.joinpath(*name.split(".")).with_suffix(".py") for name in reached if name]
+    files = [path if path.is_file() else path.with_suffix("") / "__init__.py" for path in files]
+    return entry + sorted(files + [lib / "__init__.py"])
+
+
+def test_every_package_the_slicer_module_imports_is_installed_by_requirements_txt():
+    files = _modules_the_slicer_module_loads()
+    names = {path.relative_to(REPO / "COLIPRISlicer").as_posix() for path in files}
+    assert {"COLIPRISlicerLib/retrieval/index.py", "COLIPRISlicerLib/encoding/engine.py"} <= names
+    assert "COLIPRISlicerLib/cli.py" not in names and not any("/teaching/" in name for name in names)
+    imports = _third_party_imports_of(files, own={"COLIPRISlicerLib", "COLIPRISlicerNodes", "COLIPRISlicer"})
+    assert {"pyarrow", "torch", "slicer", "colipri"} <= set(imports)
+    slicer = _slicer_requirements()
+    missing = {name: where for name, where in imports.items() if name not in SLICER_MODULES | SLICER_PROVIDED
+               and _normalised(DISTRIBUTION_OF_IMPORT.get(name, name)) not in slicer}
+    assert missing == {}, "add these to Resources/requirements.txt (import name: first file importing it)"
 
 
 def _engine_import_graph() -> dict[str, set[str]]:

@@ -25,7 +25,7 @@ HEAD_LABELS = {1: "Lung nodule", 2: "Pleural effusion", 3: "Consolidation", 4: "
 #: Tissue labels a head can learn beside the findings (``train_head_on_phantoms(anatomy=...)``): label value ->
 #: (segment name, phantom tissue). With the vessels nodules resemble in cross-section (same density, and
 #: most of the bundled head's false nodule voxels lie on them) the held-out nodule Dice rose from 0.08 to
-#: 0.15 and the effusion Dice fell from 0.86 to 0.74 (same 20 epochs, README), so the bundled head has none.
+#: 0.15 and the effusion Dice fell from 0.86 to 0.74 (same 20 epochs, docs/teaching-model-history.md), so the bundled head has none.
 VESSEL_ANATOMY = {6: ("Pulmonary vessels", "lung vessel")}
 #: Anatomy-prior exponents tried by ``calibrate_localization``, the module default (1) first.
 ANATOMY_WEIGHTS = (1.0, 0.5, 0.25, 0.0)
@@ -194,7 +194,7 @@ HEAD_OUTPUT_MM = 2.5
 #: Small classes (``segmentation_training.RareClasses``): half the foreground-centred crops centred on a
 #: class drawn first with weights voxels^-0.5 (a nodule beside an effusion ~10x as often), and 0.1 x the
 #: class-balanced cross-entropy in every epoch, without which the nodule probability stayed below 0.005
-#: everywhere (held-out nodule Dice 0.00 -> 0.08, effusion 0.87 -> 0.86; the README has the other recipes).
+#: everywhere (held-out nodule Dice 0.00 -> 0.08, effusion 0.87 -> 0.86; docs/teaching-model-history.md has the other recipes).
 HEAD_RARE_CLASSES = RareClasses(balanced_crops=0.5, rarity=0.5, recall_epochs=HEAD_EPOCHS, recall_weight=0.1)
 #: How often the head's validation Dice is measured (8 s a phantom on the 160^3 refined grid).
 HEAD_VALIDATE_EVERY = 5
