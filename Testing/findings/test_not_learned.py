@@ -12,7 +12,7 @@ from COLIPRISlicerLib.analysis import Analyzer
 from COLIPRISlicerLib.encoding.engine import Engine
 from COLIPRISlicerLib.report.evaluation import extract_findings
 from COLIPRISlicerLib.teaching.phantom import generate_phantom
-from COLIPRISlicerLib.teaching.bundle import _update_record
+from COLIPRISlicerLib.model.folder import update_model_record
 
 #: One finding a threshold of 0 would call present everywhere, one that 1 would call absent everywhere.
 NOT_LEARNED = {"Lymphadenopathy": "degenerate threshold 0.004", "Emphysema": "degenerate threshold 0.999"}
@@ -21,7 +21,7 @@ NOT_LEARNED = {"Lymphadenopathy": "degenerate threshold 0.004", "Emphysema": "de
 @pytest.fixture(scope="module")
 def analysed(tiny_model_folder, tmp_path_factory):
     folder = shutil.copytree(tiny_model_folder, tmp_path_factory.mktemp("not-learned") / "model")
-    _update_record(folder, thresholds={"Lymphadenopathy": 0.0, "Emphysema": 1.0}, not_learned=NOT_LEARNED)
+    update_model_record(folder, thresholds={"Lymphadenopathy": 0.0, "Emphysema": 1.0}, not_learned=NOT_LEARNED)
     analyzer = Analyzer(Engine(str(folder), device="cpu", precision="fp32"))
     volume, _ = generate_phantom(20_000_300)
     with warnings.catch_warnings():

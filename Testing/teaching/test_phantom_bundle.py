@@ -111,11 +111,12 @@ def test_one_calibration_pass_stores_thresholds_weight_and_the_findings_not_lear
 
 
 def test_completed_stages_tell_resume_what_a_folder_already_holds(model_copy):
-    from COLIPRISlicerLib.teaching.bundle import _update_record, completed_stages
+    from COLIPRISlicerLib.model.folder import update_model_record
+    from COLIPRISlicerLib.teaching.bundle import completed_stages
 
-    _update_record(model_copy, training={"n_train": 4})
+    update_model_record(model_copy, training={"n_train": 4})
     assert completed_stages(model_copy) == {"train"}
-    _update_record(model_copy, thresholds={}, localization={}, not_learned={})
+    update_model_record(model_copy, thresholds={}, localization={}, not_learned={})
     (model_copy / "validation_metrics.json").write_text("{}")
     assert completed_stages(model_copy) == {"train", "calibrate", "evaluate"}
     (model_copy / "model.safetensors").unlink()

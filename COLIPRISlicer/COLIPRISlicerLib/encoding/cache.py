@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from COLIPRISlicerLib.encoding.encoder import ImageEncoding
 from COLIPRISlicerLib.geometry import PatchGrid
+from COLIPRISlicerLib.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 TENSOR_NAMES = ("pooled", "dense", "features", "image")
@@ -344,10 +344,8 @@ def _save_atomically(tensors: dict, path: Path, metadata: dict | None = None) ->
     readers never see a partial file, and two processes writing the same path do not mix."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        save_file(tensors, str(partial), metadata=metadata)
 
 
 def _prompt_key(prompt: str) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from COLIPRISlicerLib.defaults import CONFIG_FILENAME, WEIGHTS_FILENAME
+from COLIPRISlicerLib.io.atomic import write_text_atomically
 from COLIPRISlicerLib.types import TypePath
 
 
@@ -110,3 +111,18 @@ def write_small_model(folder: TypePath, vocab_path: TypePath, spec: SmallModelSp
         config["colipri_slicer"] = extra
     (folder / CONFIG_FILENAME).write_text(yaml.safe_dump(config, sort_keys=False))
     return folder
+
+
+def update_model_record(folder: TypePath, **entries) -> None:
+    """Set entries of the ``colipri_slicer`` record in a model folder's config.yaml (the rest kept),
+    written whole or not at all.
+
+    Raises:
+        FileNotFoundError: if the folder has no config.yaml.
+    """
+    import yaml
+
+    path = Path(folder) / CONFIG_FILENAME
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    document.setdefault("colipri_slicer", {}).update(entries)
+    write_text_atomically(path, yaml.safe_dump(document, sort_keys=False))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from COLIPRISlicerLib.io.atomic import atomic_path
 from COLIPRISlicerLib.retrieval.regions import REGIONS
 from COLIPRISlicerLib.retrieval.sources import SeriesEntry, load_series
 from COLIPRISlicerLib.retrieval.stages import result_vectors
@@ -201,9 +202,8 @@ def write_shard(rows: list[dict], path: Path, manifest: dict) -> int | None:
         columns[name] = pa.array(values, pa.list_(pa.float32(), dim) if dim else pa.null())
     for name in manifest["findings"]:
         columns[name] = pa.array([row.get(name) for row in rows], pa.float32())
-    partial = path.with_name(path.name + ".partial")
-    pq.write_table(pa.table(columns), partial)
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        pq.write_table(pa.table(columns), partial)
     return dim
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from COLIPRISlicerLib.io.atomic import atomic_path
 from COLIPRISlicerLib.types import TypePath
 
 if TYPE_CHECKING:
@@ -174,9 +175,8 @@ def cache_case(case: TrainingCase, engine: Engine, cache_dir: Path, refine: int 
                "target": torch.from_numpy(np.ascontiguousarray(target, dtype=np.int32))}
     facts = {"values": sorted(int(v) for v in np.unique(label)), "grid": grid.as_dict(), "case": case.name,
              "refine": refine}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path.with_suffix(".partial")), metadata={"colipri_slicer": json.dumps(facts)})
-    path.with_suffix(".partial").replace(path)
+    with atomic_path(path) as partial:
+        save_file(tensors, str(partial), metadata={"colipri_slicer": json.dumps(facts)})
     return path
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from COLIPRISlicerLib.model.folder import update_model_record
 from COLIPRISlicerLib.segmentation.training import RareClasses
 from COLIPRISlicerLib.types import TypePath, TypeStatusCallback
 
@@ -40,17 +41,12 @@ def calibrate(folder: TypePath, *, n: int = 60, seed_base: int | None = None, me
     Returns:
         ``{"thresholds": {...}, "not_learned": {...}, "localization": {...}}``.
     """
-    scores, labels, errors = [], [], {float(w): [] for w in weights}
-    for analyzer, truth, result in _analysed_phantoms(folder, n, seed_base, "Calibrated", status_callback,
-                                                      device, workers):
-        scores.append({f.name: f.likelihood for f in result.findings})
-        labels.append(truth["findings"])
-        _localization_errors(analyzer, result, truth, errors)
-    thresholds, not_learned = _thresholds(scores, labels, method)
-    localization = _localization_record(errors, n, seed_base)
-    _update_record(folder, thresholds=thresholds, not_learned=not_learned, localization=localization,
-                   calibration={"phantoms": n, "method": method, "seeds": f"{_seed_base(seed_base)} + i"})
-    return {"thresholds": thresholds, "not_learned": not_learned, "localization": localization}
+    scores, labels, errors = _calibration_pass(folder, n, seed_base, weights, "Calibrated", status_callback,
+                                               device, workers)
+    record = {**_threshold_record(scores, labels, method, n, seed_base),
+              "localization": _localization_record(errors, n, seed_base)}
+    update_model_record(folder, **record)
+    return {key: record[key] for key in ("thresholds", "not_learned", "localization")}
 
 
 def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None = None, method: str = "youden",
@@ -58,15 +54,30 @@ def calibrate_thresholds(folder: TypePath, *, n: int = 60, seed_base: int | None
                          status_callback: TypeStatusCallback | None = None) -> dict[str, float]:
     """Choose per-finding thresholds on calibration phantoms and store them in the folder's config.yaml,
     with the findings the model did not learn (:func:`.calibration.learned_status`)."""
-    scores, labels = [], []
-    for _, truth, result in _analysed_phantoms(folder, n, seed_base, "Calibrated thresholds", status_callback,
-                                               device, workers):
+    scores, labels, _ = _calibration_pass(folder, n, seed_base, (), "Calibrated thresholds", status_callback,
+                                          device, workers)
+    record = _threshold_record(scores, labels, method, n, seed_base)
+    update_model_record(folder, **record)
+    return record["thresholds"]
+
+
+def _calibration_pass(folder: TypePath, n: int, seed_base: int | None, weights: tuple[float, ...], what: str,
+                      status_callback: TypeStatusCallback | None, device: str, workers: int):
+    """One pass over the calibration phantoms: per phantom the likelihoods and the planted findings,
+    and per anatomy weight the snippet localisation errors (none when ``weights`` is empty)."""
+    scores, labels, errors = [], [], {float(w): [] for w in weights}
+    for analyzer, truth, result in _analysed_phantoms(folder, n, seed_base, what, status_callback, device, workers):
         scores.append({f.name: f.likelihood for f in result.findings})
         labels.append(truth["findings"])
+        if errors:
+            _localization_errors(analyzer, result, truth, errors)
+    return scores, labels, errors
+
+
+def _threshold_record(scores: list[dict], labels: list[dict], method: str, n: int, seed_base: int | None) -> dict:
     thresholds, not_learned = _thresholds(scores, labels, method)
-    _update_record(folder, thresholds=thresholds, not_learned=not_learned,
-                   calibration={"phantoms": n, "method": method, "seeds": f"{_seed_base(seed_base)} + i"})
-    return thresholds
+    return {"thresholds": thresholds, "not_learned": not_learned,
+            "calibration": {"phantoms": n, "method": method, "seeds": f"{_seed_base(seed_base)} + i"}}
 
 
 def _thresholds(scores: list[dict], labels: list[dict], method: str) -> tuple[dict[str, float], dict[str, str]]:
@@ -98,12 +109,10 @@ def calibrate_localization(folder: TypePath, *, n: int = 60, seed_base: int | No
     Returns:
         ``{"anatomy_weight": w, "mae_mm": {w: MAE}, "snippets": k, "phantoms": n, "seeds": ...}``.
     """
-    errors: dict[float, list[float]] = {float(w): [] for w in weights}
-    for analyzer, truth, result in _analysed_phantoms(folder, n, seed_base, "Calibrated localisation",
-                                                      status_callback, device, workers):
-        _localization_errors(analyzer, result, truth, errors)
+    _, _, errors = _calibration_pass(folder, n, seed_base, weights, "Calibrated localisation", status_callback,
+                                     device, workers)
     record = _localization_record(errors, n, seed_base)
-    _update_record(folder, localization=record)
+    update_model_record(folder, localization=record)
     return record
 
 
@@ -169,20 +178,6 @@ def _analysed_phantoms(folder: TypePath, n: int, seed_base: int | None, done: st
         yield analyzer, truth, result
         if status_callback is not None and (index + 1) % 20 == 0:
             status_callback(f"{done} on {index + 1}/{n} phantoms")
-
-
-def _update_record(folder: TypePath, **entries) -> None:
-    """Set entries of the ``colipri_slicer`` record in the folder's config.yaml (the rest kept)."""
-    import yaml
-
-    from COLIPRISlicerLib.defaults import CONFIG_FILENAME
-
-    path = Path(folder) / CONFIG_FILENAME
-    document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    document.setdefault("colipri_slicer", {}).update(entries)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    partial.replace(path)
 
 
 #: Head training: phantoms, epochs, crop edge (patches), decoder width and output subdivision of the

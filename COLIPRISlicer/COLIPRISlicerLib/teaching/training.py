@@ -376,19 +376,13 @@ def check_replaceable(out_dir: Path) -> None:
 
 def write_record(folder: Path, config: TrainingConfig, record: dict, extra: dict | None = None) -> None:
     """Store identity, label and training config under config.yaml's ``colipri_slicer`` key."""
-    import yaml
+    from COLIPRISlicerLib.model.folder import update_model_record
 
-    from COLIPRISlicerLib.defaults import CONFIG_FILENAME
-
-    document = yaml.safe_load((folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
     training = {key: value for key, value in asdict(config).items() if key not in ("spec", "weights")}
-    document["colipri_slicer"] = {
-        **document.get("colipri_slicer", {}),
-        "model_id": TEACHING_MODEL_ID, "revision": TEACHING_VERSION, "label": TEACHING_LABEL,
-        "training": {**training, "spec": asdict(config.spec), "loss_weights": asdict(config.weights),
-                     "objectives": "image phase: pooled + per-finding balanced dense pair BCE, per-finding pool focus; text phase: pair BCE, alignment, "
-                                     "snippet depth CE, report InfoNCE",
-                     "training_seeds": "100000 * (seed + 1) + i", **record},
-        **(extra or {}),
-    }
-    (folder / CONFIG_FILENAME).write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    update_model_record(
+        folder, model_id=TEACHING_MODEL_ID, revision=TEACHING_VERSION, label=TEACHING_LABEL,
+        training={**training, "spec": asdict(config.spec), "loss_weights": asdict(config.weights),
+                  "objectives": "image phase: pooled + per-finding balanced dense pair BCE, per-finding pool focus;"
+                                " text phase: pair BCE, alignment, snippet depth CE, report InfoNCE",
+                  "training_seeds": "100000 * (seed + 1) + i", **record},
+        **(extra or {}))
