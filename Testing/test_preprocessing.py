@@ -244,3 +244,24 @@ def test_volume_thinner_than_one_model_voxel_is_refused_with_the_fix(colipri_tra
     thin = Volume.from_array(np.full((64, 64, 2), -1000, np.int16), np.diag([0.7, 0.7, 0.625, 1.0]), name="two_slices")
     with pytest.raises(ValueError, match=r'"two_slices" spans \[44.8, 44.8, 1.25\] mm .* load the whole series'):
         preprocess(thin, colipri_transform)
+
+
+def test_a_read_only_volume_goes_to_a_device_in_one_copy_without_touching_global_warning_state(monkeypatch):
+    """The upload of a read-only (Slicer-like, Fortran-ordered) volume keeps its dtype and axes and
+    does not use warnings.catch_warnings, which is process-global and races with the GUI thread."""
+    import warnings
+
+    import torch
+
+    from COLIPRISlicerLib.preprocessing import source_tensor
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("warnings.catch_warnings is process-global; a worker thread must not use it")
+
+    array = np.asfortranarray(np.arange(4 * 3 * 2, dtype=np.int16).reshape(4, 3, 2))
+    array.flags.writeable = False
+    monkeypatch.setattr(warnings, "catch_warnings", forbidden)
+    tensor, dims = source_tensor(array, "meta")
+    assert (tensor.device.type, tensor.dtype, tuple(tensor.shape), dims) == ("meta", torch.int16, (2, 3, 4), (2, 1, 0))
+    unsigned = np.ones((2, 2, 2), np.uint32)
+    assert source_tensor(unsigned, "meta")[0].dtype in (torch.uint32, torch.float32)

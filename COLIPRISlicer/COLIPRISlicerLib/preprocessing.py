@@ -188,9 +188,16 @@ def source_tensor(array: np.ndarray, device=None):
             array = np.ascontiguousarray(array)
     if device is None or torch.device(device).type == "cpu":
         return array, dims
-    with warnings.catch_warnings():  # volumes are read-only; nothing here writes to them
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array).to(device), dims
+    # One copy into a host tensor (page-locked for CUDA, so the upload is asynchronous), dtype kept
+    # (int16 CT moves half the bytes of float32). Not torch.from_numpy: volumes are read-only, and
+    # silencing its warning would need warnings.catch_warnings, which is process-global (not thread-safe).
+    pinned = torch.device(device).type == "cuda"
+    dtype = getattr(torch, array.dtype.name, None)
+    if not isinstance(dtype, torch.dtype):  # a dtype torch lacks: float32 holds every CT value exactly
+        array, dtype = array.astype(np.float32), torch.float32
+    host = torch.empty(array.shape, dtype=dtype, pin_memory=pinned)
+    host.numpy()[...] = array
+    return host.to(device, non_blocking=pinned), dims
 
 
 def resample_axis(values, dim: int, sampling):
