@@ -9,7 +9,9 @@ import typer
 
 from COLIPRISlicerLib.cli.options import DeviceOption, ModelOption
 from COLIPRISlicerLib.defaults import DEFAULT_MODEL
-from COLIPRISlicerLib.segmentation.training import RareClasses, train_seg_head_command
+from COLIPRISlicerLib.encoding.engine import Engine
+from COLIPRISlicerLib.segmentation.recipe import DEFAULT_EPOCHS, HeadRecipe, RareClasses
+from COLIPRISlicerLib.segmentation.training import TrainingSummary, train_segmentation_head
 
 
 def train_seg_head(
@@ -18,7 +20,7 @@ def train_seg_head(
     out: Annotated[Path, typer.Option("--out", "-o", help="Head folder to write (resumes if it holds a checkpoint).")],
     model: ModelOption = DEFAULT_MODEL,
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after this many minutes.")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    epochs: Annotated[int, typer.Option(min=1)] = DEFAULT_EPOCHS,
     device: DeviceOption = "auto",
     show_progress: Annotated[bool, typer.Option("--show-progress/--hide-progress")] = True,
     crop_patches: Annotated[Optional[int], typer.Option(min=1, help="Train on random crops of N patches per axis.")] = None,
@@ -29,5 +31,23 @@ def train_seg_head(
     recall_weight: Annotated[float, typer.Option(help="Weight of that term.")] = 1.0,
 ) -> None:
     """Train a segmentation head on frozen encoder features (features cached, resumable)."""
-    train_seg_head_command(images, labels, model, out, max_minutes, epochs, device, show_progress,
-                           crop_patches, refine, RareClasses(balanced_crops, rarity, recall_epochs, recall_weight))
+    rare = RareClasses(balanced_crops, rarity, recall_epochs, recall_weight)
+    recipe = HeadRecipe(epochs=epochs, crop_patches=crop_patches, refine=refine, rare_classes=rare)
+    train_seg_head_command(images, labels, model, out, device=device, progress=show_progress, max_minutes=max_minutes,
+                           recipe=recipe)
+
+
+def train_seg_head_command(images: Path, labels: Path, model: str, out: Path, *, device: str = "auto",
+                           progress: bool = True, max_minutes: float | None = None,
+                           recipe: HeadRecipe | None = None) -> TrainingSummary:
+    """Train a head with ``model``'s encoder on ``device``; print a one-line summary.
+
+    User errors propagate as ``FileNotFoundError``/``ValueError``/``RuntimeError`` with a
+    message saying what to do; the command line turns them into one line and exit code 1.
+    """
+    engine = Engine(model, device=device)
+    summary = train_segmentation_head(images, labels, engine, out, recipe, max_minutes=max_minutes, progress=progress)
+    dice = ", ".join(f"{name} {value:.3f}" for name, value in summary.validation_dice.items() if value is not None)
+    typer.echo(f"Head written to {out} after {summary.epochs_completed} epochs"
+               f" ({summary.seconds / 60:.1f} min); validation Dice: {dice or 'n/a (no validation cases)'}.")
+    return summary
