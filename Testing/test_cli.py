@@ -365,19 +365,20 @@ def test_a_failed_write_leaves_no_folder_and_no_staging(tiny_engine, tmp_path):
 
 
 def test_programming_errors_keep_their_traceback_and_user_errors_are_one_line(monkeypatch, tmp_path):
+    import COLIPRISlicerLib.cli.analyze as analyze_module
     import COLIPRISlicerLib.io.volume as volume_module
 
     def buggy(path):
         return {}["spacing"]  # a bug: a KeyError that no one raised for the user
 
-    monkeypatch.setattr(volume_module, "load_volume", buggy)
+    monkeypatch.setattr(analyze_module, "load_volume", buggy)
     result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", "demo", "--out", str(tmp_path / "o")])
     assert isinstance(result.exception, KeyError) and "Error:" not in result.output
 
     def refusing(path):
         raise volume_module.check_extent((2, 2, 2), np.eye(4), '"x"')
 
-    monkeypatch.setattr(volume_module, "load_volume", refusing)
+    monkeypatch.setattr(analyze_module, "load_volume", refusing)
     result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", "demo", "--out", str(tmp_path / "o")])
     assert "not a CT volume" in _one_line_error(result)
 
@@ -450,9 +451,9 @@ def test_damaged_model_folders_get_one_line(tiny_model_folder, tmp_path, broken,
 ])
 def test_bad_head_and_cache_folders_are_refused_before_any_work(tiny_model_folder, tmp_path, option, expected,
                                                                  monkeypatch):
-    import COLIPRISlicerLib.io.volume as volume_module
+    import COLIPRISlicerLib.cli.analyze as analyze_module
 
-    monkeypatch.setattr(volume_module, "load_volume", lambda path: pytest.fail("the scan was read"))
+    monkeypatch.setattr(analyze_module, "load_volume", lambda path: pytest.fail("the scan was read"))
     given = tmp_path / "given"
     if option == "--cache-dir":
         given.write_text("a file")
@@ -479,12 +480,12 @@ def test_cache_commands_on_a_file_or_foreign_safetensors(tmp_path):
 
 
 def test_file_system_errors_are_one_line(tiny_model_folder, tmp_path, monkeypatch):
-    import COLIPRISlicerLib.io.volume as volume_module
+    import COLIPRISlicerLib.cli.analyze as analyze_module
 
     def denied(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(volume_module, "load_volume", denied)
+    monkeypatch.setattr(analyze_module, "load_volume", denied)
     result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", str(tiny_model_folder), "--out",
                                  str(tmp_path / "out"), "--device", "cpu"])
     assert _one_line_error(result) == (f'Error: Permission denied: "{RAS_NIFTI}". Check the path, its permissions and'
@@ -525,14 +526,14 @@ def test_a_failed_swap_keeps_the_previous_run_whole(tiny_engine, tmp_path, monke
 
 
 def test_ctrl_c_exits_130_without_traceback_or_output(tiny_model_folder, tmp_path, monkeypatch):
-    import COLIPRISlicerLib.export.outputs as outputs_module
+    import COLIPRISlicerLib.cli.analyze as analyze_module
 
     def interrupted(folder):
         (folder / "report.md").write_text("half")
         raise KeyboardInterrupt
 
-    real = outputs_module.write_analysis
-    monkeypatch.setattr(outputs_module, "write_analysis",
+    real = analyze_module.write_analysis
+    monkeypatch.setattr(analyze_module, "write_analysis",
                         lambda result, out, **kwargs: real(result, out, heatmaps=None, extra_writers=[interrupted]))
     result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", str(tiny_model_folder), "--out",
                                  str(tmp_path / "out"), "--device", "cpu", "--no-segmentation"])

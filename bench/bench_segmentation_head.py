@@ -49,7 +49,7 @@ def unseen_dice(engine, head_dir: Path, folder: Path, count: int) -> list[float]
     from COLIPRISlicerLib.segmentation.data import read_label
     from COLIPRISlicerLib.segmentation.head import predict
     from COLIPRISlicerLib.segmentation.head import load_head
-    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset
+    from COLIPRISlicerLib.segmentation.data import make_sphere_dataset
     from COLIPRISlicerLib.io.volume import load_volume
 
     head = load_head(head_dir, engine)
@@ -67,7 +67,8 @@ def main() -> None:
     import torch
 
     from COLIPRISlicerLib.encoding.engine import Engine
-    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset, train_segmentation_head
+    from COLIPRISlicerLib.segmentation.data import make_sphere_dataset
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
 
     arguments = parse_arguments()
     with tempfile.TemporaryDirectory() as temporary:

@@ -57,7 +57,7 @@ def test_the_report_neither_asserts_nor_denies_a_finding_not_learned_and_says_so
 
 
 def test_the_command_line_table_and_findings_json_say_not_learned(analysed, tmp_path, capsys):
-    from COLIPRISlicerLib.cli import _print_findings
+    from COLIPRISlicerLib.cli.analyze import print_findings as _print_findings
     from COLIPRISlicerLib.export.outputs import write_analysis
 
     _, result = analysed

@@ -1,5 +1,5 @@
 """Segmentation head (segmentation/head.py, segmentation/files.py, segmentation/data.py,
-segmentation_training.py): training on generated spheres, geometry of the labelmap, head
+segmentation/training.py): training on generated spheres, geometry of the labelmap, head
 files, errors, and the zero-shot fallback."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def small_training(tiny_model_folder, tmp_path_factory):
     """Two generated sphere volumes (one to train, one to validate): one epoch, then a
     resumed call with a new engine up to two."""
     from COLIPRISlicerLib.encoding.engine import Engine
-    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset, train_segmentation_head
+    from COLIPRISlicerLib.segmentation.data import make_sphere_dataset
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
 
     root = tmp_path_factory.mktemp("spheres")
     images, labels = make_sphere_dataset(root / "train", 2, seed=0)
@@ -52,7 +53,7 @@ def random_head(tiny_engine, sphere_volume):
 
 @pytest.fixture(scope="module")
 def sphere_volume(tmp_path_factory):
-    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset
+    from COLIPRISlicerLib.segmentation.data import make_sphere_dataset
     from COLIPRISlicerLib.io.volume import load_volume
 
     images, _ = make_sphere_dataset(tmp_path_factory.mktemp("one_sphere"), 1, seed=7)
@@ -70,7 +71,8 @@ def test_head_trained_on_ten_sphere_volumes_reaches_dice_0_7_on_an_unseen_volume
     from COLIPRISlicerLib.segmentation.data import read_label
     from COLIPRISlicerLib.segmentation.head import predict
     from COLIPRISlicerLib.segmentation.head import load_head
-    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset, train_segmentation_head
+    from COLIPRISlicerLib.segmentation.data import make_sphere_dataset
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
     from COLIPRISlicerLib.io.volume import load_volume
 
     engine = Engine(str(tiny_model_folder), device="cpu", precision="fp32")
@@ -253,7 +255,7 @@ def test_load_head_reports_corrupt_or_missing_files(damage, error, match, random
 
 @pytest.fixture
 def one_case(tmp_path):
-    from COLIPRISlicerLib.segmentation.training import make_sphere_dataset
+    from COLIPRISlicerLib.segmentation.data import make_sphere_dataset
 
     return make_sphere_dataset(tmp_path / "data", 1, seed=3)
 
@@ -311,7 +313,7 @@ def test_training_reports_a_missing_folder(tiny_engine, tmp_path):
 
 
 def test_cli_command_raises_a_user_error_that_names_the_empty_folder(tiny_model_folder, tmp_path):
-    from COLIPRISlicerLib.segmentation.training import train_seg_head_command
+    from COLIPRISlicerLib.cli.segmentation import train_seg_head_command
 
     (tmp_path / "images").mkdir()
     with pytest.raises(ValueError, match=f'Images folder "{tmp_path / "images"}" holds no NIfTI'):
@@ -441,7 +443,7 @@ def test_zero_shot_refuses_a_map_off_the_patch_grid():
 def test_random_patch_crop_keeps_features_and_voxels_of_the_same_patches_and_finds_the_foreground():
     import torch
 
-    from COLIPRISlicerLib.segmentation.training import random_patch_crop
+    from COLIPRISlicerLib.segmentation.sampling import random_patch_crop
 
     features = torch.arange(5 * 6 * 4, dtype=torch.float32).reshape(1, 5, 6, 4).expand(3, 5, 6, 4)
     # every voxel holds the number of the patch it lies in (patch size 4)
@@ -500,14 +502,17 @@ def test_a_checkpoint_from_before_crops_and_rare_class_options_existed_still_res
 def test_a_new_run_starts_at_the_prior_of_its_training_cases_only(small_training, monkeypatch):
     from COLIPRISlicerLib.segmentation import training as segmentation_training
     from COLIPRISlicerLib.segmentation.data import cached_facts
-    from COLIPRISlicerLib.segmentation.training import _TrainingRun, class_frequencies
+    from COLIPRISlicerLib.segmentation.losses import class_frequencies
+    from COLIPRISlicerLib.segmentation.recipe import HeadRecipe
+    from COLIPRISlicerLib.segmentation.training import _TrainingRun
 
     monkeypatch.setattr(segmentation_training, "RARE_CLASS_PRIOR", 0.0)  # both spheres' shares are under 1 %
 
     paths = {path.name: path for path in (small_training["out"] / "feature_cache").glob("*.safetensors")}
     facts = {name: cached_facts(path) for name, path in paths.items()}
     first, second = sorted(paths)
-    run = _TrainingRun.create(small_training["engine"], paths, facts, [first], [second], SPHERE_LABELS, 2, 1e-2, 0)
+    run = _TrainingRun.create(small_training["engine"], paths, facts, [first], [second], SPHERE_LABELS,
+                              HeadRecipe(base_channels=2, learning_rate=1e-2, seed=0))
     prior = run.head.network.output.conv.conv.bias.softmax(0).tolist()
     assert prior == pytest.approx(class_frequencies([paths[first]], run.values).tolist(), abs=1e-6)
     assert prior != pytest.approx(class_frequencies([paths[second]], run.values).tolist(), abs=1e-4)
@@ -518,7 +523,7 @@ def test_output_layer_starts_at_the_class_prior_of_the_training_voxels(small_tra
 
     from COLIPRISlicerLib.segmentation.data import load_cached
     from COLIPRISlicerLib.segmentation.head import HeadConfig, SegmentationDecoder
-    from COLIPRISlicerLib.segmentation.training import class_frequencies, set_output_prior
+    from COLIPRISlicerLib.segmentation.losses import class_frequencies, set_output_prior
 
     paths = sorted((small_training["out"] / "feature_cache").glob("*.safetensors"))
     values = torch.tensor([0, 1], dtype=torch.int32)
@@ -540,7 +545,7 @@ def test_output_layer_starts_at_the_class_prior_of_the_training_voxels(small_tra
 def test_a_label_absent_from_a_crop_adds_a_constant_dice_term_not_a_push_towards_nothing():
     import torch
 
-    from COLIPRISlicerLib.segmentation.training import head_loss
+    from COLIPRISlicerLib.segmentation.losses import head_loss
 
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 4, 4, 4)
@@ -654,7 +659,7 @@ def test_refined_head_labels_the_input_grid_and_needs_the_processor_transform(re
 def test_balanced_crops_centre_a_one_voxel_class_beside_a_large_one_in_about_half_the_crops():
     import torch
 
-    from COLIPRISlicerLib.segmentation.training import random_patch_crop
+    from COLIPRISlicerLib.segmentation.sampling import random_patch_crop
 
     features = torch.zeros(2, 8, 8, 8)
     image = torch.zeros(1, 32, 32, 32)
@@ -678,7 +683,7 @@ def test_class_balanced_cross_entropy_weighs_each_present_class_as_much_as_the_b
     import torch
     from torch.nn.functional import cross_entropy
 
-    from COLIPRISlicerLib.segmentation.training import class_balanced_cross_entropy, head_loss
+    from COLIPRISlicerLib.segmentation.losses import class_balanced_cross_entropy, head_loss
 
     torch.manual_seed(0)
     logits = torch.randn(1, 3, 4, 4, 4, requires_grad=True)
@@ -701,17 +706,17 @@ def test_class_balanced_cross_entropy_weighs_each_present_class_as_much_as_the_b
 
 
 def test_recall_epochs_add_the_class_balanced_term_in_the_first_epochs_only(small_training, tmp_path, monkeypatch):
-    from COLIPRISlicerLib.segmentation import training as segmentation_training
-    from COLIPRISlicerLib.segmentation.training import RareClasses
+    from COLIPRISlicerLib.segmentation import losses as segmentation_losses
+    from COLIPRISlicerLib.segmentation.recipe import RareClasses
 
     calls = []
-    balanced = segmentation_training.class_balanced_cross_entropy
+    balanced = segmentation_losses.class_balanced_cross_entropy
 
     def counting(logits, target):
         calls.append(target.shape)
         return balanced(logits, target)
 
-    monkeypatch.setattr(segmentation_training, "class_balanced_cross_entropy", counting)
+    monkeypatch.setattr(segmentation_losses, "class_balanced_cross_entropy", counting)
     rare = RareClasses(balanced_crops=0.5, rarity=0.5, recall_epochs=1)
     summary = train_again(small_training, tmp_path / "head", epochs=2, crop_patches=2, rare_classes=rare)
     assert len(calls) == len(summary.train_cases)  # every step of epoch 1, none of epoch 2
@@ -736,12 +741,15 @@ def test_validate_every_skips_validation_between_and_always_validates_the_last_e
 
 def test_a_training_run_starts_a_class_rarer_than_one_percent_at_one_percent(small_training):
     from COLIPRISlicerLib.segmentation.data import cached_facts
-    from COLIPRISlicerLib.segmentation.training import _TrainingRun, class_frequencies
+    from COLIPRISlicerLib.segmentation.losses import class_frequencies
+    from COLIPRISlicerLib.segmentation.recipe import HeadRecipe
+    from COLIPRISlicerLib.segmentation.training import _TrainingRun
 
     paths = {path.name: path for path in (small_training["out"] / "feature_cache").glob("*.safetensors")}
     facts = {name: cached_facts(path) for name, path in paths.items()}
     first, second = sorted(paths)
-    run = _TrainingRun.create(small_training["engine"], paths, facts, [first], [second], SPHERE_LABELS, 2, 1e-2, 0)
+    run = _TrainingRun.create(small_training["engine"], paths, facts, [first], [second], SPHERE_LABELS,
+                              HeadRecipe(base_channels=2, learning_rate=1e-2, seed=0))
     background, sphere = class_frequencies([paths[first]], run.values)
     assert sphere < 0.01  # a few spheres in a 384 mm field of view
     assert run.head.network.output.conv.conv.bias.tolist() == pytest.approx([np.log(background), np.log(0.01)])

@@ -7,11 +7,14 @@ by Youden's J (sensitivity + specificity - 1) or by the best F1.
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from COLIPRISlicerLib.io.volume import load_volume
 from COLIPRISlicerLib.types import TypePath
 
 ID_COLUMNS = ("scan", "VolumeName", "scan_id")
@@ -116,6 +119,22 @@ def _criterion(labels: np.ndarray, predicted: np.ndarray, method: str) -> float:
     sensitivity = tp / (tp + fn) if tp + fn else 0.0
     specificity = tn / (tn + fp) if tn + fp else 0.0
     return sensitivity + specificity - 1
+
+
+def score_labelled_scans(analyzer, rows: list[tuple[Path, dict[str, int]]]) -> tuple[dict[str, list[float]],
+                                                                                    dict[str, list[int]]]:
+    """Each labelled finding's likelihood on each scan of ``rows`` (:func:`read_label_csv`), and its labels.
+
+    Returns:
+        finding -> likelihoods in the order of ``rows``, and finding -> 0/1 labels in that order.
+    """
+    names = list(rows[0][1])
+    scores: dict[str, list[float]] = {name: [] for name in names}
+    for scan, _ in tqdm(rows, desc="scans", file=sys.stderr):
+        result = analyzer.analyze(load_volume(scan))
+        for name in names:
+            scores[name].append(result.finding(name).likelihood)
+    return scores, {name: [row[1][name] for row in rows] for name in names}
 
 
 def calibrate_scores(scores: dict[str, list[float]], labels: dict[str, list[int]], method: str,

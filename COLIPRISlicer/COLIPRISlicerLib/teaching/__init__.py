@@ -7,5 +7,6 @@ only loads the bundled model folder (``Resources/Models/phantom``). Data path: `
 ``findings`` build a phantom (``phantom``); ``stream`` generates many in worker processes;
 ``dataset`` reduces them to model-grid samples, ``batches`` stacks them on the training device and
 ``augmentation`` gives new views; ``objectives`` are the losses, ``training`` the two phases and
-``recipes``; ``bundle`` adds the head and calibration, ``evaluation`` the held-out figures.
+``recipes``; ``bundle`` adds the head and calibration, ``evaluation`` the held-out figures;
+``pipeline`` runs these stages in order for ``train-phantom``.
 """

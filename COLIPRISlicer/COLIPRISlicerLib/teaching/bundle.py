@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from COLIPRISlicerLib.model.folder import update_model_record
-from COLIPRISlicerLib.segmentation.training import RareClasses
+from COLIPRISlicerLib.segmentation.recipe import RareClasses
 from COLIPRISlicerLib.types import TypePath, TypeStatusCallback
 
 #: Findings the bundled head segments, with their label values.
@@ -186,7 +186,7 @@ def _analysed_phantoms(folder: TypePath, n: int, seed_base: int | None, done: st
 HEAD_PHANTOMS, HEAD_EPOCHS, HEAD_CROP_PATCHES, HEAD_BASE_CHANNELS = 80, 20, 4, 8
 #: The head's output grid: the model grid subdivided until its voxels are this size (5 mm grid: refine 2).
 HEAD_OUTPUT_MM = 2.5
-#: Small classes (``segmentation_training.RareClasses``): half the foreground-centred crops centred on a
+#: Small classes (``segmentation.recipe.RareClasses``): half the foreground-centred crops centred on a
 #: class drawn first with weights voxels^-0.5 (a nodule beside an effusion ~10x as often), and 0.1 x the
 #: class-balanced cross-entropy in every epoch, without which the nodule probability stayed below 0.005
 #: everywhere (held-out nodule Dice 0.00 -> 0.08, effusion 0.87 -> 0.86; docs/teaching-model-history.md has the other recipes).
@@ -242,7 +242,7 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
 
     The phantoms have the training set's coarse geometry (2.5-3 mm in-plane; the model
     grid is 5 mm, so finer voxels would only cost generation time); the head trains on
-    random crops of ``crop_patches`` patches (:func:`.segmentation_training.random_patch_crop`).
+    random crops of ``crop_patches`` patches (:func:`.segmentation.sampling.random_patch_crop`).
     ``anatomy`` (e.g. ``VESSEL_ANATOMY``; default none) adds tissue labels, which findings overwrite.
     ``refine`` None: the head decodes onto a grid of :data:`HEAD_OUTPUT_MM` (:func:`head_refine`).
     """
