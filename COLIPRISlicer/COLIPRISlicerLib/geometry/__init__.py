@@ -22,13 +22,21 @@ from COLIPRISlicerLib.geometry.frames import (
     ijk_to_ras,
     ijk_to_ras_from_itk,
     itk_from_ijk_to_ras,
+    ras_ordered_view,
     ras_to_ijk,
     shifted_affine,
     spacing_of,
     validate_affine,
+    view_index_to_ijk,
 )
 from COLIPRISlicerLib.geometry.grid import PatchGrid
-from COLIPRISlicerLib.geometry.plan import AxisSampling, ResamplingPlan, closest_axes, crop_or_pad_bounds, resampling_plan
+from COLIPRISlicerLib.geometry.plan import (
+    AxisSampling,
+    ResamplingPlan,
+    closest_axes,
+    crop_or_pad_bounds,
+    resampling_plan,
+)
 from COLIPRISlicerLib.geometry.resample import (  # _resample_separable: compared with SimpleITK by the tests
     _resample_separable,
     factored_nearest_to_volume,
@@ -63,6 +71,7 @@ __all__ = [
     "plane_centre_ras",
     "plane_centres_ras",
     "point_on_plane",
+    "ras_ordered_view",
     "ras_to_ijk",
     "resample_to_volume",
     "resample_to_volume_on_device",
@@ -74,4 +83,5 @@ __all__ = [
     "slice_s_mm",
     "spacing_of",
     "validate_affine",
+    "view_index_to_ijk",
 ]

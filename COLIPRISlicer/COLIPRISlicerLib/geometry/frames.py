@@ -107,6 +107,26 @@ def closest_ras_permutation(ijk_to_ras: TypeAffine) -> tuple[tuple[int, int, int
     return (perm[0], perm[1], perm[2]), flips  # type: ignore[return-value]
 
 
+def ras_ordered_view(
+    array: np.ndarray, ijk_to_ras: TypeAffine
+) -> tuple[np.ndarray, tuple[int, int, int], tuple[bool, bool, bool]]:
+    """The array seen along its closest R, A, S axes (a view, no copy), with ``perm`` and ``flips``
+    of :func:`closest_ras_permutation`; map its indices back with :func:`view_index_to_ijk`."""
+    perm, flips = closest_ras_permutation(ijk_to_ras)
+    view = np.asarray(array).transpose(perm)[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+    return view, perm, flips
+
+
+def view_index_to_ijk(index_view: np.ndarray, perm, flips, view_shape) -> np.ndarray:
+    """Input (i, j, k) indices of (..., 3) continuous indices of a :func:`ras_ordered_view`."""
+    index_view = np.asarray(index_view, dtype=np.float64)
+    index_ijk = np.empty_like(index_view)
+    for axis, (source, flip) in enumerate(zip(perm, flips)):
+        size = view_shape[axis]
+        index_ijk[..., source] = size - 1 - index_view[..., axis] if flip else index_view[..., axis]
+    return index_ijk
+
+
 def array_to_sitk(array_ijk: np.ndarray, ijk_to_ras: TypeAffine):
     """Wrap an (I, J, K) array with its geometry as a SimpleITK image (LPS inside)."""
     import SimpleITK as sitk

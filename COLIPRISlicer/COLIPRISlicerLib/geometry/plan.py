@@ -108,7 +108,9 @@ def resampling_plan(ijk_to_ras: TypeAffine, shape, orientation: str, spacing_mm)
     return ResamplingPlan(reoriented, tuple(int(n) for n in new_shape), resampled, tuple(axes))  # type: ignore[arg-type]
 
 
-def _reorientation(matrix: np.ndarray, shape: np.ndarray, orientation: str) -> tuple[np.ndarray, list[int], list[bool]]:
+def _reorientation(
+    matrix: np.ndarray, shape: np.ndarray, orientation: str
+) -> tuple[np.ndarray, list[int], list[bool]]:
     """TorchIO's ``ToOrientation``: (4, 4) new index -> old index, and per new axis its old axis and flip.
 
     Raises:
