@@ -213,14 +213,14 @@ def test_abdominal_scan_sides_follow_the_ras_matrix(abdomen):
 
 
 def test_a_512_by_512_by_300_volume_is_read_once_and_labelled_on_the_coarse_grid(tcia, tcia_landmarks, monkeypatch):
-    from COLIPRISlicerLib.localization import landmarks as module
+    from COLIPRISlicerLib.localization import airway, coarse_grid, masks
 
     array, ijk_to_ras = tcia
     thin = np.repeat(array, 5, axis=2)[:, :, :300]  # 1 mm slices covering S = -441 ... -142
     thin_to_ras = ijk_to_ras.copy()
     thin_to_ras[2, 2], thin_to_ras[2, 3] = 1.0, ijk_to_ras[2, 3] - 2.0
     block_means, ndimage_sizes = [], []
-    block_mean, ndimage = module._block_mean, module.ndimage
+    block_mean, ndimage = coarse_grid._block_mean, coarse_grid.ndimage
 
     class CountingNdimage:
         def __getattr__(self, name):
@@ -229,9 +229,10 @@ def test_a_512_by_512_by_300_volume_is_read_once_and_labelled_on_the_coarse_grid
                 return getattr(ndimage, name)(input, *args, **kwargs)
             return counted
 
-    monkeypatch.setattr(module, "_block_mean", lambda values, factors: block_means.append(values.size) or block_mean(
-        values, factors))
-    monkeypatch.setattr(module, "ndimage", CountingNdimage())
+    monkeypatch.setattr(coarse_grid, "_block_mean", lambda values, factors: block_means.append(values.size)
+                        or block_mean(values, factors))
+    for module in (coarse_grid, masks, airway):  # every module of the analysis that labels or morphs
+        monkeypatch.setattr(module, "ndimage", CountingNdimage())
     landmarks = detect_landmarks(thin, thin_to_ras)
 
     assert block_means == [thin.size]  # one pass over the full-resolution input
@@ -240,6 +241,33 @@ def test_a_512_by_512_by_300_volume_is_read_once_and_labelled_on_the_coarse_grid
     assert max(ndimage_sizes) <= thin.size // 64 and sum(ndimage_sizes) <= thin.size // 4
     assert landmarks.carina_s == pytest.approx(tcia_landmarks.carina_s, abs=5.0)
     assert landmarks.dome_left_s == pytest.approx(tcia_landmarks.dome_left_s, abs=5.0)
+
+
+def test_one_analysis_of_a_read_only_volume_serves_its_landmarks_and_every_mask(tcia, monkeypatch):
+    """Landmarks, lung masks and the body mask of one read-only array come from one analysis: the airway
+    is tracked once, and the answers equal those of fresh analyses of a writable copy."""
+    from COLIPRISlicerLib.localization import landmarks as module
+
+    array, ijk_to_ras = tcia
+    read_only = array.copy()
+    read_only.flags.writeable = False
+    calls = []
+    find_trachea = module.find_trachea
+    monkeypatch.setattr(module, "find_trachea", lambda *args: calls.append(1) or find_trachea(*args))
+    module._LAST_GRID.clear()
+    found = detect_landmarks(read_only, ijk_to_ras)
+    masks = [lung_mask(read_only, ijk_to_ras, side=side) for side in (None, "right", "left")]
+    body = body_mask(read_only, ijk_to_ras)
+    assert module.analyse_anatomy(read_only, ijk_to_ras).landmarks is found
+    assert len(calls) == 1
+    writable = array.copy()
+    assert detect_landmarks(writable, ijk_to_ras) == found
+    for side, mask in zip((None, "right", "left"), masks):
+        np.testing.assert_array_equal(lung_mask(writable, ijk_to_ras, side=side), mask)
+    np.testing.assert_array_equal(body_mask(writable, ijk_to_ras), body)
+    assert len(calls) == 5  # a writable array may change between calls: one analysis per call
+    assert masks[1].any() and masks[2].any() and not (masks[1] & masks[2]).any()
+    np.testing.assert_array_equal(masks[0], masks[1] | masks[2])
 
 
 def test_rejects_bad_inputs():

@@ -1,1 +1,2 @@
-"""The model: identity and folders, loading from a spec (hub, folder, demo), device and precision choice."""
+"""The model: identity and folders, loading from a spec (hub, folder, demo), the text config,
+device and precision choice."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from COLIPRISlicerLib.defaults import CONFIG_FILENAME, WEIGHTS_FILENAME
 from COLIPRISlicerLib.io.atomic import write_text_atomically
+from COLIPRISlicerLib.model.text_config import bert_backbone_config, bert_tokenizer_config
 from COLIPRISlicerLib.types import TypePath
 
 
@@ -68,17 +69,11 @@ def small_model_config(spec: SmallModelSpec, vocab_size: int) -> dict:
     if spec.drop_path_rate is not None:
         overrides.append(f"model.image_encoder.backbone.drop_path_rate={spec.drop_path_rate}")
     config = OmegaConf.to_container(_load_config(overrides=overrides), resolve=True)
-    config["model"]["text_encoder"]["backbone"] = {
-        "_target_": "transformers.BertModel",
-        "add_pooling_layer": False,
-        "config": {
-            "_target_": "transformers.BertConfig", "vocab_size": vocab_size, "hidden_size": spec.projection_dim,
-            "num_hidden_layers": spec.text_layers, "num_attention_heads": spec.text_heads,
-            "intermediate_size": spec.text_intermediate,
-        },
-    }
-    config["processor"]["tokenizer"] = {"_target_": "transformers.BertTokenizer", "vocab": "./vocab.txt",
-                                        "do_lower_case": True, "model_max_length": 512}
+    config["model"]["text_encoder"]["backbone"] = bert_backbone_config({
+        "vocab_size": vocab_size, "hidden_size": spec.projection_dim, "num_hidden_layers": spec.text_layers,
+        "num_attention_heads": spec.text_heads, "intermediate_size": spec.text_intermediate,
+    })
+    config["processor"]["tokenizer"] = bert_tokenizer_config("./vocab.txt")
     return {key: config[key] for key in ("model", "processor")}
 
 

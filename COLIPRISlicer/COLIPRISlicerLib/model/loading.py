@@ -16,23 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from COLIPRISlicerLib import defaults
+from COLIPRISlicerLib.io.atomic import write_text_atomically
 from COLIPRISlicerLib.model.devices import select_device, select_precision
+from COLIPRISlicerLib.model.text_config import colipri_config
 from COLIPRISlicerLib.types import TypePath, TypeStatusCallback
 
 logger = logging.getLogger(__name__)
-
-BERT_CONFIG_KEYS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-    "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id", "position_embedding_type",
-)
-
 
 @dataclass(frozen=True)
 class ModelIdentity:
@@ -231,7 +225,7 @@ def _resolve_folder(folder: Path, source: str = "folder") -> _ResolvedSpec:
     if config_path.is_file():
         config = _load_folder_config(config_path)
     else:
-        config = colipri_config(_cxr_bert_file(folder, "config.json"), _cxr_bert_file(folder, "vocab.txt"))
+        config = _cxr_bert_config(folder)
     meta = config.pop("colipri_slicer", {}) or {}
     model_id = str(meta.get("model_id", folder.resolve()))
     head = folder / "segmentation_head"
@@ -285,10 +279,15 @@ def _resolve_relative_paths(node, folder: Path):
     return node
 
 
-def _cxr_bert_file(folder: Path, name: str) -> Path:
-    local = folder / name
-    if local.is_file():
-        return local
+def _cxr_bert_config(folder: Path | None) -> dict:
+    """The real COLIPRI config, with CXR-BERT's ``config.json``/``vocab.txt`` from ``folder`` where it
+    holds them, else from the hub (or its cache)."""
+    return colipri_config(_cxr_bert_file(folder, "config.json"), _cxr_bert_file(folder, "vocab.txt"))
+
+
+def _cxr_bert_file(folder: Path | None, name: str) -> Path:
+    if folder is not None and (folder / name).is_file():
+        return folder / name
     return _hub_file(defaults.CXR_BERT_REPO_ID, name, defaults.CXR_BERT_REVISION)
 
 
@@ -297,8 +296,7 @@ def _resolve_hub(text: str, notify: TypeStatusCallback) -> _ResolvedSpec:
     revision = revision or (defaults.COLIPRI_REVISION if repo_id == defaults.COLIPRI_REPO_ID else "main")
     notify(f"Downloading weights of {repo_id} (first use only)")
     weights = _hub_file(repo_id, defaults.WEIGHTS_FILENAME, revision)
-    config = colipri_config(_hub_file(defaults.CXR_BERT_REPO_ID, "config.json", defaults.CXR_BERT_REVISION),
-                            _hub_file(defaults.CXR_BERT_REPO_ID, "vocab.txt", defaults.CXR_BERT_REVISION))
+    config = _cxr_bert_config(None)
     return _ResolvedSpec(repo_id, revision, "hub", weights, config)
 
 
@@ -319,24 +317,6 @@ def _hub_file(repo_id: str, filename: str, revision: str) -> Path:
             "and copy the Hugging Face cache folder (~/.cache/huggingface/hub) to this machine."
         )
         raise RuntimeError(message) from error
-
-
-def colipri_config(bert_config_path: Path, vocab_path: Path) -> dict:
-    """colipri's packaged config with a plain BertModel text backbone and BertTokenizer."""
-    from colipri.checkpoint import load_model_config, load_processor_config
-    from omegaconf import OmegaConf
-
-    bert = json.loads(Path(bert_config_path).read_text())
-    model = OmegaConf.to_container(load_model_config(), resolve=True)
-    processor = OmegaConf.to_container(load_processor_config(), resolve=True)
-    model["text_encoder"]["backbone"] = {
-        "_target_": "transformers.BertModel",
-        "add_pooling_layer": False,
-        "config": {"_target_": "transformers.BertConfig", **{k: bert[k] for k in BERT_CONFIG_KEYS if k in bert}},
-    }
-    processor["tokenizer"] = {"_target_": "transformers.BertTokenizer", "vocab": str(vocab_path),
-                              "do_lower_case": True, "model_max_length": defaults.MAX_PROMPT_TOKENS}
-    return {"model": model, "processor": processor}
 
 
 def _build_and_load(resolved: _ResolvedSpec):
@@ -403,9 +383,6 @@ def _read_json(path: Path) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
+        write_text_atomically(path, json.dumps(data))
     except OSError as error:
         logger.debug("Could not write %s: %s", path, error)

@@ -14,13 +14,12 @@ import numpy as np
 
 from COLIPRISlicerLib.teaching.anatomy import (
     ALL_LABELS,
-    BRONCHUS_ANGLES_DEG,
     Canvas,
     HeartSpec,
-    Patient,
     aorta_path,
     heart_geometry,
 )
+from COLIPRISlicerLib.teaching.patient import BRONCHUS_ANGLES_DEG, Patient
 
 #: Finding -> label (Cardiomegaly's mask is the enlarged heart).
 LABELS: dict[str, int] = {

@@ -29,7 +29,8 @@ import numpy as np
 from COLIPRISlicerLib.teaching import anatomy
 from COLIPRISlicerLib.teaching import findings
 from COLIPRISlicerLib.findings.catalogue import slugify
-from COLIPRISlicerLib.teaching.anatomy import Canvas, Patient
+from COLIPRISlicerLib.teaching.anatomy import Canvas
+from COLIPRISlicerLib.teaching.patient import Patient
 from COLIPRISlicerLib.report.bank import CT_RATE_FINDINGS
 from COLIPRISlicerLib.types import TypePath
 from COLIPRISlicerLib.io.volume import Volume
