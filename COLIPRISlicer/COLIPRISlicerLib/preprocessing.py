@@ -4,12 +4,10 @@ Two paths, same arithmetic:
 
 - ``fast`` (default): the processor's steps (ToOrientation -> Resample -> Clamp ->
   RescaleIntensity -> CropOrPad for COLIPRI) read from its TorchIO transform and run in
-  torch on the engine's device: one trilinear resampling from the input array straight to
-  the resampled grid (separable: both grids share their direction, see
-  ``geometry.resampling_plan``), ITK's interpolation arithmetic (in float32) and its cast to
-  the input dtype (int16 values are truncated, as TorchIO keeps the dtype), then the
-  intensity steps and the centred crop/pad. No SimpleITK copy, no full-resolution
-  intermediate volume.
+  torch on the engine's device: one separable trilinear resampling from the input array straight
+  to the resampled grid (``geometry.resampling_plan``), ITK's interpolation arithmetic (float32)
+  and its cast to the input dtype (int16 truncated, as TorchIO keeps the dtype), then the
+  intensity steps and the centred crop/pad. No SimpleITK copy, no full-resolution volume.
 - ``reference``: the TorchIO transform applied step by step to an in-memory
   ``tio.ScalarImage``, bit-identical to ``colipri.Processor.process_images(path)``.
 
@@ -171,7 +169,7 @@ def fast_steps(image_transform) -> tuple[FastSteps | None, str]:
 
 def source_tensor(array: np.ndarray, device=None):
     """A volume's voxels, contiguous, dtype kept: the numpy array itself for the CPU (no copy; numpy's
-    gathers beat torch's ``index_select`` there 3-7x), else a tensor on ``device``.
+    gathers beat torch's ``index_select`` there 3-7x), else a tensor on ``device`` (one host copy).
 
     Returns:
         The array or tensor, (I, J, K) for a C-ordered array and (K, J, I) for a Fortran-ordered
@@ -188,14 +186,12 @@ def source_tensor(array: np.ndarray, device=None):
             array = np.ascontiguousarray(array)
     if device is None or torch.device(device).type == "cpu":
         return array, dims
-    # One copy into a host tensor (page-locked for CUDA, so the upload is asynchronous), dtype kept
-    # (int16 CT moves half the bytes of float32). Not torch.from_numpy: volumes are read-only, and
-    # silencing its warning would need warnings.catch_warnings, which is process-global (not thread-safe).
+    # One copy into a (CUDA: page-locked) host tensor, dtype kept; not from_numpy, whose read-only warning
+    # could only be silenced with the process-global warnings.catch_warnings.
     pinned = torch.device(device).type == "cuda"
-    dtype = getattr(torch, array.dtype.name, None)
-    if not isinstance(dtype, torch.dtype):  # a dtype torch lacks: float32 holds every CT value exactly
-        array, dtype = array.astype(np.float32), torch.float32
-    host = torch.empty(array.shape, dtype=dtype, pin_memory=pinned)
+    if not isinstance(getattr(torch, array.dtype.name, None), torch.dtype):  # float32 holds every CT value
+        array = array.astype(np.float32)
+    host = torch.empty(array.shape, dtype=getattr(torch, array.dtype.name), pin_memory=pinned)
     host.numpy()[...] = array
     return host.to(device, non_blocking=pinned), dims
 
