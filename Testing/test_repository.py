@@ -55,7 +55,8 @@ def test_the_user_caches_point_into_the_session_temporary_folder(temporary_user_
 
 
 #: Import names whose distribution is spelled otherwise (compared after PEP 503 normalisation).
-DISTRIBUTION_OF_IMPORT = {"yaml": "pyyaml", "hydra": "hydra-core", "sklearn": "scikit-learn", "PIL": "pillow"}
+DISTRIBUTION_OF_IMPORT = {"yaml": "pyyaml", "hydra": "hydra-core", "sklearn": "scikit-learn", "PIL": "pillow",
+                          "faiss": "faiss-cpu"}
 #: Modules Slicer itself provides; the module file and the panel import them, the engine never does.
 SLICER_MODULES = {"slicer", "vtk", "qt", "ctk", "PyTorchUtils", "DICOMLib"}
 
@@ -133,6 +134,8 @@ def test_the_slicer_installers_torch_range_is_pyprojects():
 #: Packages Slicer's own Python ships (python-packaging, pydicom, numpy, SimpleITK), and torch with
 #: torchvision, which come from the PyTorch extension: requirements.txt never asks pip for them.
 SLICER_PROVIDED = {"numpy", "SimpleITK", "pydicom", "packaging", "torch", "torchvision"}
+#: Optional in Slicer too (an extra, imported only after a check): faiss -- search falls back to exact numpy.
+SLICER_OPTIONAL = {"faiss"}
 
 
 def _modules_the_slicer_module_loads() -> list[Path]:
@@ -166,7 +169,7 @@ def test_every_package_the_slicer_module_imports_is_installed_by_requirements_tx
     imports = _third_party_imports_of(files, own={"COLIPRISlicerLib", "COLIPRISlicerNodes", "COLIPRISlicer"})
     assert {"pyarrow", "torch", "slicer", "colipri"} <= set(imports)
     slicer = _slicer_requirements()
-    missing = {name: where for name, where in imports.items() if name not in SLICER_MODULES | SLICER_PROVIDED
+    missing = {name: where for name, where in imports.items() if name not in SLICER_MODULES | SLICER_PROVIDED | SLICER_OPTIONAL
                and _normalised(DISTRIBUTION_OF_IMPORT.get(name, name)) not in slicer}
     assert missing == {}, "add these to Resources/requirements.txt (import name: first file importing it)"
 

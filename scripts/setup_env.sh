@@ -37,7 +37,7 @@ pip_install() {
 }
 pip_install --upgrade pip
 pip_install torch==2.14.1 torchvision==0.29.1
-pip_install -e ".[test,cluster]"  # cluster: Ray, for the --engine ray tests
+pip_install -e ".[test,cluster,faiss]"  # cluster: Ray, for the --engine ray tests; faiss: search --backend faiss
 rm -f .venv/.setup-*
 touch "$stamp"
 echo "[setup] done" >&2

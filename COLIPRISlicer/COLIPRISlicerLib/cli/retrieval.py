@@ -12,6 +12,7 @@ from COLIPRISlicerLib.cli.analyze import load_scan
 from COLIPRISlicerLib.cli.errors import UserError
 from COLIPRISlicerLib.cli.options import DeviceOption, ModelOption, status
 from COLIPRISlicerLib.defaults import DEFAULT_MODEL
+from COLIPRISlicerLib.retrieval.backends import choose_backend
 from COLIPRISlicerLib.retrieval.engines import check_engine, index_series
 from COLIPRISlicerLib.retrieval.query import query_vector
 from COLIPRISlicerLib.retrieval.regions import REGIONS
@@ -53,17 +54,20 @@ def search(
     k: Annotated[int, typer.Option("-k", min=1, help="Number of hits.")] = 10,
     json_output: Annotated[bool, typer.Option("--json", help="Print the hits as a JSON list.")] = False,
     device: DeviceOption = "auto",
+    backend: Annotated[str, typer.Option(help="exact (numpy), faiss (pip install 'colipri-slicer[faiss]') or auto"
+                                              " (faiss above a million vectors when installed).")] = "auto",
 ) -> None:
     """Similar cases: cosine top-k over an index by text, by a scan or by an indexed series."""
     if sum(value is not None for value in (text, scan, like)) != 1:
         raise UserError("Give exactly one of --text, --scan or --like.")
     if region not in (None, *REGIONS):
         raise UserError(f'Unknown --region "{region}"; choose {", ".join(REGIONS)} (or leave it out for the whole scan).')
+    choose_backend(backend, 0)  # an unknown backend or a missing faiss is refused before the model loads
     searched = SearchIndex(index_dir)
     where_mask(where, searched.findings, searched.likelihoods)  # a malformed filter is refused before the model loads
     query = query_vector(searched, text=text, scan=scan, like=like, region=region, device=device,
                          load_scan=lambda path: load_scan(path, False))
-    hits = searched.search(query, region=region, where=where, k=k)
+    hits = searched.search(query, region=region, where=where, k=k, backend=backend)
     if not hits:
         reason = f'matches --where "{where}"; loosen the filter' if where else f"has a {region} embedding; search without --region"
         raise UserError(f"No indexed series {reason}.")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from COLIPRISlicerLib.retrieval.backends import build_faiss_index, choose_backend, faiss_top_k
 from COLIPRISlicerLib.retrieval.index import VECTOR_COLUMNS, read_index, read_manifest
 
 _OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
@@ -62,6 +63,7 @@ class SearchIndex:
                          for name in _PATIENT_COLUMNS}  # absent in indexes written before they were stored
         self.likelihoods = np.stack([table[name].to_numpy(zero_copy_only=False) for name in self.findings], axis=1)
         self.vectors = {name: _matrix(table[name]) for name in VECTOR_COLUMNS if name in table.column_names}
+        self._faiss_indexes: dict[str, object] = {}  # per region, built on the first FAISS search
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.folder)!r}, series={len(self.keys)})"
@@ -93,21 +95,35 @@ class SearchIndex:
         return self.vectors[name]
 
     def search(self, query: np.ndarray, *, region: str | None = None, where: str | None = None,
-               k: int = 10) -> list[Hit]:
+               k: int = 10, backend: str = "auto") -> list[Hit]:
         """Top-``k`` series by cosine similarity of ``query`` (embed_dim,) to the region's vectors.
 
+        ``backend``: ``exact`` (numpy), ``faiss`` or ``auto`` (see ``retrieval.backends``); the
+        ``where`` filter is applied first, then the top-``k`` among the allowed rows, with either.
+
         Raises:
-            ValueError: for an unknown region, a malformed ``where`` or a query of the wrong size.
+            ValueError: for an unknown region or backend, a malformed ``where`` or a query of the wrong size.
+            RuntimeError: for ``backend="faiss"`` when faiss is not installed.
         """
         matrix = self.region_vectors(region)
         query = np.asarray(query, dtype=np.float32).reshape(-1)
         if query.shape[0] != matrix.shape[1]:
             raise ValueError(f"Query has {query.shape[0]} values; this index stores {matrix.shape[1]}-d vectors.")
         allowed = where_mask(where, self.findings, self.likelihoods) & ~np.isnan(matrix).any(axis=1)
-        order, scores = top_k(matrix, query, k, allowed)
+        if choose_backend(backend, *matrix.shape) == "faiss":
+            order, scores = faiss_top_k(self._faiss_index(region), query, k, allowed)
+        else:
+            order, scores = top_k(matrix, query, k, allowed)
         return [Hit(self.sources[i], float(s), self.series_uids[i], self.study_uids[i],
                     dict(zip(self.findings, map(float, self.likelihoods[i]))),
                     *(self.patients[name][i] for name in _PATIENT_COLUMNS)) for i, s in zip(order, scores)]
+
+    def _faiss_index(self, region: str | None):
+        """The region's FAISS index, built once per loaded index."""
+        name = region or "pooled"
+        if name not in self._faiss_indexes:
+            self._faiss_indexes[name] = build_faiss_index(self.region_vectors(region))
+        return self._faiss_indexes[name]
 
 
 def top_k(matrix: np.ndarray, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
