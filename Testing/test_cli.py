@@ -290,6 +290,7 @@ def test_bad_scans_get_one_line_and_no_output(tiny_model_folder, tmp_path, name,
     (["--precision", "fp8"], 'Unknown precision "fp8"'),
     (["--finding", " "], '--finding "" is empty'),
     (["--snippet", " "], '--snippet "" is empty'),
+    (["--preprocessing", "nearest"], 'Unknown --preprocessing "nearest"'),
     (["--snippet", "Nodule at the apex.", "--snippet-method", "nearest"], 'Unknown --snippet-method "nearest"'),
     (["--snippet", "Nodule at the apex.", "--snippet-method", "head"], "--snippet-method head needs --localizer"),
 ])
@@ -557,3 +558,21 @@ def test_staging_left_by_a_killed_run_is_removed_by_the_next_one(tiny_engine, tm
     os.utime(tmp_path / ".colipri-notes", (old, old))
     write_analysis(Analyzer(tiny_engine).analyze(load_volume(require(RAS_NIFTI))), tmp_path / "out", heatmaps=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".colipri-notes", fresh.name, "out"]
+
+
+def test_preprocessing_reference_runs_colipris_own_transform(tiny_model_folder, tmp_path, monkeypatch):
+    """--preprocessing reference reaches the engine: the scan goes through TorchIO's transform."""
+    from COLIPRISlicerLib import preprocessing
+
+    methods, original = [], preprocessing.preprocess
+
+    def spy(volume, transform, *, method="fast", device=None):
+        methods.append(method)
+        return original(volume, transform, method=method, device=device)
+
+    monkeypatch.setattr(preprocessing, "preprocess", spy)
+    result = runner.invoke(app, ["analyze", str(require(RAS_NIFTI)), "--model", str(tiny_model_folder),
+                                 "--out", str(tmp_path / "out"), "--device", "cpu", "--preprocessing", "reference",
+                                 "--no-heatmaps", "--no-report", "--no-segmentation"])
+    assert result.exit_code == 0, result.output
+    assert methods == ["reference"] and (tmp_path / "out" / "findings.json").is_file()

@@ -26,6 +26,7 @@ from COLIPRISlicerLib.export.outputs import check_out_dir, write_analysis
 from COLIPRISlicerLib.findings.catalogue import load_catalogue
 from COLIPRISlicerLib.io.volume import Volume, load_volume, non_ct_reason
 from COLIPRISlicerLib.localization.localize import METHODS
+from COLIPRISlicerLib.preprocessing import PREPROCESSING_METHODS
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class AnalysisRequest:
         snippets: report sentences to localise with ``snippet_method`` (and ``localizer``).
         seg_head: trained head folder; None: zero-shot segmentation; False: no segmentation.
         summary: write summary.png, with ``truth`` (phantom ground truth) drawn when given.
+        preprocessing: ``fast`` (one resampling in torch) or ``reference`` (colipri's TorchIO transform).
     """
 
     scan: Path
@@ -57,6 +59,7 @@ class AnalysisRequest:
     allow_non_ct: bool = False
     summary: bool = True
     truth: dict | None = None
+    preprocessing: str = "fast"
 
 
 def analyze(
@@ -79,12 +82,14 @@ def analyze(
     cache_dir: Annotated[Optional[Path], typer.Option(help="On-disk embedding cache folder.")] = None,
     dicom: Annotated[bool, typer.Option("--dicom", help="Also write dicom/: a DICOM SEG and an SR (TID 1500).")] = False,
     allow_non_ct: Annotated[bool, typer.Option(help="Analyse a scan whose values do not look like CT in HU.")] = False,
+    preprocessing: Annotated[str, typer.Option(help="fast (one resampling, the default) or reference (colipri's own"
+                                                    " TorchIO transform, bit-identical to the official pipeline).")] = "fast",
 ) -> None:
     """Zero-shot findings (likelihoods, heatmaps), draft report, segmentation and snippet locations -> OUT/."""
     run_analysis(AnalysisRequest(
         scan, out, model, device, precision, findings, tuple(finding or ()), heatmaps, cache_dir, report,
         tuple(snippet or ()), snippet_method, localizer, seg_head if segmentation or seg_head else False,
-        dicom, allow_non_ct))
+        dicom, allow_non_ct, preprocessing=preprocessing))
 
 
 def run_analysis(request: AnalysisRequest) -> None:
@@ -93,7 +98,7 @@ def run_analysis(request: AnalysisRequest) -> None:
     status(f"Reading {request.scan}")
     volume = load_scan(request.scan, request.allow_non_ct)
     engine = Engine(request.model, device=request.device, precision=request.precision, cache_dir=request.cache_dir,
-                    status_callback=status)
+                    status_callback=status, preprocessing=request.preprocessing)
     analyzer = Analyzer(engine, load_catalogue(request.findings) if request.findings else None)
     result = analyzer.analyze(volume, status_callback=status)
     for text in request.extra:
@@ -127,6 +132,9 @@ def _check_options(request: AnalysisRequest) -> None:
     if any(not text.strip() for text in request.snippets):
         raise UserError('--snippet "" is empty: give a report sentence, e.g.'
                         ' --snippet "Nodule in the right lower lobe".')
+    if request.preprocessing not in PREPROCESSING_METHODS:
+        raise UserError(f'Unknown --preprocessing "{request.preprocessing}"; use one of'
+                        f' {", ".join(PREPROCESSING_METHODS)}.')
     if request.snippet_method not in METHODS:
         raise UserError(f'Unknown --snippet-method "{request.snippet_method}"; use one of {", ".join(METHODS)}.')
     if request.snippet_method == "head" and request.localizer is None:
