@@ -92,12 +92,13 @@ def fill_profile(table_node, chart_node, series_node, localization) -> None:
 
 def oriented_labelmap(labelmap_ijk: np.ndarray, geometry_node) -> slicer.vtkOrientedImageData:
     """An (I, J, K) integer labelmap as oriented image data on ``geometry_node``'s grid and frame
-    (transposed to Slicer's (K, J, I) once)."""
+    (narrowed first, then transposed to Slicer's (K, J, I) once; VTK uses that copy without another)."""
     image = slicer.vtkOrientedImageData()
     image.SetDimensions(*labelmap_ijk.shape)
     kind = (np.uint8, vtk.VTK_UNSIGNED_CHAR) if labelmap_ijk.max(initial=0) < 256 else (np.int16, vtk.VTK_SHORT)
-    values = np.ascontiguousarray(np.transpose(labelmap_ijk, (2, 1, 0)), dtype=kind[0]).ravel()
-    image.GetPointData().SetScalars(vtk.util.numpy_support.numpy_to_vtk(values, deep=True, array_type=kind[1]))
+    values = np.ascontiguousarray(np.transpose(labelmap_ijk.astype(kind[0], copy=False), (2, 1, 0))).ravel()
+    image.GetPointData().SetScalars(vtk.util.numpy_support.numpy_to_vtk(values, deep=False, array_type=kind[1]))
+    image.values_kji = values  # the VTK array points into it: keep it alive as long as the image
     matrix = vtk.vtkMatrix4x4()
     geometry_node.GetIJKToRASMatrix(matrix)
     image.SetImageToWorldMatrix(matrix)

@@ -131,11 +131,12 @@ def update_heatmap_node(node, heatmap: np.ndarray, input_node, finding_name: str
         f'COLIPRI heatmap of "{finding_name}": per-patch positive-minus-negative prompt logit,'
         f" interpolated to the input grid; outside the model's field of view set to {fill:.3g} and hidden."
     )
-    if node.GetDisplayNode() is None:
-        node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
+    if display is None:  # not CreateDefaultDisplayNodes: its automatic window/level reads every voxel first
+        display = node.GetScene().AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        display.AutoWindowLevelOff()
+        node.SetAndObserveDisplayNodeID(display.GetID())
     display.SetAndObserveColorNodeID(HEATMAP_COLOUR_NODE_ID)
-    display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(lower, upper)
     display.SetApplyThreshold(True)
     display.SetThreshold(lower, HEATMAP_THRESHOLD_CEILING)
