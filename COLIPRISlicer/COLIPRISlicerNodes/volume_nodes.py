@@ -123,7 +123,9 @@ def heatmap_display_range(heatmap: np.ndarray) -> tuple[float, float, float]:
 def update_heatmap_node(node, heatmap: np.ndarray, input_node, finding_name: str) -> None:
     """Show an (I, J, K) heatmap (NaN outside the model's view) in ``node``, colour-mapped."""
     fill, lower, upper = heatmap_display_range(heatmap)
-    values_kji = np.ascontiguousarray(np.transpose(heatmap, (2, 1, 0)), dtype=np.float32)  # the one copy
+    # the one copy (the NaNs are filled in it, not in the analysis' map): sequential for the engine's
+    # Fortran-ordered maps, whose (K, J, I) view is already Slicer's memory order
+    values_kji = np.transpose(heatmap, (2, 1, 0)).astype(np.float32, order="C", copy=True)
     values_kji[np.isnan(values_kji)] = fill
     set_volume_array(node, np.transpose(values_kji, (2, 1, 0)), input_node)  # a view: no second copy
     node.SetName(slicer.mrmlScene.GenerateUniqueName(f"{input_node.GetName()} heatmap {finding_name}"))

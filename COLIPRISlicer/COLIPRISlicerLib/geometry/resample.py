@@ -92,8 +92,17 @@ def _resample_separable(values, source_to_ras, target_shape, target_ijk_to_ras, 
         return None
     source_axes, weights = separable
     ordered = np.transpose(values.astype(np.float32), source_axes)  # axis t of `ordered` feeds target axis t
+    # computed as (K, J, I) and returned as its (I, J, K) view: Fortran order, i.e. Slicer's and ITK's
+    # (K, J, I) memory layout, so that showing or writing the map needs no transposing copy
+    kji = _separable_products(ordered.transpose(2, 1, 0), weights[::-1], tuple(int(n) for n in target_shape[::-1]))
+    return kji.transpose(2, 1, 0)
+
+
+def _separable_products(ordered: np.ndarray, weights, target_shape: tuple[int, int, int]) -> np.ndarray:
+    """The three sparse products of :func:`_resample_separable`: ``ordered`` (n0, n1, n2) onto
+    ``target_shape`` (s0, s1, s2) with ``weights[t]`` (s_t, n_t); a C-ordered (s0, s1, s2) float32 array."""
     n0, n1, n2 = ordered.shape
-    size_i, size_j, size_k = (int(n) for n in target_shape)
+    size_i, size_j, size_k = target_shape
     # three sparse products (two non-zeros per weight row), no BLAS: its threads fight torch's for the cores
     partial = _sparse_rows_product(weights[2], ordered.transpose(2, 0, 1).reshape(n2, n0 * n1))  # (K, n0 n1)
     partial = partial.reshape(size_k, n0, n1).transpose(2, 1, 0).reshape(n1, n0 * size_k)
