@@ -228,3 +228,29 @@ def test_the_gpu_recipe_trains_on_a_finer_grid_than_the_cpu_recipe():
     assert cpu.input_size * cpu.spacing_mm == gpu.input_size * gpu.spacing_mm == 400.0  # same field of view
     assert gpu.spacing_mm * 8 == 20.0 and cpu.spacing_mm * 8 == 40.0  # 20 mm patches instead of 40 mm
     assert RECIPES["gpu"].recipe == "gpu" and RECIPES["gpu"].training_seeds()[:2] == [100_000, 100_001]
+
+
+def test_a_trained_model_gets_a_new_head_with_the_crops_asked_for_and_keeps_it_otherwise(tmp_path, monkeypatch):
+    """`--resume --stages head --redo head --head-crop-patches 8` retrains only the head, with those
+    crops; without --redo the head already in the folder is kept."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from COLIPRISlicerLib.cli import app
+    from COLIPRISlicerLib.defaults import phantom_model_folder
+    from COLIPRISlicerLib.teaching import pipeline
+
+    model = tmp_path / "model"
+    shutil.copytree(phantom_model_folder(), model)
+    calls = []
+    monkeypatch.setattr(pipeline, "train_head_on_phantoms", lambda out, **kwargs: calls.append((out, kwargs)))
+    common = ["train-phantom", "--out", str(model), "--resume", "--stages", "head", "--device", "cpu", "--workers", "1"]
+    result = CliRunner().invoke(app, [*common, "--redo", "head", "--head-crop-patches", "8", "--head-epochs", "3",
+                                      "--head-phantoms", "4"])
+    assert result.exit_code == 0, result.output
+    assert calls == [(model, {"device": "cpu", "workers": 1, "crop_patches": 8, "epochs": 3, "n": 4})]
+    result = CliRunner().invoke(app, common)
+    assert result.exit_code == 0 and len(calls) == 1, result.output  # the head in the folder is kept
+    result = CliRunner().invoke(app, [*common, "--redo", "polish"])
+    assert result.exit_code == 1 and '--redo "polish": choose among train, head' in result.output

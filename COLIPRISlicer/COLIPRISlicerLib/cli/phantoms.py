@@ -79,6 +79,10 @@ def train_phantom(
     workers: Annotated[Optional[int], typer.Option(min=1, help="Processes generating phantoms (default: all CPU cores).")] = None,
     resume: Annotated[bool, typer.Option(help="Keep the stages already done in --out (trained weights, head, calibration, figures).")] = False,
     stages: Annotated[str, typer.Option(help="Comma-separated stages to run: train, head, calibrate, evaluate.")] = ",".join(TEACHING_STAGES),
+    head_crop_patches: Annotated[Optional[int], typer.Option(min=1, help="Head training: crop edge in model patches (default: the bundle's).")] = None,
+    head_epochs: Annotated[Optional[int], typer.Option(min=1, help="Head training epochs (default: the bundle's).")] = None,
+    head_phantoms: Annotated[Optional[int], typer.Option(min=2, help="Head training phantoms (default: the bundle's).")] = None,
+    redo: Annotated[str, typer.Option(help="With --resume: comma-separated stages to run again although --out holds them (e.g. head,evaluate).")] = "",
 ) -> None:
     """Train the synthetic teaching model on phantoms, add a segmentation head, calibrate it, validate.
 
@@ -89,8 +93,11 @@ def train_phantom(
     config = recipe_config(recipe, seed=seed, augment=augment, n_train=n_train, epochs=epochs, text_epochs=text_epochs,
                            max_minutes=max_minutes)
     chosen = parse_stages(stages)
+    again = parse_stages(redo, "--redo") if redo else set()
+    head = {key: value for key, value in {"crop_patches": head_crop_patches, "epochs": head_epochs,
+                                          "n": head_phantoms}.items() if value is not None}
     run_stages(out, vocab or default_vocabulary(), config, chosen, n_val=n_val, device=device,
-               workers=workers or cpu_count(), resume=resume, status=status, echo=typer.echo)
+               workers=workers or cpu_count(), resume=resume, status=status, echo=typer.echo, head=head, redo=again)
 
 
 def eval_phantom(

@@ -36,11 +36,11 @@ def recipe_config(recipe: str, *, seed: int, augment: bool = True, **overrides) 
     return config if augment else replace(config, augmentation=None)
 
 
-def parse_stages(text: str) -> set[str]:
+def parse_stages(text: str, option: str = "--stages") -> set[str]:
     """The stages named in a comma-separated list; ValueError for none or an unknown one."""
     chosen = [stage.strip() for stage in text.split(",") if stage.strip()]
     if not chosen or set(chosen) - set(TEACHING_STAGES):
-        raise ValueError(f'--stages "{text}": choose among {", ".join(TEACHING_STAGES)}, comma-separated.')
+        raise ValueError(f'{option} "{text}": choose among {", ".join(TEACHING_STAGES)}, comma-separated.')
     return set(chosen)
 
 
@@ -50,13 +50,16 @@ def cpu_count() -> int:
 
 
 def run_stages(out: Path, vocab: Path, config: TrainingConfig, chosen: set[str], *, n_val: int, device: str,
-               workers: int, resume: bool, status: TypeStatusCallback, echo: Callable[[str], None]) -> None:
+               workers: int, resume: bool, status: TypeStatusCallback, echo: Callable[[str], None],
+               head: dict | None = None, redo: set[str] = frozenset()) -> None:
     """Run the ``chosen`` stages into ``out`` in order, skipping those done there when ``resume``.
+    ``head`` overrides keyword arguments of :func:`.bundle.train_head_on_phantoms` (e.g. ``crop_patches``);
+    ``redo`` names stages run again even when ``out`` holds them (e.g. a new head on a trained model).
 
     Raises:
         ValueError: When a stage after ``train`` is asked for and ``out`` holds no trained model.
     """
-    done = completed_stages(out) if resume else set()
+    done = (completed_stages(out) if resume else set()) - set(redo)
     if done:
         status(f"Resuming {out}: done already: {', '.join(sorted(done))}")
     if "train" not in done | chosen:
@@ -67,7 +70,7 @@ def run_stages(out: Path, vocab: Path, config: TrainingConfig, chosen: set[str],
         status(f"Trained in {record['train_minutes']} min")
     if "head" not in done:
         status("Training the segmentation head")
-        train_head_on_phantoms(out, device=device, workers=workers)
+        train_head_on_phantoms(out, device=device, workers=workers, **(head or {}))
     if "calibrate" not in done:
         status("Calibrating thresholds and snippet localisation")
         calibrate(out, device=device, workers=workers, status_callback=status)
