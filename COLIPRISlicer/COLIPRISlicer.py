@@ -62,7 +62,7 @@ class COLIPRISlicerParameterNode:
     segmentationSource: Annotated[str, Choice(["zero-shot", "head"])] = "zero-shot"
     headFolder: str = ""
     similarQuery: str = ""
-    similarRegion: Annotated[str, Choice(["whole scan", "lungs", "heart"])] = "whole scan"
+    similarRegion: Annotated[str, Choice(["whole scan", "lungs", "heart", "mediastinum"])] = "whole scan"
     similarWhere: str = ""
     similarCount: Annotated[int, WithinRange(1, 100)] = 10
     settings: COLIPRISlicerSettings

@@ -26,7 +26,7 @@ import slicer
 from . import dicom_nodes, views
 
 #: Region choices of the panel -> the index's vector column (None: the whole scan's pooled embedding).
-REGIONS = {"whole scan": None, "lungs": "lungs", "heart": "heart"}
+REGIONS = {"whole scan": None, "lungs": "lungs", "heart": "heart", "mediastinum": "mediastinum"}
 #: How many likelihoods the results table shows per hit.
 TOP_FINDINGS = 3
 

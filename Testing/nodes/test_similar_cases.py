@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("slicer.util", reason="slicer-core is not installed (pip install slicer-core)")
 import slicer_dicom_harness
-from conftest import synthetic_chest
+from conftest import REPO, synthetic_chest
 from slicer_dicom_harness import CTSeries
 from test_slicer_module import engine_session, logic, module, panel, scene, tagged_nodes  # noqa: F401 - fixtures
 
@@ -406,3 +406,19 @@ def test_a_dicom_folder_indexed_from_the_command_line_carries_patient_and_study_
         (f"{UID}.9.2", "Mri^Mary", "P009", "2020-01-01", 3)]  # a folder is not filtered by modality
     assert (iso_date("20240102"), iso_date("2024-01-02"), iso_date(None), iso_date(" ")) == (
         "2024-01-02", "2024-01-02", None, None)
+
+
+def test_the_panel_offers_every_region_the_index_stores():
+    """The Compare choices (the parameter node's Choice and the panel's map) are the index's region columns."""
+    import ast
+
+    from COLIPRISlicerLib.retrieval.regions import REGIONS as INDEX_REGIONS
+    from COLIPRISlicerNodes.similar_cases import REGIONS
+
+    source = ast.parse((REPO / "COLIPRISlicer" / "COLIPRISlicer.py").read_text(encoding="utf-8"))
+    field = next(node for node in ast.walk(source)
+                 if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "similarRegion")
+    choice = next(node for node in ast.walk(field.annotation)
+                  if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Choice")
+    assert ast.literal_eval(choice.args[0]) == list(REGIONS)
+    assert [column for column in REGIONS.values() if column is not None] == list(INDEX_REGIONS)
