@@ -90,13 +90,35 @@ def fill_profile(table_node, chart_node, series_node, localization) -> None:
     chart_node.SetLegendVisibility(False)
 
 
-def oriented_labelmap(labelmap_ijk: np.ndarray, geometry_node) -> slicer.vtkOrientedImageData:
-    """An (I, J, K) integer labelmap as oriented image data on ``geometry_node``'s grid and frame
-    (narrowed first, then transposed to Slicer's (K, J, I) once; VTK uses that copy without another)."""
+def labelled_box(labelmap_ijk: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The (I, J, K) slices of the smallest box holding every labelled voxel, or None for none.
+
+    Two passes over the (K, J, I) view, both along memory for the engine's Fortran-ordered maps."""
+    kji = np.transpose(labelmap_ijk, (2, 1, 0))
+    slabs = np.flatnonzero(kji.any(axis=(1, 2)))
+    if slabs.size == 0:
+        return None
+    k0, k1 = int(slabs[0]), int(slabs[-1]) + 1
+    footprint = kji[k0:k1].any(axis=0)  # (J, I)
+    rows, columns = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
+    return slice(int(columns[0]), int(columns[-1]) + 1), slice(int(rows[0]), int(rows[-1]) + 1), slice(k0, k1)
+
+
+def oriented_labelmap(labelmap_ijk: np.ndarray, geometry_node) -> slicer.vtkOrientedImageData | None:
+    """An (I, J, K) integer labelmap as oriented image data on ``geometry_node``'s grid and frame,
+    cropped to its labelled voxels (the extent Slicer keeps anyway), or None when nothing is labelled.
+
+    The crop is narrowed to 8 bits where the labels allow, in Slicer's (K, J, I) memory order: a
+    view for the engine's Fortran-ordered labelmaps, else one transposing copy; VTK uses that
+    array without copying it again."""
+    box = labelled_box(labelmap_ijk)
+    if box is None:
+        return None
+    crop = labelmap_ijk[box]
+    kind = (np.uint8, vtk.VTK_UNSIGNED_CHAR) if crop.max(initial=0) < 256 else (np.int16, vtk.VTK_SHORT)
+    values = np.ascontiguousarray(np.transpose(crop.astype(kind[0], copy=False), (2, 1, 0))).ravel()
     image = slicer.vtkOrientedImageData()
-    image.SetDimensions(*labelmap_ijk.shape)
-    kind = (np.uint8, vtk.VTK_UNSIGNED_CHAR) if labelmap_ijk.max(initial=0) < 256 else (np.int16, vtk.VTK_SHORT)
-    values = np.ascontiguousarray(np.transpose(labelmap_ijk.astype(kind[0], copy=False), (2, 1, 0))).ravel()
+    image.SetExtent(*(bound for axis in box for bound in (axis.start, axis.stop - 1)))
     image.GetPointData().SetScalars(vtk.util.numpy_support.numpy_to_vtk(values, deep=False, array_type=kind[1]))
     image.values_kji = values  # the VTK array points into it: keep it alive as long as the image
     matrix = vtk.vtkMatrix4x4()
@@ -118,29 +140,38 @@ def terminology_entry(terminology: dict | None, name: str) -> str:
 
 
 def fill_segmentation(segmentation_node, result, input_node) -> None:
-    """Segments of a ``SegmentationResult`` on the input's grid, frame and parent transform."""
+    """Segments of a ``SegmentationResult`` on the input's grid, frame and parent transform.
+
+    One shared labelmap layer (cropped to the labelled voxels) holds every label; each label gets
+    its segment with name, colour and terminology, empty if it has no voxels. Segments are added
+    directly: ``ImportLabelmapToSegmentationNode`` would scan the full-size labelmap three more
+    times (scalar range, histogram, effective extent) and copy it into its extent, for labels
+    the result already lists.
+    """
     # Transform first: the reference geometry is then taken in the segmentation's own (the
     # volume's parent) frame; the other order bakes the transform in and applies it twice.
     segmentation_node.SetAndObserveTransformNodeID(input_node.GetTransformNodeID())
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
     segmentation_node.SetDescription(f"COLIPRI segmentation ({result.description})")
-    segmentation = segmentation_node.GetSegmentation()
-    before = {segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())}
-    # one shared labelmap layer in one call, not one full-size array per segment
-    slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-        oriented_labelmap(result.labelmap, input_node), segmentation_node, "")
-    imported = {segmentation.GetSegment(segment_id).GetLabelValue(): segmentation.GetSegment(segment_id)
-                for segment_id in (segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments()))
-                if segment_id not in before}
-    for label in result.labels:
-        segment = imported.get(label.value)
-        if segment is None:  # a label without voxels still gets its (empty) segment
-            segment = segmentation.GetSegment(segmentation.AddEmptySegment("", label.name, list(label.colour)))
-        segment.SetName(label.name)
-        segment.SetColor(*label.colour)
-        segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry(label.terminology, label.name))
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
+    layer = oriented_labelmap(result.labelmap, input_node)
+    representation = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    segmentation = segmentation_node.GetSegmentation()
+    modifying = segmentation_node.StartModify()
+    try:
+        for label in result.labels:
+            segment = slicer.vtkSegment()
+            segment.SetName(label.name)
+            segment.SetColor(*label.colour)
+            segment.SetLabelValue(label.value)
+            segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry(label.terminology, label.name))
+            if layer is not None:
+                segment.AddRepresentation(representation, layer)
+            if not segmentation.AddSegment(segment):
+                raise RuntimeError(f'Slicer refused segment "{label.name}" of the COLIPRI segmentation.')
+    finally:
+        segmentation_node.EndModify(modifying)
 
 
 def add_snippet_point(markups_node, localization, snippet: str) -> int:

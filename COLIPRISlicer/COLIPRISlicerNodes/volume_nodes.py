@@ -1,8 +1,8 @@
 """Volume nodes in and out of the engine: world geometry, ``Volume`` copies, heatmap nodes.
 
 Axis orders: ``slicer.util.arrayFromVolume`` is (K, J, I); the engine's arrays are
-(I, J, K). :func:`volume_from_node` and :func:`set_volume_array` are the only two places
-that transpose.
+(I, J, K). :func:`volume_from_node` reads Slicer's voxels and :func:`volume_buffer` hands out
+the (K, J, I) memory to write them into; callers transpose their (I, J, K) arrays as views.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import slicer
 import vtk
+import vtk.util.numpy_support
 
 #: Colour map of heatmaps (procedural, so present in every Slicer scene).
 HEATMAP_COLOUR_NODE_ID = "vtkMRMLPETProceduralColorNodePET-Heat"
@@ -89,17 +90,30 @@ def volume_from_node(node):
     return Volume.from_slicer_array(slicer.util.arrayFromVolume(node), world_ijk_to_ras(node), name=node.GetName())
 
 
-def set_volume_array(node, array_ijk: np.ndarray, geometry_node) -> None:
-    """Fill ``node`` with an (I, J, K) array on ``geometry_node``'s grid, same frame and transform."""
+def volume_buffer(node, geometry_node, dtype, shape_ijk: tuple[int, int, int] | None = None) -> np.ndarray:
+    """``node``'s voxels, allocated by VTK on ``geometry_node``'s grid, frame and transform, as a
+    writable (K, J, I) view for the caller to fill in place (then ``arrayFromVolumeModified``).
+
+    Writing there is the one copy into Slicer: ``slicer.util.updateVolumeFromArray`` would copy
+    a finished array once more. A node refilled with the same size and type keeps its memory.
+
+    Raises:
+        ValueError: if ``shape_ijk`` is given and differs from the geometry node's dimensions.
+    """
     dimensions = tuple(geometry_node.GetImageData().GetDimensions())
-    if tuple(array_ijk.shape) != dimensions:
-        message = f"Array shape {array_ijk.shape} differs from the volume's {dimensions}."
-        raise ValueError(message)
+    if shape_ijk is not None and tuple(shape_ijk) != dimensions:
+        raise ValueError(f"Array shape {tuple(shape_ijk)} differs from the volume's {dimensions}.")
     matrix = vtk.vtkMatrix4x4()
     geometry_node.GetIJKToRASMatrix(matrix)
     node.SetIJKToRASMatrix(matrix)
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(np.transpose(array_ijk, (2, 1, 0))))
+    image = node.GetImageData()
+    if image is None:
+        image = vtk.vtkImageData()
+        node.SetAndObserveImageData(image)
+    image.SetDimensions(*dimensions)
+    image.AllocateScalars(vtk.util.numpy_support.get_vtk_array_type(np.dtype(dtype)), 1)
     node.SetAndObserveTransformNodeID(geometry_node.GetTransformNodeID())
+    return slicer.util.arrayFromVolume(node)
 
 
 def heatmap_display_range(heatmap: np.ndarray) -> tuple[float, float, float]:
@@ -123,11 +137,12 @@ def heatmap_display_range(heatmap: np.ndarray) -> tuple[float, float, float]:
 def update_heatmap_node(node, heatmap: np.ndarray, input_node, finding_name: str) -> None:
     """Show an (I, J, K) heatmap (NaN outside the model's view) in ``node``, colour-mapped."""
     fill, lower, upper = heatmap_display_range(heatmap)
-    # the one copy (the NaNs are filled in it, not in the analysis' map): sequential for the engine's
-    # Fortran-ordered maps, whose (K, J, I) view is already Slicer's memory order
-    values_kji = np.transpose(heatmap, (2, 1, 0)).astype(np.float32, order="C", copy=True)
-    values_kji[np.isnan(values_kji)] = fill
-    set_volume_array(node, np.transpose(values_kji, (2, 1, 0)), input_node)  # a view: no second copy
+    values_kji = volume_buffer(node, input_node, np.float32, tuple(heatmap.shape))
+    # the one pass and copy: into VTK's memory, sequential for the engine's Fortran-ordered maps (whose
+    # (K, J, I) view is Slicer's memory order); fmax turns NaN (outside the view) into the fill, which
+    # lies below every value; the analysis' own map is left as it is
+    np.fmax(np.transpose(heatmap, (2, 1, 0)), np.float32(fill), out=values_kji)
+    slicer.util.arrayFromVolumeModified(node)
     node.SetName(slicer.mrmlScene.GenerateUniqueName(f"{input_node.GetName()} heatmap {finding_name}"))
     node.SetDescription(
         f'COLIPRI heatmap of "{finding_name}": per-patch positive-minus-negative prompt logit,'

@@ -681,6 +681,7 @@ def test_export_to_dicom_never_replaces_a_dicom_folder_it_did_not_write(logic, s
 
 def test_segmentation_is_imported_as_one_shared_labelmap_with_every_voxel_of_each_label(logic, scene, nifti,
                                                                                        monkeypatch):
+    from COLIPRISlicerNodes.result_nodes import labelled_box
     from vtk.util import numpy_support
 
     logic.run(nifti)
@@ -700,7 +701,89 @@ def test_segmentation_is_imported_as_one_shared_labelmap_with_every_voxel_of_eac
         counts[segment.GetName()] = int((values == segment.GetLabelValue()).sum())
     assert counts == {label.name: int((expected.labelmap == label.value).sum()) for label in expected.labels}
     assert sum(counts.values()) > 0 and len(expected.labels) > 1
-    assert handed == [expected.labelmap.size]  # one array for all segments, not one per segment
+    box = labelled_box(expected.labelmap)  # one array for all segments (its labelled box), not one per segment
+    assert handed == [int(np.prod([axis.stop - axis.start for axis in box]))]
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+def test_a_local_segmentation_is_imported_cropped_in_place_with_its_empty_labels(module, scene, nifti, order):
+    """A nodule-sized blob and a one-voxel label: the layer holds just their box, at the input's
+    IJK->RAS, and puts every voxel back where the labelmap has it; a label without voxels still
+    gets its (empty) segment; both memory orders of the engine's labelmaps."""
+    from COLIPRISlicerLib.segmentation.files import LabelInfo, SegmentationResult
+    from COLIPRISlicerNodes import importer
+    from vtk.util import numpy_support
+
+    shape = nifti.GetImageData().GetDimensions()
+    labelmap = np.zeros(shape, np.int16, order=order)
+    labelmap[10:17, 20:31, 5:9] = 1
+    labelmap[12, 25, 6] = 2
+    labelmap[40, 33, 11] = 3
+    labels = [LabelInfo(value, name, (0.1 * value, 0.5, 0.5), None)
+              for value, name in ((1, "Nodule"), (2, "Core"), (3, "Speck"), (4, "Effusion"))]
+    result = SegmentationResult(labelmap, ijk_to_ras(nifti), labels, "head", "test")
+    node = importer.import_segmentation(nifti, result)
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfLayers() == 1
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["Nodule", "Core", "Speck", "Effusion"]
+    layer = segmentation.GetSegmentRepresentation(segmentation.GetNthSegmentID(0), "Binary labelmap")
+    assert tuple(layer.GetExtent()) == (10, 40, 20, 33, 5, 11)  # the labelled box, not the 512 x 512 grid
+    matrix = vtk_matrix_array(layer)
+    np.testing.assert_allclose(matrix, ijk_to_ras(nifti), atol=1e-9)
+    extent = layer.GetExtent()
+    values = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars()).reshape(
+        extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    rebuilt = np.zeros(shape, np.int16)
+    rebuilt[10:41, 20:34, 5:12] = np.transpose(values, (2, 1, 0))
+    np.testing.assert_array_equal(rebuilt, labelmap)
+    for index, label in enumerate(labels):
+        assert segmentation.GetNthSegment(index).GetLabelValue() == label.value
+        assert segmentation.GetNthSegment(index).GetColor() == pytest.approx(label.colour)
+    assert int((values == 4).sum()) == 0  # Effusion: a segment without voxels
+
+
+def test_a_segmentation_without_voxels_gives_empty_segments(module, scene, nifti):
+    from COLIPRISlicerLib.segmentation.files import LabelInfo, SegmentationResult
+    from COLIPRISlicerNodes import importer
+
+    labelmap = np.zeros(nifti.GetImageData().GetDimensions(), np.int16)
+    result = SegmentationResult(labelmap, ijk_to_ras(nifti), [LabelInfo(1, "Nodule", (1.0, 0.0, 0.0), None)],
+                                "head", "test")
+    segmentation = importer.import_segmentation(nifti, result).GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1 and segmentation.GetNthSegment(0).GetName() == "Nodule"
+    layer = segmentation.GetSegmentRepresentation(segmentation.GetNthSegmentID(0), "Binary labelmap")
+    assert layer is None or layer.IsEmpty()
+
+
+def test_a_replaced_segmentation_is_emptied_before_slicer_deletes_it(module, scene, nifti):
+    """Slicer splits each segment out of a shared layer (two passes over it per segment) when it
+    deletes a segmentation; the module's replaced output has its layer emptied first, and the new
+    one is complete."""
+    from COLIPRISlicerLib.segmentation.files import LabelInfo, SegmentationResult
+    from COLIPRISlicerNodes import importer
+
+    shape = nifti.GetImageData().GetDimensions()
+    labelmap = np.zeros(shape, np.int16, order="F")
+    labelmap[5:60, 5:60, 2:10], labelmap[70:90, 70:90, 3:6] = 1, 2
+    labels = [LabelInfo(1, "Effusion", (0.2, 0.4, 0.9), None), LabelInfo(2, "Nodule", (0.9, 0.7, 0.1), None)]
+    result = SegmentationResult(labelmap, ijk_to_ras(nifti), labels, "head", "test")
+    old = importer.import_segmentation(nifti, result)
+    old_layer = old.GetSegmentation().GetLayerDataObject(0)
+    assert old_layer.GetNumberOfPoints() == 85 * 85 * 8
+    new = importer.import_segmentation(nifti, result)
+    assert not scene.scene.IsNodePresent(old) and scene.scene.IsNodePresent(new)
+    assert old_layer.GetNumberOfPoints() == 0  # emptied: nothing left for Slicer to split
+    layer = new.GetSegmentation().GetLayerDataObject(0)
+    assert layer.GetNumberOfPoints() == 85 * 85 * 8 and new.GetSegmentation().GetNumberOfSegments() == 2
+
+
+def vtk_matrix_array(image) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    return np.array([[matrix.GetElement(row, col) for col in range(4)] for row in range(4)])
 
 
 def test_heatmap_display_range_from_a_sample_matches_the_whole_map(logic, scene, nifti):

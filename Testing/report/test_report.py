@@ -79,6 +79,26 @@ def test_certainty_words_follow_the_bands(bank):
     assert bank.confident_negative_at_most == 0.2
 
 
+def test_a_bank_is_parsed_once_per_file_version_and_read_again_when_edited(tmp_path, monkeypatch):
+    import os
+
+    from COLIPRISlicerLib.report import bank as bank_module
+
+    path = write_bank(tmp_path, lambda raw: None)
+    parsed, load = [], yaml.load
+    monkeypatch.setattr(bank_module.yaml, "load", lambda text, Loader: parsed.append(1) or load(text, Loader=Loader))
+    first = load_sentence_bank(path)
+    assert load_sentence_bank(path) is first and len(parsed) == 1  # every report after the first: no YAML
+    with pytest.raises(TypeError):
+        first.findings["Cardiomegaly"] = None  # shared between reports, so read-only
+    raw = load(open(path, encoding="utf-8"), Loader=yaml.SafeLoader)
+    raw["header"] = "EDITED HEADER"
+    open(path, "w", encoding="utf-8").write(yaml.safe_dump(raw, sort_keys=False))
+    os.utime(path, ns=(10**18, 10**18))
+    edited = load_sentence_bank(path)
+    assert len(parsed) == 2 and edited.header == "EDITED HEADER"
+
+
 def test_bank_without_a_finding_is_rejected(tmp_path):
     path = write_bank(tmp_path, lambda raw: raw["findings"].pop("Hiatal hernia"))
     with pytest.raises(ValueError, match=r"missing finding\(s\) \['Hiatal hernia'\]"):

@@ -8,13 +8,13 @@ TorchIO, and hence colipri, reads them) and converted from ITK's LPS to RAS.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from COLIPRISlicerLib import geometry
 from COLIPRISlicerLib.defaults import HU_MAX_EXPECTED, HU_MIN_EXPECTED
@@ -107,16 +107,17 @@ class Volume:
         return geometry.spacing_of(self.ijk_to_ras)
 
     def content_hash(self) -> str:
-        """SHA-1 of voxels, dtype, shape, memory order and matrix (computed once; the cache key).
+        """XXH3-128 of voxels, dtype, shape, memory order and matrix (computed once; the cache key).
 
-        SHA-1 runs on the CPU's SHA extensions (0.10 s for a 512 x 512 x 300 int16 volume here,
-        BLAKE2b 0.24 s), and an array in Fortran order (Slicer's (K, J, I) array seen as (I, J, K))
-        is read as it lies in memory instead of being copied first.
+        A cache key needs no cryptographic hash: XXH3 reads a 512 x 512 x 300 int16 volume in 5 ms
+        here (SHA-1 on the CPU's SHA extensions 82 ms, BLAKE2b 0.24 s) and still follows every
+        voxel. An array in Fortran order (Slicer's (K, J, I) array seen as (I, J, K)) is read as it
+        lies in memory instead of being copied first.
         """
         if not self._hash:
             array = self.array
             fortran = array.flags.f_contiguous and not array.flags.c_contiguous
-            digest = hashlib.sha1(usedforsecurity=False)
+            digest = xxhash.xxh3_128()
             digest.update(str((array.dtype.str, array.shape, "F" if fortran else "C")).encode())
             digest.update((array.T if fortran else np.ascontiguousarray(array)).data)
             digest.update(np.round(self.ijk_to_ras, 6).tobytes())

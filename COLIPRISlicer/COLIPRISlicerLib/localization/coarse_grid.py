@@ -136,9 +136,18 @@ def _coarse_ras(grid: CoarseGrid) -> np.ndarray:
 
 
 def _block_mean(array: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
-    """Mean over ``factors``-sized blocks (remainders cropped), reduced in memory order."""
+    """Mean over ``factors``-sized blocks (remainders cropped), reduced in memory order.
+
+    Axes the view runs backwards along (a DICOM volume's L and P seen as R and A) are read forwards,
+    with the same blocks, and the small result flipped back: numpy reduces a negatively strided
+    axis at about half the speed. Integer voxels sum exactly in float32 (below 2^24), so the order
+    changes no value.
+    """
     shape = [n // f * f for n, f in zip(array.shape, factors)]
-    cropped = array[: shape[0], : shape[1], : shape[2]]
+    backwards = tuple(axis for axis in range(array.ndim) if array.strides[axis] < 0)
+    starts = [n - m if axis in backwards else 0 for axis, (n, m) in enumerate(zip(array.shape, shape))]
+    forwards = np.flip(array, backwards) if backwards else array
+    cropped = forwards[starts[0] : starts[0] + shape[0], starts[1] : starts[1] + shape[1], starts[2] : starts[2] + shape[2]]
     order = [int(axis) for axis in np.argsort([-abs(s) for s in cropped.strides], kind="stable")]
     blocks = cropped.transpose(order)
     sizes = [shape[axis] for axis in order]
@@ -147,4 +156,5 @@ def _block_mean(array: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
         new_shape = sizes[:position] + [sizes[position] // factor, factor] + sizes[position + 1 :]
         blocks = blocks.reshape(new_shape).sum(axis=position + 1, dtype=np.float32)
         sizes[position] //= factor
-    return (blocks / np.float32(np.prod(factors))).transpose(np.argsort(order))
+    mean = (blocks / np.float32(np.prod(factors))).transpose(np.argsort(order))
+    return np.ascontiguousarray(np.flip(mean, backwards)) if backwards else mean

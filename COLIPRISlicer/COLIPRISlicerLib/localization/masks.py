@@ -89,9 +89,13 @@ def split_sides(lungs: np.ndarray, grid: CoarseGrid, midline: float) -> dict[str
 
 
 def _fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
-    """Fill holes within each axial slice (padding keeps end slices from touching the border)."""
-    padded = np.pad(mask, ((0, 0), (0, 0), (1, 1)))
-    return ndimage.binary_fill_holes(padded, structure=IN_PLANE)[:, :, 1:-1]
+    """Fill holes within each axial slice: background regions (4-connected in the slice) that do not
+    reach the slice's edge. One labelling pass instead of ``binary_fill_holes``' iterated dilation
+    (the same mask, several times faster)."""
+    background, _ = ndimage.label(~mask, structure=IN_PLANE)
+    edges = (background[0], background[-1], background[:, 0], background[:, -1])
+    outside = np.unique(np.concatenate([edge.ravel() for edge in edges]))
+    return ~np.isin(background, outside[outside > 0])
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:

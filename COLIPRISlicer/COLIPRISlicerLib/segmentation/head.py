@@ -275,7 +275,7 @@ def predict(head: SegmentationHead, encoding: ImageEncoding, volume: Volume, ima
 
 
 def _label_of_best(scores, shape: tuple[int, int, int]) -> np.ndarray:
-    """(I, J, K) int16: per voxel, the value whose score is highest and above 0.
+    """(I, J, K) int16 in Fortran order: per voxel, the value whose score is highest and above 0.
 
     Args:
         scores: iterable of (label value, (I, J, K) score), consumed one at a time so memory
@@ -283,8 +283,9 @@ def _label_of_best(scores, shape: tuple[int, int, int]) -> np.ndarray:
             the field of view) never wins.
         shape: (I, J, K) of the input volume.
     """
-    best = np.zeros(shape, dtype=np.float32)
-    labelmap = np.zeros(shape, dtype=np.int16)
+    # Fortran order, as the separable resampling returns the scores: Slicer's and ITK's memory order
+    best = np.zeros(shape, dtype=np.float32, order="F")
+    labelmap = np.zeros(shape, dtype=np.int16, order="F")
     for value, score in scores:
         better = score > best
         best[better] = score[better]
