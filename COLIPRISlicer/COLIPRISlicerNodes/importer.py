@@ -40,16 +40,19 @@ def update_findings(input_node, findings) -> None:
     result_nodes.fill_findings_table(table, findings)
 
 
-def import_heatmap(input_node, heatmap, finding_name: str):
-    """The volume's heatmap node (created once, then refilled) showing ``finding_name``."""
+def import_heatmap(input_node, heatmap, finding_name: str, *, adopt: bool = False):
+    """The volume's heatmap node (created once, then refilled) showing ``finding_name``.
+
+    ``adopt``: the array is handed over and becomes the node's voxels (see
+    ``volume_nodes.update_heatmap_node``); the caller must not use it afterwards."""
     scene = input_node.GetScene()
     node = outputs.find_output(scene, input_node, "heatmap")
     if node is not None:
-        volume_nodes.update_heatmap_node(node, heatmap, input_node, finding_name)
+        volume_nodes.update_heatmap_node(node, heatmap, input_node, finding_name, adopt=adopt)
         return node
     with outputs.NodeBatch(scene, input_node) as batch:
         node = batch.add(slicer.vtkMRMLScalarVolumeNode(), "heatmap", f"{input_node.GetName()} heatmap")
-        volume_nodes.update_heatmap_node(node, heatmap, input_node, finding_name)
+        volume_nodes.update_heatmap_node(node, heatmap, input_node, finding_name, adopt=adopt)
     return node
 
 

@@ -177,7 +177,7 @@ class AnalysisLogic:
             finding = result.finding(findingName)
             return finding, heatmap_on_volume(finding, result.encoding.grid, result.volume)
         node, _, (finding, values) = self._query(heatmap)
-        heatmapNode = importer.import_heatmap(node, values, finding.name)
+        heatmapNode = importer.import_heatmap(node, values, finding.name, adopt=True)  # computed for this node alone
         views.show_heatmap(node, heatmapNode, opacity)
         views.jump_slices(slicer.mrmlScene, finding.peak_ras)
         return heatmapNode

@@ -100,20 +100,41 @@ def volume_buffer(node, geometry_node, dtype, shape_ijk: tuple[int, int, int] | 
     Raises:
         ValueError: if ``shape_ijk`` is given and differs from the geometry node's dimensions.
     """
+    image = _image_on_grid_of(node, geometry_node, shape_ijk)
+    image.AllocateScalars(vtk.util.numpy_support.get_vtk_array_type(np.dtype(dtype)), 1)
+    return slicer.util.arrayFromVolume(node)
+
+
+def adopt_volume_array(node, geometry_node, values_kji: np.ndarray) -> None:
+    """Make a C-contiguous (K, J, I) array ``node``'s voxels without copying it, on ``geometry_node``'s
+    grid, frame and transform; VTK keeps the array alive as long as it uses it.
+
+    Raises:
+        ValueError: if the array's shape differs from the geometry node's or it is not contiguous.
+    """
+    if not values_kji.flags.c_contiguous:
+        raise ValueError("The (K, J, I) array must be C-contiguous to become a volume's voxels.")
+    image = _image_on_grid_of(node, geometry_node, tuple(values_kji.shape[::-1]))
+    scalars = vtk.util.numpy_support.numpy_to_vtk(values_kji.reshape(-1), deep=False)  # keeps a reference
+    image.GetPointData().SetScalars(scalars)
+    slicer.util.arrayFromVolumeModified(node)
+
+
+def _image_on_grid_of(node, geometry_node, shape_ijk: tuple[int, int, int] | None):
+    """``node``'s image data (created if missing) sized as ``geometry_node``'s, with its matrix and transform."""
     dimensions = tuple(geometry_node.GetImageData().GetDimensions())
     if shape_ijk is not None and tuple(shape_ijk) != dimensions:
         raise ValueError(f"Array shape {tuple(shape_ijk)} differs from the volume's {dimensions}.")
     matrix = vtk.vtkMatrix4x4()
     geometry_node.GetIJKToRASMatrix(matrix)
     node.SetIJKToRASMatrix(matrix)
+    node.SetAndObserveTransformNodeID(geometry_node.GetTransformNodeID())
     image = node.GetImageData()
     if image is None:
         image = vtk.vtkImageData()
         node.SetAndObserveImageData(image)
     image.SetDimensions(*dimensions)
-    image.AllocateScalars(vtk.util.numpy_support.get_vtk_array_type(np.dtype(dtype)), 1)
-    node.SetAndObserveTransformNodeID(geometry_node.GetTransformNodeID())
-    return slicer.util.arrayFromVolume(node)
+    return image
 
 
 def heatmap_display_range(heatmap: np.ndarray) -> tuple[float, float, float]:
@@ -134,15 +155,23 @@ def heatmap_display_range(heatmap: np.ndarray) -> tuple[float, float, float]:
     return float(np.nanmin(heatmap)) - 1.0, lower, upper
 
 
-def update_heatmap_node(node, heatmap: np.ndarray, input_node, finding_name: str) -> None:
-    """Show an (I, J, K) heatmap (NaN outside the model's view) in ``node``, colour-mapped."""
+def update_heatmap_node(node, heatmap: np.ndarray, input_node, finding_name: str, *, adopt: bool = False) -> None:
+    """Show an (I, J, K) heatmap (NaN outside the model's view) in ``node``, colour-mapped.
+
+    Args:
+        adopt: the caller hands the array over (the module's freshly computed maps): NaN is
+            filled in place and VTK takes the array as the node's voxels, with no copy and no
+            second full-size array; else the map is left as it is and copied once into VTK's memory.
+    """
     fill, lower, upper = heatmap_display_range(heatmap)
-    values_kji = volume_buffer(node, input_node, np.float32, tuple(heatmap.shape))
-    # the one pass and copy: into VTK's memory, sequential for the engine's Fortran-ordered maps (whose
-    # (K, J, I) view is Slicer's memory order); fmax turns NaN (outside the view) into the fill, which
-    # lies below every value; the analysis' own map is left as it is
-    np.fmax(np.transpose(heatmap, (2, 1, 0)), np.float32(fill), out=values_kji)
-    slicer.util.arrayFromVolumeModified(node)
+    values_kji = np.transpose(heatmap, (2, 1, 0))
+    # fmax turns NaN (outside the view) into the fill, which lies below every value
+    if adopt and heatmap.dtype == np.float32 and values_kji.flags.c_contiguous and heatmap.flags.writeable:
+        np.fmax(heatmap, np.float32(fill), out=heatmap)
+        adopt_volume_array(node, input_node, values_kji)
+    else:  # one pass, sequential for the engine's Fortran-ordered maps (their (K, J, I) view is Slicer's order)
+        np.fmax(values_kji, np.float32(fill), out=volume_buffer(node, input_node, np.float32, tuple(heatmap.shape)))
+        slicer.util.arrayFromVolumeModified(node)
     node.SetName(slicer.mrmlScene.GenerateUniqueName(f"{input_node.GetName()} heatmap {finding_name}"))
     node.SetDescription(
         f'COLIPRI heatmap of "{finding_name}": per-patch positive-minus-negative prompt logit,'

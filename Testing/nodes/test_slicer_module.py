@@ -786,6 +786,37 @@ def vtk_matrix_array(image) -> np.ndarray:
     return np.array([[matrix.GetElement(row, col) for col in range(4)] for row in range(4)])
 
 
+def test_a_handed_over_heatmap_becomes_the_nodes_voxels_without_a_copy_and_a_kept_one_is_left_alone(module, scene,
+                                                                                                     nifti):
+    import gc
+
+    import slicer
+    from COLIPRISlicerNodes import importer
+
+    shape = nifti.GetImageData().GetDimensions()
+    rng = np.random.default_rng(7)
+    kept = np.asfortranarray(rng.normal(size=shape).astype(np.float32))
+    kept[:5] = np.nan  # outside the model's field of view
+    expected = np.where(np.isnan(kept), np.nan, kept).transpose(2, 1, 0)
+    node = importer.import_heatmap(nifti, kept, "Kept")
+    assert np.isnan(kept[:5]).all()  # the caller's map is left as it is
+    shown = slicer.util.arrayFromVolume(node)
+    assert shown.ctypes.data != kept.ctypes.data
+    handed = kept.copy(order="F")
+    address = handed.ctypes.data
+    assert importer.import_heatmap(nifti, handed, "Handed", adopt=True) is node  # the same node, refilled
+    shown = slicer.util.arrayFromVolume(node)
+    assert shown.ctypes.data == address  # VTK uses the handed array itself: no second full-size array
+    fill = node.GetDisplayNode().GetLowerThreshold()
+    del handed
+    gc.collect()
+    shown = slicer.util.arrayFromVolume(node)  # still alive: VTK holds it
+    inside = np.isfinite(expected)
+    np.testing.assert_array_equal(shown[inside], expected[inside])
+    assert (shown[~inside] < fill).all() and np.isfinite(shown).all()
+    np.testing.assert_allclose(ijk_to_ras(node), ijk_to_ras(nifti))
+
+
 def test_heatmap_display_range_from_a_sample_matches_the_whole_map(logic, scene, nifti):
     from COLIPRISlicerNodes.volume_nodes import HEATMAP_LOWER_PERCENTILE, HEATMAP_UPPER_PERCENTILE, heatmap_display_range
 
