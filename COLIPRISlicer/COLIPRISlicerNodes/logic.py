@@ -171,11 +171,11 @@ class AnalysisLogic:
 
     def showHeatmap(self, findingName: str, opacity: float = 0.5):
         """Heatmap of a finding as the foreground layer; slice views jump to its peak."""
-        from COLIPRISlicerLib.findings.scoring import heatmap_on_volume
+        from COLIPRISlicerLib.findings.scoring import heatmap_on_host
 
-        def heatmap(result):
+        def heatmap(result):  # on the engine's device (a GPU: there, then one copy), in Slicer's memory order
             finding = result.finding(findingName)
-            return finding, heatmap_on_volume(finding, result.encoding.grid, result.volume)
+            return finding, heatmap_on_host(finding, result.encoding.grid, result.volume, result.device)
         node, _, (finding, values) = self._query(heatmap)
         heatmapNode = importer.import_heatmap(node, values, finding.name, adopt=True)  # computed for this node alone
         views.show_heatmap(node, heatmapNode, opacity)

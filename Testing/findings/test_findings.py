@@ -188,3 +188,6 @@ def test_heatmap_computed_on_a_torch_device_equals_the_cpu_heatmap(analysis):
     assert isinstance(on_device, torch.Tensor) and on_device.dtype == torch.float32
     np.testing.assert_array_equal(np.isnan(on_device.numpy()), np.isnan(expected))
     np.testing.assert_allclose(on_device.numpy(), expected, rtol=0, atol=1e-5, equal_nan=True)
+    # both in (K, J, I) memory order, Slicer's: showing either copies (or adopts) without transposing
+    assert expected.flags.f_contiguous and on_device.permute(2, 1, 0).is_contiguous()
+    assert on_device.cpu().numpy().flags.f_contiguous

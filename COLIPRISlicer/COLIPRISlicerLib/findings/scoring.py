@@ -121,6 +121,16 @@ def heatmap_tensor_on_volume(result: FindingResult, grid: geometry.PatchGrid, vo
                                                  volume.ijk_to_ras, device)
 
 
+def heatmap_on_host(result: FindingResult, grid: geometry.PatchGrid, volume: Volume, device) -> np.ndarray:
+    """:func:`heatmap_on_volume` computed on the engine's ``device`` (a GPU: there, then one copy to the
+    host), as a new (I, J, K) float32 array in (K, J, I) memory order, Slicer's: a map to show."""
+    import torch
+
+    if torch.device(device).type == "cpu":
+        return heatmap_on_volume(result, grid, volume)
+    return heatmap_tensor_on_volume(result, grid, volume, device).cpu().numpy()
+
+
 def mask_to_model_grid(mask_ijk: np.ndarray, volume: Volume, grid: geometry.PatchGrid) -> np.ndarray:
     """(X, Y, Z) bool: a mask given on the input grid, nearest-neighbour on the model grid."""
     if tuple(mask_ijk.shape) != tuple(volume.shape):

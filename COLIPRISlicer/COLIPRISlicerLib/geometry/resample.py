@@ -184,9 +184,9 @@ def resample_to_volume_on_device(values, source_to_ras, target_shape, target_ijk
         device: torch device of the work and of the result.
 
     Returns:
-        (I, J, K) float32 tensor on ``device``; the same numbers as :func:`resample_to_volume` (same
-        weights, same three products). Grids whose axes are not parallel are resampled on the CPU
-        and copied over.
+        (I, J, K) float32 tensor on ``device``, laid out in (K, J, I) order as :func:`resample_to_volume`'s
+        arrays are; the same numbers (same weights, same three products). Grids whose axes are not
+        parallel are resampled on the CPU and copied over.
     """
     import torch
 
@@ -197,10 +197,13 @@ def resample_to_volume_on_device(values, source_to_ras, target_shape, target_ijk
         return torch.from_numpy(np.ascontiguousarray(resampled)).to(device)
     source_axes, weights = separable
     w0, w1, w2 = (torch.from_numpy(w).to(device) for w in weights)
-    ordered = torch.as_tensor(values, dtype=torch.float32).to(device).permute(source_axes)
-    partial = torch.matmul(w1, ordered @ w2.T)  # (n0, J, K)
-    result = w0 @ partial.reshape(partial.shape[0], -1)  # (I, J * K)
-    return result.reshape(tuple(int(n) for n in target_shape))
+    ordered = torch.as_tensor(values, dtype=torch.float32).to(device).permute(source_axes)  # axis t feeds target t
+    # computed as (K, J, I), I first as the numpy path does, and returned as its (I, J, K) view: Slicer's
+    # and ITK's memory order, which a copy to the host keeps (``.cpu()`` preserves the strides)
+    partial = torch.matmul(w1, ordered.permute(2, 1, 0) @ w0.T)  # (n2, J, I)
+    size_i, size_j, size_k = (int(n) for n in target_shape)
+    result = (w2 @ partial.reshape(partial.shape[0], -1)).reshape(size_k, size_j, size_i)
+    return result.permute(2, 1, 0)
 
 
 def _interpolation_matrix(coordinates: np.ndarray, size: int, outside: float) -> np.ndarray:
