@@ -80,6 +80,20 @@ def test_head_labels_put_findings_over_the_vessels_they_were_planted_in():
     assert np.array_equal(with_vessels[with_vessels != 6], plain[with_vessels != 6])
 
 
+def test_head_crops_hold_160_mm_of_context_on_any_grid_and_the_bundled_head_was_trained_so():
+    import json
+
+    from COLIPRISlicerLib.defaults import resources_dir
+    from COLIPRISlicerLib.teaching.bundle import head_crop_patches
+
+    assert head_crop_patches(5.0, 8) == 4 and head_crop_patches(2.5, 8) == 8  # v3's grid, v7's grid
+    assert head_crop_patches(2.0, 8) == 10 and head_crop_patches(50.0, 8) == 1
+    head = json.loads((resources_dir() / "Models" / "phantom" / "segmentation_head" / "head.json").read_text())
+    spacing, patch = head["preprocessing"]["spacing_mm"][0], head["preprocessing"]["patch_size"][0]
+    crops = head_crop_patches(spacing, patch)
+    assert f"random {crops}-patch crops" in head["training"]["augmentation"]  # what train-phantom makes now
+
+
 @pytest.mark.parametrize("anatomy", [None, VESSEL_ANATOMY], ids=["findings", "with-vessels"])
 def test_a_bundled_head_is_the_default_segmentation(model_copy, anatomy):
     summary = train_head_on_phantoms(model_copy, n=3, seed_base=100_500, epochs=1, anatomy=anatomy)

@@ -180,17 +180,19 @@ def _analysed_phantoms(folder: TypePath, n: int, seed_base: int | None, done: st
             status_callback(f"{done} on {index + 1}/{n} phantoms")
 
 
-#: Head training: phantoms, epochs, crop edge (patches), decoder width and output subdivision of the
-#: bundled head (refine 2: a 2.5 mm grid, on which a perfect prediction of the held-out nodules reaches
-#: Dice 0.97 on the input grid, against 0.70 on the 5 mm model grid).
-HEAD_PHANTOMS, HEAD_EPOCHS, HEAD_CROP_PATCHES, HEAD_BASE_CHANNELS = 80, 20, 4, 8
+#: Head training: phantoms, epochs and decoder width of the bundled head (v7's: 30 epochs; 20 were
+#: v3's, and left the 8-patch crops below at a loss of 1.19 in a 10-epoch pilot).
+HEAD_PHANTOMS, HEAD_EPOCHS, HEAD_BASE_CHANNELS = 80, 30, 8
+#: Context of a head training crop per axis, whatever the grid: 4 patches on v3's 5 mm grid, 8 on v7's
+#: 2.5 mm grid. v7's first head kept 4 patches (80 mm): held-out effusion Dice 0.40, against 0.83 with 160 mm.
+HEAD_CONTEXT_MM = 160.0
 #: The head's output grid: the model grid subdivided until its voxels are this size (5 mm grid: refine 2).
 HEAD_OUTPUT_MM = 2.5
 #: Small classes (``segmentation.recipe.RareClasses``): half the foreground-centred crops centred on a
 #: class drawn first with weights voxels^-0.5 (a nodule beside an effusion ~10x as often), and 0.1 x the
 #: class-balanced cross-entropy in every epoch, without which the nodule probability stayed below 0.005
 #: everywhere (held-out nodule Dice 0.00 -> 0.08, effusion 0.87 -> 0.86; docs/teaching-model-history.md has the other recipes).
-HEAD_RARE_CLASSES = RareClasses(balanced_crops=0.5, rarity=0.5, recall_epochs=HEAD_EPOCHS, recall_weight=0.1)
+HEAD_RARE_CLASSES = RareClasses(balanced_crops=0.5, rarity=0.5, recall_epochs=20, recall_weight=0.1)
 #: How often the head's validation Dice is measured (8 s a phantom on the 160^3 refined grid).
 HEAD_VALIDATE_EVERY = 5
 #: Head phantoms: seeds HEAD_SEED_BASE + i, the first of the encoder's own training phantoms, so the
@@ -223,6 +225,12 @@ def head_refine(spacing_mm: float) -> int:
     return 2 ** max(0, math.floor(math.log2(spacing_mm / HEAD_OUTPUT_MM + 1e-9)))
 
 
+def head_crop_patches(spacing_mm: float, patch_voxels: int) -> int:
+    """Patches per axis of a head training crop: :data:`HEAD_CONTEXT_MM` of context on a
+    ``spacing_mm`` model grid with ``patch_voxels``-voxel patches: 5 mm x 8 -> 4, 2.5 mm x 8 -> 8."""
+    return max(1, round(HEAD_CONTEXT_MM / (spacing_mm * patch_voxels)))
+
+
 def _model_spacing_mm(folder: Path) -> float:
     """The model grid's voxel size from the folder's processor config (colipri's Resample target)."""
     import yaml
@@ -234,7 +242,7 @@ def _model_spacing_mm(folder: Path) -> float:
 
 
 def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_base: int = HEAD_SEED_BASE,
-                           epochs: int = HEAD_EPOCHS, crop_patches: int | None = HEAD_CROP_PATCHES,
+                           epochs: int = HEAD_EPOCHS, crop_patches: int | None = None,
                            base_channels: int = HEAD_BASE_CHANNELS, refine: int | None = None,
                            max_minutes: float | None = None, anatomy: dict | None = None, device: str = "cpu",
                            workers: int = 1) -> dict:
@@ -242,7 +250,8 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
 
     The phantoms have the training set's coarse geometry (2.5-3 mm in-plane; the model
     grid is 5 mm, so finer voxels would only cost generation time); the head trains on
-    random crops of ``crop_patches`` patches (:func:`.segmentation.sampling.random_patch_crop`).
+    random crops of ``crop_patches`` patches (:func:`.segmentation.sampling.random_patch_crop`; None:
+    :data:`HEAD_CONTEXT_MM` worth of the model's patches, :func:`head_crop_patches`).
     ``anatomy`` (e.g. ``VESSEL_ANATOMY``; default none) adds tissue labels, which findings overwrite.
     ``refine`` None: the head decodes onto a grid of :data:`HEAD_OUTPUT_MM` (:func:`head_refine`).
     """
@@ -264,6 +273,7 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
             write_volume(head_labelmap(truth, anatomy), volume.ijk_to_ras, labels / f"phantom_{seed}.nii.gz")
         engine = Engine(str(folder), device=device, precision="fp32")
         refine = refine or head_refine(_model_spacing_mm(folder))
+        crop_patches = crop_patches or head_crop_patches(_model_spacing_mm(folder), engine.loaded.patch_size[0])
         staging = Path(work) / "head"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
