@@ -52,3 +52,37 @@ def test_side_and_zone_words_on_the_real_scan(tcia_analysis, tiny_engine, side, 
     assert side in lungs and zone_word in lungs
     assert "No pleural effusion." in text  # confident negative stated
     assert "DRAFT" in text and "not for clinical use" in text
+
+
+def test_the_reports_phrasings_are_embedded_in_one_text_encoder_pass_and_choose_as_one_by_one(tcia_analysis,
+                                                                                               tiny_engine):
+    """Every candidate sentence in one batch (then cache hits), and the same report as scoring each
+    finding's candidates on its own."""
+    from COLIPRISlicerLib.report.draft import ReportContext, TemplateReportComposer
+
+    analyzer, result = tcia_analysis
+    result = dataclasses.replace(result, findings=list(result.findings))
+    place_heatmap(result, "Consolidation", "right", "upper")
+    result.findings = [dataclasses.replace(f, likelihood=0.9) if f.name == "Cardiomegaly" else f
+                       for f in result.findings]
+    composer = TemplateReportComposer()
+    candidates = composer.candidate_sentences(report_evidence(result))
+    assert len(candidates) > 10 and any("right upper" in c.lower() for c in candidates)
+    tiny_engine._prompts.clear()
+    before = tiny_engine.text_forward_count
+    batched = build_report(tiny_engine, result, generator=composer).to_markdown()
+    assert tiny_engine.text_forward_count - before == 1  # not one pass per finding
+    tiny_engine._prompts.clear()
+    one_by_one = []
+
+    def scorer(texts):
+        tiny_engine._prompts.clear()  # nothing embedded beforehand: each finding's candidates alone
+        one_by_one.append(len(texts))
+        return tiny_engine.text_similarities(result.encoding, texts)
+
+    model = result.model
+    context = ReportContext(f"{model['model_id']} ({model['label']})" if model.get("label") else model["model_id"],
+                            model.get("revision") or "unpinned", {f.name: f.threshold for f in result.findings},
+                            phrase_scorer=scorer)
+    assert composer.generate(report_evidence(result), context=context).to_markdown() == batched
+    assert len(one_by_one) > 1 and sum(one_by_one) <= len(candidates)

@@ -44,7 +44,11 @@ def build_report(engine: Engine, result: AnalysisResult, *, generator: ReportGen
         thresholds={f.name: f.threshold for f in result.findings},
         phrase_scorer=lambda texts: engine.text_similarities(result.encoding, texts),
     )
-    return (generator or TemplateReportComposer()).generate(evidence, context=context)
+    generator = generator or TemplateReportComposer()
+    candidates = getattr(generator, "candidate_sentences", None)
+    if candidates is not None and (sentences := candidates(evidence)):
+        engine.embed_prompts(sentences)  # one text-encoder pass; each finding's choice then reads the cache
+    return generator.generate(evidence, context=context)
 
 
 def report_evidence(result: AnalysisResult) -> list[FindingEvidence]:

@@ -255,7 +255,18 @@ class TemplateReportComposer:
             return None
         return _render(self.bank.indeterminate_phrasing, finding=_inline_name(item.name))
 
-    def _choose(self, templates: Sequence[str], item: FindingEvidence, scorer: TypePhraseScorer | None) -> str:
+    def candidate_sentences(self, evidence: Sequence[FindingEvidence]) -> list[str]:
+        """Every sentence :meth:`generate` may hand the phrase scorer for ``evidence`` (the phrasings of
+        positive findings and of confident negatives), for a scorer to embed in one batch beforehand."""
+        sentences = []
+        for item in evidence:
+            if item.is_positive:
+                sentences += self._candidates(self._phrasing(item).positive, item)
+            elif not item.not_learned and item.likelihood <= self.bank.confident_negative_at_most:
+                sentences += self._candidates(self._phrasing(item).negative, item)
+        return list(dict.fromkeys(sentences))
+
+    def _candidates(self, templates: Sequence[str], item: FindingEvidence) -> list[str]:
         lateral = self._phrasing(item).lateralisable
         words = {
             "certainty": self.bank.certainty_word(item.likelihood, item.threshold) if item.is_positive else "",
@@ -263,7 +274,10 @@ class TemplateReportComposer:
             "zone": self.bank.zone_words[item.zone] if lateral and item.zone else "",
             "finding": _inline_name(item.name),
         }
-        candidates = [_render(template, **words) for template in templates]
+        return [_render(template, **words) for template in templates]
+
+    def _choose(self, templates: Sequence[str], item: FindingEvidence, scorer: TypePhraseScorer | None) -> str:
+        candidates = self._candidates(templates, item)
         if scorer is None or len(candidates) == 1:
             return candidates[0]
         scores = np.asarray(scorer(list(candidates)), dtype=float)
