@@ -54,6 +54,13 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
+def work_dir() -> Path:
+    """Where random models and the bench CT are kept between runs (``$COLIPRISLICER_BENCH_DIR``)."""
+    work = Path(os.environ.get("COLIPRISLICER_BENCH_DIR", Path.home() / ".cache" / "colipri-slicer" / "bench"))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def machine() -> dict:
     import torch
 
@@ -208,8 +215,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False).")
         SYNC_DEVICE.append(torch.device("cuda"))
-    work = Path(os.environ.get("COLIPRISLICER_BENCH_DIR", Path.home() / ".cache" / "colipri-slicer" / "bench"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir()
     figures: dict = {"machine": machine(), "command": " ".join(sys.argv[1:])}
     from COLIPRISlicerLib.encoding.engine import Engine
     from COLIPRISlicerLib.export.outputs import write_volume
