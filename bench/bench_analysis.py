@@ -283,11 +283,9 @@ def preprocess_timing(engine, volume) -> dict:
 
 def on_input_grid(result, finding):
     """A finding's heatmap on the input grid, where the engine computes it (the GPU keeps it there)."""
-    from COLIPRISlicerLib.findings.scoring import heatmap_on_volume, heatmap_tensor_on_volume
+    from COLIPRISlicerLib.findings.scoring import heatmap_where_computed
 
-    if result.device.startswith("cuda"):
-        return heatmap_tensor_on_volume(finding, result.encoding.grid, result.volume, result.device)
-    return heatmap_on_volume(finding, result.encoding.grid, result.volume)
+    return heatmap_where_computed(finding, result.encoding.grid, result.volume, result.device)
 
 
 def first_analysis(engine, volume) -> dict:
@@ -387,17 +385,18 @@ def mrml_import_timing(pair, scan: Path) -> dict:
     report = analyzer.report(result).to_markdown()
     saved = slicer_harness.install_module_stubs()
     try:
+        from COLIPRISlicerLib.findings.scoring import heatmap_on_host
         from COLIPRISlicerNodes import importer
 
         with slicer_harness.SlicerTestScene():
             node = slicer_harness.load_volume_file(scan, "bench_ct")
             seconds = []
             for _ in range(1 + MRML_REIMPORTS):  # the first import, then re-Analyze: each replaces the last
-                heatmap = on_input_grid(result, result.findings[0])  # as the module's worker computes it
-                heatmap = heatmap if isinstance(heatmap, np.ndarray) else heatmap.cpu().numpy()
+                finding = result.findings[0]  # the map as the module's worker computes it
+                heatmap = heatmap_on_host(finding, result.encoding.grid, result.volume, result.device)
                 start = time.perf_counter()
                 importer.import_analysis(node, result.findings, report, result.model)
-                importer.import_heatmap(node, heatmap, result.findings[0].name, adopt=True)  # as the module does
+                importer.import_heatmap(node, heatmap, finding.name, adopt=True)  # as the module does
                 importer.import_segmentation(node, segmentation)
                 seconds.append(time.perf_counter() - start)
     finally:

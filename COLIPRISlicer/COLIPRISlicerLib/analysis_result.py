@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from COLIPRISlicerLib.encoding.encoder import ImageEncoding
-from COLIPRISlicerLib.findings.scoring import FindingResult, heatmap_on_volume, heatmap_tensor_on_volume
+from COLIPRISlicerLib.findings.scoring import FindingResult, heatmap_where_computed
 from COLIPRISlicerLib.io.volume import Volume
 
 
@@ -42,11 +42,7 @@ class AnalysisResult:
         the numpy array of :meth:`heatmap`."""
         result = self.finding(name)
         if result.slug not in self._heatmaps:
-            if self.device.startswith("cuda"):
-                heatmap = heatmap_tensor_on_volume(result, self.encoding.grid, self.volume, self.device)
-            else:
-                heatmap = heatmap_on_volume(result, self.encoding.grid, self.volume)
-            self._heatmaps[result.slug] = heatmap
+            self._heatmaps[result.slug] = heatmap_where_computed(result, self.encoding.grid, self.volume, self.device)
         return self._heatmaps[result.slug]
 
     @property

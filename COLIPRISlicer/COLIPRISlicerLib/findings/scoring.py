@@ -121,14 +121,20 @@ def heatmap_tensor_on_volume(result: FindingResult, grid: geometry.PatchGrid, vo
                                                  volume.ijk_to_ras, device)
 
 
-def heatmap_on_host(result: FindingResult, grid: geometry.PatchGrid, volume: Volume, device) -> np.ndarray:
-    """:func:`heatmap_on_volume` computed on the engine's ``device`` (a GPU: there, then one copy to the
-    host), as a new (I, J, K) float32 array in (K, J, I) memory order, Slicer's: a map to show."""
-    import torch
+def heatmap_where_computed(result: FindingResult, grid: geometry.PatchGrid, volume: Volume, device):
+    """The finding's heatmap on the input grid where the engine computes it: on a CUDA ``device`` an
+    (I, J, K) float32 tensor there (:func:`heatmap_tensor_on_volume`), else :func:`heatmap_on_volume`'s
+    numpy array. Both are laid out in (K, J, I) order, Slicer's and ITK's."""
+    if str(device).startswith("cuda"):
+        return heatmap_tensor_on_volume(result, grid, volume, device)
+    return heatmap_on_volume(result, grid, volume)
 
-    if torch.device(device).type == "cpu":
-        return heatmap_on_volume(result, grid, volume)
-    return heatmap_tensor_on_volume(result, grid, volume, device).cpu().numpy()
+
+def heatmap_on_host(result: FindingResult, grid: geometry.PatchGrid, volume: Volume, device) -> np.ndarray:
+    """:func:`heatmap_where_computed`, then (from a GPU) one copy to the host, which keeps the layout:
+    a new (I, J, K) float32 array in (K, J, I) memory order, a map to show."""
+    heatmap = heatmap_where_computed(result, grid, volume, device)
+    return heatmap if isinstance(heatmap, np.ndarray) else heatmap.cpu().numpy()
 
 
 def mask_to_model_grid(mask_ijk: np.ndarray, volume: Volume, grid: geometry.PatchGrid) -> np.ndarray:
