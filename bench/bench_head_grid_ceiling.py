@@ -1,8 +1,8 @@
 """Ceiling of a segmentation head's input-grid Dice set by the grid it decodes on.
 
 For held-out phantoms with nodules (seeds 10000000 + i, as eval-phantom), the truth mask is
-resampled (trilinear, i.e. sampled at the cell centres) onto the bundled model's grid
-subdivided 1, 2 and 4 times (``PatchGrid.subdivided``), thresholded back on the input grid
+resampled (trilinear, i.e. sampled at the cell centres) onto the model's grid
+(2.5 mm for the bundled v7) subdivided 1, 2 and 4 times (``PatchGrid.subdivided``), thresholded back on the input grid
 exactly as ``segmentation_head.predict`` does with probabilities, and scored against
 itself: the Dice a perfect head on that grid would reach. Encoding is only used for the
 grid geometry.
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from COLIPRISlicerLib.encoding.engine import Engine
-    from COLIPRISlicerLib.geometry import resample_to_volume
+    from COLIPRISlicerLib.geometry import resample_to_volume, spacing_of
     from COLIPRISlicerLib.teaching.phantom import generate_phantom
     from COLIPRISlicerLib.teaching.evaluation import VALIDATION_SEED_BASE
 
@@ -55,9 +55,9 @@ def main() -> None:
         ceilings = ", ".join(f"x{f} {d:.3f}" for f, d in zip(factors, row))
         print(f"seed {VALIDATION_SEED_BASE + index}: {ceilings}", flush=True)
     mean = np.mean(scores, axis=0)
-    spacing = [5.0 / f for f in factors] if args.model == "phantom" else factors
+    model_mm = float(max(spacing_of(grid.model_to_ras)))  # the model grid's voxel (isotropic)
     print(f"{args.finding}, {len(scores)} phantoms: mean ceiling Dice " +
-          ", ".join(f"{s:g} mm grid {d:.3f}" for s, d in zip(spacing, mean)))
+          ", ".join(f"{model_mm / f:g} mm grid {d:.3f}" for f, d in zip(factors, mean)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import slicer
 import vtk
 import vtk.util.numpy_support
 
+from COLIPRISlicerLib.segmentation.files import labelled_box
+
 FINDING_COLUMNS = ("Finding", "Likelihood", "Threshold", "Present", "Region")
 PROFILE_COLUMNS = ("S (mm)", "Probability")
 #: Terminology context of our categories (SNOMED CT codes as in the DICOM master list).
@@ -88,20 +90,6 @@ def fill_profile(table_node, chart_node, series_node, localization) -> None:
     chart_node.SetXAxisTitle(PROFILE_COLUMNS[0])
     chart_node.SetYAxisTitle(PROFILE_COLUMNS[1])
     chart_node.SetLegendVisibility(False)
-
-
-def labelled_box(labelmap_ijk: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """The (I, J, K) slices of the smallest box holding every labelled voxel, or None for none.
-
-    Two passes over the (K, J, I) view, both along memory for the engine's Fortran-ordered maps."""
-    kji = np.transpose(labelmap_ijk, (2, 1, 0))
-    slabs = np.flatnonzero(kji.any(axis=(1, 2)))
-    if slabs.size == 0:
-        return None
-    k0, k1 = int(slabs[0]), int(slabs[-1]) + 1
-    footprint = kji[k0:k1].any(axis=0)  # (J, I)
-    rows, columns = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
-    return slice(int(columns[0]), int(columns[-1]) + 1), slice(int(rows[0]), int(rows[-1]) + 1), slice(k0, k1)
 
 
 def oriented_labelmap(labelmap_ijk: np.ndarray, geometry_node) -> slicer.vtkOrientedImageData | None:

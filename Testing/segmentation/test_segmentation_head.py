@@ -761,3 +761,128 @@ def test_a_run_stopped_by_time_validates_its_last_epoch_even_between_validation_
     assert summary.history[-1]["dice"] is not None  # epoch 1 is not a multiple of 4, yet it was validated
     metadata = json.loads((tmp_path / "head" / "head.json").read_text())
     assert metadata["validation_dice"]["Sphere"] == summary.history[-1]["dice"][0]
+
+
+@pytest.fixture(scope="module")
+def confuser_dataset(small_training):
+    """The two sphere cases with a look-alike labelled 2: a 6-voxel-wide block of the background."""
+    import SimpleITK as sitk
+
+    root = small_training["root"] / "train"
+    out = small_training["root"] / "confusers"
+    shutil.copytree(root / "images", out / "images", dirs_exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    for path in sorted((root / "labels").glob("*.nii.gz")):
+        image = sitk.ReadImage(str(path))
+        array = sitk.GetArrayFromImage(image)  # (K, J, I)
+        block = np.zeros_like(array, bool)
+        block[2:8, 2:8, 2:8] = True
+        array[block & (array == 0)] = 2
+        labelled = sitk.GetImageFromArray(array)
+        labelled.CopyInformation(image)
+        sitk.WriteImage(labelled, str(out / "labels" / path.name))
+    return out
+
+
+def test_confuser_crops_centre_every_crop_on_a_look_alike_and_share_zero_keeps_the_old_crops():
+    import torch
+
+    from COLIPRISlicerLib.segmentation.sampling import random_patch_crop
+
+    features = torch.zeros(2, 6, 6, 6)
+    image = torch.arange(24**3, dtype=torch.float32).reshape(1, 24, 24, 24)  # each voxel holds its flat index
+    target = torch.zeros(1, 24, 24, 24, dtype=torch.long)
+    target[0, 1, 1, 1] = 1  # the finding, in patch (0, 0, 0)
+    negatives = torch.tensor([[22, 21, 23]])  # a look-alike, in patch (5, 5, 5)
+
+    def start(crop) -> tuple[int, int, int]:
+        first = int(crop[1][0, 0, 0, 0])
+        return first // 576, first // 24 % 24, first % 24
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        crop = random_patch_crop(features, image, target, 2, rng, foreground_share=1.0, negatives=negatives,
+                                 negative_share=1.0)
+        assert start(crop) == (16, 16, 16) and int(crop[2].sum()) == 0  # patches 4-5: the look-alike's, no finding
+    plain = [start(random_patch_crop(features, image, target, 2, np.random.default_rng(seed))) for seed in range(12)]
+    shared = [start(random_patch_crop(features, image, target, 2, np.random.default_rng(seed), negatives=negatives,
+                                      negative_share=0.0)) for seed in range(12)]
+    assert plain == shared and (0, 0, 0) in plain  # share 0: the random stream and crops of a run without them
+
+
+def test_confusers_are_background_for_the_loss_and_the_dice_and_no_class_of_the_head(confuser_dataset,
+                                                                                    small_training, tmp_path):
+    import torch
+
+    from COLIPRISlicerLib.segmentation.data import confuser_voxels, load_cached
+    from COLIPRISlicerLib.segmentation.recipe import RareClasses
+    from COLIPRISlicerLib.segmentation.training import train_segmentation_head
+
+    rare = RareClasses(confusers=(2,), confuser_crops=0.5)
+    summary = train_segmentation_head(confuser_dataset / "images", confuser_dataset / "labels", small_training["engine"],
+                                      tmp_path / "head", epochs=1, crop_patches=2, rare_classes=rare,
+                                      **TRAINING_OPTIONS)
+    metadata = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert [label["value"] for label in metadata["labels"]] == [1] and metadata["architecture"]["num_classes"] == 2
+    assert metadata["training"]["augmentation"] == ("random 2-patch crops, 50% centred on look-alikes learned as"
+                                                    " background (label 2)")
+    assert list(summary.validation_dice) == ["Sphere"] and summary.validation_dice["Sphere"] is not None
+    cached = sorted((tmp_path / "head" / "feature_cache").glob("*.safetensors"))[0]
+    values = torch.tensor([0, 1], dtype=torch.int32)
+    target = load_cached(cached, values, "cpu", (2,))[2][0]
+    voxels = confuser_voxels(cached, (2,), "cpu")
+    assert len(voxels) > 0 and int(target[tuple(voxels.T)].max()) == 0  # look-alike voxels: background
+    assert torch.equal(target > 0, load_cached(cached, torch.tensor([0, 1, 2], dtype=torch.int32), "cpu")[2][0] == 1)
+    with pytest.raises(ValueError, match="needs the confusers' label values"):
+        RareClasses(confuser_crops=0.3)
+    with pytest.raises(ValueError, match="Label 0 is the background already"):
+        RareClasses(confusers=(0,))
+    assert RareClasses(confusers=[6, 2]).confusers == (2, 6)
+
+
+def test_a_run_started_from_a_trained_head_starts_with_its_weights_and_refuses_another_head(small_training,
+                                                                                          tmp_path):
+    import torch
+
+    from COLIPRISlicerLib.segmentation.data import cached_facts
+    from COLIPRISlicerLib.segmentation.head import load_head
+    from COLIPRISlicerLib.segmentation.recipe import HeadRecipe
+    from COLIPRISlicerLib.segmentation.training import _TrainingRun
+
+    trained = load_head(small_training["out"], small_training["engine"])
+    paths = {path.name: path for path in (small_training["out"] / "feature_cache").glob("*.safetensors")}
+    facts = {name: cached_facts(path) for name, path in paths.items()}
+    first, second = sorted(paths)
+    recipe = HeadRecipe(base_channels=TRAINING_OPTIONS["base_channels"], seed=5)
+    run = _TrainingRun.create(small_training["engine"], paths, facts, [first], [second], SPHERE_LABELS, recipe,
+                              start_from=small_training["out"])
+    started = run.head.network.state_dict()
+    assert all(torch.equal(started[name], tensor) for name, tensor in trained.network.state_dict().items())
+    assert run.setup["start_from_sha256"] == run.head.metadata.training["started_from"]["sha256"]
+    fresh = _TrainingRun.create(small_training["engine"], paths, facts, [first], [second], SPHERE_LABELS, recipe)
+    assert "start_from_sha256" not in fresh.setup
+    assert not torch.equal(fresh.head.network.state_dict()["output.conv.conv.weight"],
+                           started["output.conv.conv.weight"])
+    with pytest.raises(ValueError, match="Cannot start from the head in .*Start without it"):
+        _TrainingRun.create(small_training["engine"], paths, facts, [first], [second], SPHERE_LABELS,
+                            HeadRecipe(base_channels=4), start_from=small_training["out"])
+    summary = train_again(small_training, tmp_path / "tuned", epochs=1, start_from=small_training["out"])
+    assert summary.epochs_completed == 1
+    with pytest.raises(ValueError, match=r"another training run \(start_from_sha256 differ\)"):
+        train_again(small_training, tmp_path / "tuned", epochs=2)  # a resume must start from the same head
+
+
+def test_predict_applies_the_heads_shape_rule_and_says_so(random_head, tiny_engine, sphere_volume):
+    from COLIPRISlicerLib.segmentation.head import predict
+
+    encoding = tiny_engine.encode(sphere_volume)
+    plain = predict(random_head, encoding, sphere_volume)
+    assert (plain.labelmap == 1).any() and "elongation" not in plain.description
+    random_head.metadata.postprocessing["1"] = {"max_elongation": 0.5}  # nothing is that round: all removed
+    try:
+        ruled = predict(random_head, encoding, sphere_volume)
+    finally:
+        random_head.metadata.postprocessing.clear()
+    assert not ruled.labelmap.any()
+    assert ruled.metadata["postprocessing"]["voxels_removed"] == {1: int((plain.labelmap == 1).sum())}
+    assert ruled.description.endswith("components of label 1 with elongation > 0.5 removed")

@@ -142,3 +142,38 @@ def test_the_head_decodes_onto_a_power_of_two_subdivision_no_finer_than_its_outp
     from COLIPRISlicerLib.teaching.bundle import head_refine
 
     assert head_refine(spacing_mm) == refine
+
+
+def test_a_head_fine_tuned_with_vessel_hard_negatives_keeps_its_labels_and_records_where_it_started(model_copy):
+    import json
+
+    with pytest.raises(FileNotFoundError, match="has no segmentation head to fine-tune"):
+        train_head_on_phantoms(model_copy, n=2, seed_base=100_500, epochs=1, fine_tune=True)
+    train_head_on_phantoms(model_copy, n=3, seed_base=100_500, epochs=1)
+    first = json.loads((model_copy / "segmentation_head" / "head.json").read_text())
+    train_head_on_phantoms(model_copy, n=3, seed_base=100_500, epochs=1, fine_tune=True, hard_negatives=0.5,
+                           recall_epochs=0, learning_rate=1e-3)
+    tuned = json.loads((model_copy / "segmentation_head" / "head.json").read_text())
+    assert [label["name"] for label in tuned["labels"]] == list(HEAD_LABELS.values())  # vessels are no class
+    assert tuned["architecture"] == first["architecture"]
+    assert tuned["training"]["started_from"]["folder"] == str(model_copy / "segmentation_head")
+    assert tuned["training"]["augmentation"].endswith("50% centred on look-alikes learned as background (label 6)")
+    assert tuned["training"]["optimizer"] == "AdamW(lr=0.001)" and "class-balanced" not in tuned["training"]["loss"]
+
+
+def test_the_nodule_shape_rule_is_chosen_on_calibration_phantoms_and_stored_only_when_it_helps(model_copy):
+    import json
+
+    from COLIPRISlicerLib.teaching.bundle import choose_head_rules
+    from COLIPRISlicerLib.teaching.phantom import generate_phantom as phantom
+    from COLIPRISlicerLib.teaching.training import CALIBRATION_SEED_BASE
+
+    train_head_on_phantoms(model_copy, n=3, seed_base=100_500, epochs=1)
+    rule = choose_head_rules(model_copy, n=4)
+    with_nodule = sum("Lung nodule" in phantom(CALIBRATION_SEED_BASE + i)[1]["mask_arrays"] for i in range(4))
+    assert rule["phantoms"] == with_nodule > 0
+    stored = json.loads((model_copy / "segmentation_head" / "head.json").read_text())["postprocessing"]
+    if rule["max_elongation"] is None:  # keeping every component was best: no rule
+        assert stored == {} and rule["dice_with"] == rule["dice_without"]
+    else:
+        assert stored["1"]["max_elongation"] == rule["max_elongation"] and rule["dice_with"] > rule["dice_without"]

@@ -243,14 +243,24 @@ def test_a_trained_model_gets_a_new_head_with_the_crops_asked_for_and_keeps_it_o
 
     model = tmp_path / "model"
     shutil.copytree(phantom_model_folder(), model)
-    calls = []
+    calls, rules = [], []
     monkeypatch.setattr(pipeline, "train_head_on_phantoms", lambda out, **kwargs: calls.append((out, kwargs)))
+    monkeypatch.setattr(pipeline, "choose_head_rules", lambda out, **kwargs: rules.append(out) or {
+        "max_elongation": 1.8, "dice_without": 0.1, "dice_with": 0.4, "phantoms": 20})
     common = ["train-phantom", "--out", str(model), "--resume", "--stages", "head", "--device", "cpu", "--workers", "1"]
     result = CliRunner().invoke(app, [*common, "--redo", "head", "--head-crop-patches", "8", "--head-epochs", "3",
                                       "--head-phantoms", "4"])
     assert result.exit_code == 0, result.output
-    assert calls == [(model, {"device": "cpu", "workers": 1, "crop_patches": 8, "epochs": 3, "n": 4})]
+    first = {"device": "cpu", "workers": 1, "crop_patches": 8, "epochs": 3, "n": 4}
+    tuning = {"device": "cpu", "workers": 1, "epochs": 15, "hard_negatives": 0.33, "learning_rate": 1e-3,
+              "recall_epochs": 0, "n": 4, "crop_patches": 8, "fine_tune": True}  # same phantoms and crops
+    assert calls == [(model, first), (model, tuning)] and rules == [model]
+    assert "elongation > 1.8 removed: calibration Dice 0.1 -> 0.4 on 20 phantoms" in result.output
     result = CliRunner().invoke(app, common)
-    assert result.exit_code == 0 and len(calls) == 1, result.output  # the head in the folder is kept
+    assert result.exit_code == 0 and len(calls) == 2, result.output  # the head in the folder is kept
+    result = CliRunner().invoke(app, [*common, "--redo", "head", "--head-fine-tune", "--head-epochs", "2"])
+    assert result.exit_code == 0, result.output  # only a fine-tuning pass, with the epochs asked for
+    assert calls[2:] == [(model, {"device": "cpu", "workers": 1, "epochs": 2, "hard_negatives": 0.33,
+                                  "learning_rate": 1e-3, "recall_epochs": 0, "fine_tune": True})]
     result = CliRunner().invoke(app, [*common, "--redo", "polish"])
     assert result.exit_code == 1 and '--redo "polish": choose among train, head' in result.output

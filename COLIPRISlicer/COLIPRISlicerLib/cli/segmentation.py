@@ -29,24 +29,28 @@ def train_seg_head(
     rarity: Annotated[float, typer.Option(help="Draw that class with weights (its voxels) ** -RARITY.")] = 0.0,
     recall_epochs: Annotated[int, typer.Option(help="Add class-balanced cross-entropy in the first N epochs.")] = 0,
     recall_weight: Annotated[float, typer.Option(help="Weight of that term.")] = 1.0,
+    confuser: Annotated[Optional[list[int]], typer.Option(help="A label value of a look-alike learned as background (repeatable).")] = None,
+    confuser_crops: Annotated[float, typer.Option(help="Share of crops centred on a --confuser voxel (hard negatives).")] = 0.0,
+    start_from: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False, help="Trained head folder to fine-tune (same labels and width).")] = None,
 ) -> None:
     """Train a segmentation head on frozen encoder features (features cached, resumable)."""
-    rare = RareClasses(balanced_crops, rarity, recall_epochs, recall_weight)
+    rare = RareClasses(balanced_crops, rarity, recall_epochs, recall_weight, tuple(confuser or ()), confuser_crops)
     recipe = HeadRecipe(epochs=epochs, crop_patches=crop_patches, refine=refine, rare_classes=rare)
     train_seg_head_command(images, labels, model, out, device=device, progress=show_progress, max_minutes=max_minutes,
-                           recipe=recipe)
+                           recipe=recipe, start_from=start_from)
 
 
 def train_seg_head_command(images: Path, labels: Path, model: str, out: Path, *, device: str = "auto",
                            progress: bool = True, max_minutes: float | None = None,
-                           recipe: HeadRecipe | None = None) -> TrainingSummary:
+                           recipe: HeadRecipe | None = None, start_from: Path | None = None) -> TrainingSummary:
     """Train a head with ``model``'s encoder on ``device``; print a one-line summary.
 
     User errors propagate as ``FileNotFoundError``/``ValueError``/``RuntimeError`` with a
     message saying what to do; the command line turns them into one line and exit code 1.
     """
     engine = Engine(model, device=device)
-    summary = train_segmentation_head(images, labels, engine, out, recipe, max_minutes=max_minutes, progress=progress)
+    summary = train_segmentation_head(images, labels, engine, out, recipe, max_minutes=max_minutes, progress=progress,
+                                      start_from=start_from)
     dice = ", ".join(f"{name} {value:.3f}" for name, value in summary.validation_dice.items() if value is not None)
     typer.echo(f"Head written to {out} after {summary.epochs_completed} epochs"
                f" ({summary.seconds / 60:.1f} min); validation Dice: {dice or 'n/a (no validation cases)'}.")

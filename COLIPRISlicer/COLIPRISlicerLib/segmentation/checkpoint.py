@@ -36,7 +36,7 @@ def resume_checkpoint(path: Path, setup: dict, network, optimizer) -> dict:
     stored = {"crop_patches": None, **asdict(RareClasses()), **checkpoint["setup"]}  # from before these existed
     stored["architecture"] = {"refine": 1, **stored["architecture"]}  # and from before refined heads
     if stored != setup:
-        changed = sorted(key for key in setup if stored.get(key) != setup[key])
+        changed = sorted(key for key in setup.keys() | stored.keys() if stored.get(key) != setup.get(key))
         message = (
             f'Checkpoint "{path}" belongs to another training run ({", ".join(changed)} differ). Choose another'
             " output folder, or delete the checkpoint to start again."

@@ -118,9 +118,10 @@ def split_cases(names: list[str], val_fraction: float, seed: int) -> tuple[list[
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def label_values(facts: list[dict], label_names: dict[int, str]) -> list[int]:
-    """Sorted label values of all cases and named labels, 0 included (channel c = values[c])."""
-    values = sorted({0, *(v for fact in facts for v in fact["values"]), *label_names})
+def label_values(facts: list[dict], label_names: dict[int, str], background: tuple[int, ...] = ()) -> list[int]:
+    """Sorted label values of all cases and named labels, 0 included (channel c = values[c]); the
+    ``background`` values (look-alikes learned as background, ``RareClasses.confusers``) are not classes."""
+    values = sorted({0, *(v for fact in facts for v in fact["values"]), *label_names} - set(background))
     if values[0] < 0 or values[-1] > np.iinfo(np.int16).max or len(values) < 2:
         message = f"Label values must be 0 (background) and 1..32767, at least one foreground label; found {values}."
         raise ValueError(message)
@@ -188,20 +189,41 @@ def cached_facts(path: Path) -> dict:
         return json.loads(file.metadata()["colipri_slicer"])
 
 
-def load_cached(path: Path, values, device):
+def load_cached(path: Path, values, device, background: tuple[int, ...] = ()):
     """(features (C, gx, gy, gz), image (1, X, Y, Z), target (1, X, Y, Z) channel indices) on ``device``.
 
     Args:
         path: a file from :func:`cache_case`.
         values: (classes,) sorted int32 tensor of the label values the channels stand for.
         device: torch device.
+        background: label values that become the background (channel 0), e.g. ``RareClasses.confusers``.
     """
     import torch
     from safetensors.torch import load_file
 
     tensors = load_file(str(path), device=str(device))
-    target = torch.bucketize(tensors["target"], values.to(device))[None]
+    labels = tensors["target"]
+    if background:
+        labels = torch.where(_is_any(labels, background), torch.zeros((), dtype=labels.dtype, device=labels.device),
+                             labels)
+    target = torch.bucketize(labels, values.to(device))[None]
     return tensors["features"], tensors["image"], target
+
+
+def confuser_voxels(path: Path, confusers: tuple[int, ...], device):
+    """(n, 3) long tensor on ``device``: the head-grid voxels of a cached case whose label is one of
+    ``confusers`` (the centres of hard-negative crops, ``sampling.random_patch_crop``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device=str(device)) as file:
+        labels = file.get_tensor("target")
+    return _is_any(labels, confusers).nonzero()
+
+
+def _is_any(labels, values: tuple[int, ...]):
+    import torch
+
+    return torch.isin(labels, torch.tensor(values, dtype=labels.dtype, device=labels.device))
 
 
 def make_sphere_dataset(folder: TypePath, n: int, seed: int = 0, *, shape: tuple[int, int, int] = (64, 64, 64),

@@ -136,6 +136,7 @@ class HeadMetadata:
     training: dict = field(default_factory=dict)
     validation_dice: dict = field(default_factory=dict)  # label name -> Dice or None
     format_version: int = FORMAT_VERSION
+    postprocessing: dict = field(default_factory=dict)  # label value (str) -> {"max_elongation": x, ...}
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -165,7 +166,8 @@ class HeadMetadata:
         except (KeyError, TypeError, ValueError) as error:
             raise RuntimeError(f'Invalid label in "{source}": {error}') from error
         return cls(labels, data["encoder"], data["preprocessing"], data["architecture"], data.get("training", {}),
-                   data.get("validation_dice", {}), int(data.get("format_version", FORMAT_VERSION)))
+                   data.get("validation_dice", {}), int(data.get("format_version", FORMAT_VERSION)),
+                   data.get("postprocessing", {}))
 
 
 class TypeSavableHead(Protocol):
@@ -243,6 +245,20 @@ def read_weights(path: Path, network) -> dict:
         )
         raise RuntimeError(message)
     return state
+
+
+def labelled_box(labelmap_ijk: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The (I, J, K) slices of the smallest box holding every labelled voxel, or None for none.
+
+    Two passes over the (K, J, I) view, both along memory for the engine's Fortran-ordered maps."""
+    kji = np.transpose(labelmap_ijk, (2, 1, 0))
+    slabs = np.flatnonzero(kji.any(axis=(1, 2)))
+    if slabs.size == 0:
+        return None
+    k0, k1 = int(slabs[0]), int(slabs[-1]) + 1
+    footprint = kji[k0:k1].any(axis=0)  # (J, I)
+    rows, columns = np.flatnonzero(footprint.any(axis=1)), np.flatnonzero(footprint.any(axis=0))
+    return slice(int(columns[0]), int(columns[-1]) + 1), slice(int(rows[0]), int(rows[-1]) + 1), slice(k0, k1)
 
 
 def write_segmentation(result: SegmentationResult, volume: Volume, out_dir: TypePath) -> tuple[Path, Path]:

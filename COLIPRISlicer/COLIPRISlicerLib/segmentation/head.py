@@ -30,6 +30,7 @@ from torch import nn
 
 from COLIPRISlicerLib.geometry import PatchGrid, resample_to_volume, spacing_of
 from COLIPRISlicerLib.preprocessing import head_input
+from COLIPRISlicerLib.segmentation.postprocessing import apply_rules
 from COLIPRISlicerLib.segmentation.files import (
     HEAD_WEIGHTS,
     MORPHOLOGICALLY_ALTERED_STRUCTURE,
@@ -259,7 +260,9 @@ def predict(head: SegmentationHead, encoding: ImageEncoding, volume: Volume, ima
     Returns:
         A result with an (I, J, K) int16 labelmap: per-label probabilities are resampled
         linearly onto the input grid, then the most likely label wins; voxels outside the
-        model's field of view are background.
+        model's field of view are background. The head's shape rules (``head.json``
+        ``postprocessing``, :mod:`.postprocessing`) then give elongated components of a round
+        finding back to the background.
     """
     image = head_input(volume, image_transform, encoding, head.network.config.refine)
     probabilities = grid_probabilities(head, encoding.features, image)
@@ -268,10 +271,16 @@ def predict(head: SegmentationHead, encoding: ImageEncoding, volume: Volume, ima
     resampled = (resample_to_volume(channel, grid_to_ras, volume.shape, volume.ijk_to_ras, linear=True)
                  for channel in probabilities)
     labelmap = _label_of_best(zip(values, resampled), volume.shape)
+    rules = head.metadata.postprocessing
+    removed = apply_rules(labelmap, rules, volume.ijk_to_ras)
     spacing = _format_mm(spacing_of(grid_to_ras))
     metadata = {"encoder": head.metadata.encoder, "validation_dice": head.metadata.validation_dice}
-    return SegmentationResult(labelmap, np.array(volume.ijk_to_ras), list(head.labels), "head",
-                              f"segmentation head, {spacing} mm grid", metadata)
+    description = f"segmentation head, {spacing} mm grid"
+    if rules:
+        metadata["postprocessing"] = {"rules": rules, "voxels_removed": removed}
+        description += ", " + "; ".join(f"components of label {value} with elongation > {rule['max_elongation']:g}"
+                                        " removed" for value, rule in rules.items())
+    return SegmentationResult(labelmap, np.array(volume.ijk_to_ras), list(head.labels), "head", description, metadata)
 
 
 def _label_of_best(scores, shape: tuple[int, int, int]) -> np.ndarray:

@@ -69,11 +69,13 @@ def class_balanced_cross_entropy(logits, target):
     return (sums[present] / counts[present]).mean()
 
 
-def class_frequencies(paths: list[Path], values) -> np.ndarray:
-    """(classes,) share of the training cases' model-grid voxels in each class (background first)."""
+def class_frequencies(paths: list[Path], values, background: tuple[int, ...] = ()) -> np.ndarray:
+    """(classes,) share of the training cases' model-grid voxels in each class (background first;
+    ``background``: label values counted as background, ``data.load_cached``)."""
     import torch
 
-    counts = sum(torch.bincount(load_cached(path, values, "cpu")[2].flatten(), minlength=len(values)) for path in paths)
+    counts = sum(torch.bincount(load_cached(path, values, "cpu", background)[2].flatten(), minlength=len(values))
+                 for path in paths)
     return (counts.double() / counts.sum()).numpy()
 
 

@@ -22,25 +22,43 @@ class RareClasses:
         recall_epochs: the first this many epochs add ``losses.class_balanced_cross_entropy``
             to the loss,
         recall_weight: times this.
+        confusers: label values of look-alikes of a small class (lung vessels beside nodules: the
+            same density and cross-section) that the head learns as background; they are not
+            classes of the head.
+        confuser_crops: share of all crops centred on a confuser voxel (hard negatives), drawn
+            before the foreground crops.
     """
 
     balanced_crops: float = 0.0
     rarity: float = 0.0
     recall_epochs: int = 0
     recall_weight: float = 1.0
+    confusers: tuple[int, ...] = ()
+    confuser_crops: float = 0.0
 
     def __post_init__(self):
-        if not 0.0 <= self.balanced_crops <= 1.0 or min(self.rarity, self.recall_epochs, self.recall_weight) < 0:
-            message = (f"Need balanced_crops in [0, 1], rarity >= 0, recall_epochs >= 0 and recall_weight >= 0;"
-                       f" got {self}.")
+        object.__setattr__(self, "confusers", tuple(sorted(int(value) for value in self.confusers)))
+        shares = (self.balanced_crops, self.confuser_crops)
+        if not all(0.0 <= share <= 1.0 for share in shares) or min(self.rarity, self.recall_epochs,
+                                                                    self.recall_weight) < 0:
+            message = (f"Need balanced_crops and confuser_crops in [0, 1], rarity >= 0, recall_epochs >= 0 and"
+                       f" recall_weight >= 0; got {self}.")
             raise ValueError(message)
+        if self.confuser_crops and not self.confusers:
+            raise ValueError(f"confuser_crops {self.confuser_crops:g} needs the confusers' label values; got none.")
+        if 0 in self.confusers:
+            raise ValueError("Label 0 is the background already; confusers are other label values, e.g. (6,).")
 
     def describe(self) -> str:
         """What head.json's ``augmentation`` says after the crop size ("" for the defaults)."""
-        if not self.balanced_crops:
-            return ""
-        weights = f", drawn with weights voxels^-{self.rarity:g}" if self.rarity else ""
-        return f", {self.balanced_crops:.0%} of foreground centres class-balanced{weights}"
+        text = ""
+        if self.balanced_crops:
+            weights = f", drawn with weights voxels^-{self.rarity:g}" if self.rarity else ""
+            text = f", {self.balanced_crops:.0%} of foreground centres class-balanced{weights}"
+        if self.confuser_crops:
+            labels = ", ".join(str(value) for value in self.confusers)
+            text += f", {self.confuser_crops:.0%} centred on look-alikes learned as background (label {labels})"
+        return text
 
 
 @dataclass(frozen=True)

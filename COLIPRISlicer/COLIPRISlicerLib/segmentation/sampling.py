@@ -9,7 +9,8 @@ import numpy as np
 
 
 def random_patch_crop(features, image, target, patches: int, rng: np.random.Generator, *,
-                      foreground_share: float = 2 / 3, balanced_share: float = 0.0, rarity: float = 0.0):
+                      foreground_share: float = 2 / 3, balanced_share: float = 0.0, rarity: float = 0.0,
+                      negatives=None, negative_share: float = 0.0):
     """A random crop of ``patches`` patches per axis, on the patch grid so features and voxels stay aligned.
 
     With probability ``foreground_share`` (when the target has foreground) the crop holds a
@@ -27,6 +28,9 @@ def random_patch_crop(features, image, target, patches: int, rng: np.random.Gene
         image: (1, X, Y, Z) head input, X = gx * patch size * refine.
         target: (1, X, Y, Z) channel indices (0 = background).
         patches: crop edge in patches; the whole axis when the grid is smaller.
+        negatives: (n, 3) voxels of look-alikes labelled background (``data.confuser_voxels``); with
+            probability ``negative_share``, when there are any, the crop holds one of them instead
+            (a hard negative: the vessels a nodule head mistakes for nodules).
 
     Returns:
         The three tensors cropped to (C, k1, k2, k3) and (1, k1 P, k2 P, k3 P) twice, with
@@ -36,9 +40,13 @@ def random_patch_crop(features, image, target, patches: int, rng: np.random.Gene
     patch = image.shape[1] // int(grid[0])
     size = np.minimum(patches, grid)
     start = rng.integers(0, grid - size + 1)
-    foreground = _crop_centres(target[0], rng, balanced_share, rarity)
-    if len(foreground) and rng.random() < foreground_share:
-        voxel = foreground[int(rng.integers(len(foreground)))].cpu().numpy()
+    if negative_share and negatives is not None and len(negatives) and rng.random() < negative_share:
+        centres = negatives
+    else:
+        centres = _crop_centres(target[0], rng, balanced_share, rarity)
+        centres = centres if len(centres) and rng.random() < foreground_share else centres[:0]
+    if len(centres):
+        voxel = centres[int(rng.integers(len(centres)))].cpu().numpy()
         start = np.clip(voxel // patch - rng.integers(0, size), 0, grid - size)
     f = tuple(slice(int(a), int(a + n)) for a, n in zip(start, size))
     v = tuple(slice(int(a) * patch, int(a + n) * patch) for a, n in zip(start, size))

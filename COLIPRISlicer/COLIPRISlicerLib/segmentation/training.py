@@ -6,7 +6,8 @@ DiceCE (``losses``) on the head's grid (the model grid, or it subdivided ``refin
 on whole grids or random crops (``sampling``), a checkpoint after each (``checkpoint``; a later
 call with the same data and :class:`~.recipe.HeadRecipe` resumes from it) -> ``head.safetensors``
 + ``head.json`` in ``out_dir`` with the validation Dice per label (``monai.metrics.DiceMetric``,
-head grid). Torch, MONAI and the head network load inside functions: the engine imports them on
+head grid). A run may start from a trained head's weights (``start_from``: fine-tuning), and learn
+look-alikes of a small class as background with crops centred on them (``RareClasses.confusers``). Torch, MONAI and the head network load inside functions: the engine imports them on
 first use, so the command line's ``--help`` stays instant.
 """
 
@@ -25,12 +26,13 @@ from COLIPRISlicerLib.segmentation.checkpoint import CHECKPOINT, resume_checkpoi
 from COLIPRISlicerLib.segmentation.data import (
     cache_case,
     cached_facts,
+    confuser_voxels,
     find_training_cases,
     label_values,
     load_cached,
     split_cases,
 )
-from COLIPRISlicerLib.segmentation.files import save_head
+from COLIPRISlicerLib.segmentation.files import HEAD_WEIGHTS, check_encoder, read_head_metadata, read_weights, save_head
 from COLIPRISlicerLib.segmentation.losses import (
     HEAD_LOSS,
     RARE_CLASS_PRIOR,
@@ -83,7 +85,7 @@ class TrainingSummary:
 def train_segmentation_head(
     images_dir: TypePath, labels_dir: TypePath, engine, out_dir: TypePath, recipe: HeadRecipe | None = None, *,
     max_minutes: float | None = None, progress: bool = True, label_names: dict[int, str] | None = None,
-    **recipe_fields,
+    start_from: TypePath | None = None, **recipe_fields,
 ) -> TrainingSummary:
     """Train (or resume training) a head on an engine's frozen features and save it to ``out_dir``.
 
@@ -97,6 +99,9 @@ def train_segmentation_head(
             that would end after it (at least one epoch runs). None: no limit.
         progress: show tqdm progress bars.
         label_names: label value -> name (default "Label <value>").
+        start_from: a trained head folder of the same encoder, architecture and labels whose weights
+            a new run starts from (fine-tuning, e.g. with hard negatives); None: random weights at the
+            class prior.
         **recipe_fields: fields of :class:`~.recipe.HeadRecipe` replacing ``recipe``'s, e.g.
             ``epochs=2, crop_patches=4``.
 
@@ -118,7 +123,7 @@ def train_segmentation_head(
     HeadConfig(1, 2, 2, refine=recipe.refine)  # a bad refine fails here, before any encoding
     paths, facts = _encode_cases(images_dir, labels_dir, engine, out_dir / FEATURE_CACHE, progress, recipe.refine)
     train, val = split_cases(sorted(paths), recipe.val_fraction, recipe.seed)
-    run = _TrainingRun.create(engine, paths, facts, train, val, names, recipe)
+    run = _TrainingRun.create(engine, paths, facts, train, val, names, recipe, start_from)
     run.resume_if_possible(out_dir / CHECKPOINT)
     first_epoch = run.epoch
     stopped = run.train_until(recipe.epochs, max_minutes, start, out_dir / CHECKPOINT, progress,
@@ -171,25 +176,31 @@ class _TrainingRun:
 
     @classmethod
     def create(cls, engine, paths: dict, facts: dict, train: list[str], val: list[str], names: dict[int, str],
-               recipe: HeadRecipe) -> _TrainingRun:
-        """A new head on the first training case's grid, its output at the training cases' class prior."""
+               recipe: HeadRecipe, start_from: TypePath | None = None) -> _TrainingRun:
+        """A new head on the first training case's grid, its output at the training cases' class prior
+        (or with the weights of the head folder ``start_from``)."""
         import torch
 
         from COLIPRISlicerLib.segmentation.head import create_head
 
-        values = label_values(list(facts.values()), names)
+        confusers = recipe.rare_classes.confusers
+        values = label_values(list(facts.values()), names, confusers)
         values_tensor = torch.tensor(values, dtype=torch.int32)
-        features_shape = load_cached(paths[train[0]], values_tensor, "cpu")[0].shape
+        features_shape = load_cached(paths[train[0]], values_tensor, "cpu", confusers)[0].shape
         grid = PatchGrid.from_dict(facts[train[0]]["grid"])
         with torch.random.fork_rng(devices=[]):  # seeded weights, caller's random state untouched
             torch.manual_seed(recipe.seed)
             head = create_head(engine, grid, int(features_shape[0]), values, names,
                                base_channels=recipe.base_channels, refine=recipe.refine)
-        frequencies = class_frequencies([paths[n] for n in train], values_tensor)
-        set_output_prior(head.network, frequencies, rare=RARE_CLASS_PRIOR)
+        setup = _setup_record(head, train, val, values, recipe)
+        if start_from is None:
+            frequencies = class_frequencies([paths[n] for n in train], values_tensor, confusers)
+            set_output_prior(head.network, frequencies, rare=RARE_CLASS_PRIOR)
+        else:
+            setup["start_from_sha256"] = _load_start_weights(head, Path(start_from), engine)
+            head.metadata.training["started_from"] = {"folder": str(start_from), "sha256": setup["start_from_sha256"]}
         head.network.to(torch.device(engine.identity.device))
         optimizer = torch.optim.AdamW(head.network.parameters(), lr=recipe.learning_rate)
-        setup = _setup_record(head, train, val, values, recipe)
         return cls(head, optimizer, values_tensor, [paths[n] for n in train], [paths[n] for n in val], setup)
 
     @property
@@ -233,7 +244,9 @@ class _TrainingRun:
 
     def validate(self, device) -> list[float | None]:
         """Validation Dice per foreground label; empty without validation cases."""
-        return validation_dice(self.head.network, self.val_paths, self.values, device) if self.val_paths else []
+        if not self.val_paths:
+            return []
+        return validation_dice(self.head.network, self.val_paths, self.values, device, self.rare_classes.confusers)
 
     def save(self, out_dir: Path, images_dir, labels_dir, seconds: float) -> None:
         """Write head.safetensors + head.json with the last epoch's validation Dice."""
@@ -249,6 +262,29 @@ class _TrainingRun:
             "dice_evaluated_on": _dice_grid(self.setup["architecture"].get("refine", 1)),
         })
         save_head(self.head, out_dir)
+
+
+def _load_start_weights(head, folder: Path, engine) -> str:
+    """Copy the weights of the trained head in ``folder`` into ``head``; return the weights file's sha256.
+
+    Raises:
+        ValueError: For a head of another architecture or other label values than this run's.
+        RuntimeError: For a head of another encoder, or a corrupt weights file.
+        FileNotFoundError: For a folder without a head.
+    """
+    import hashlib
+
+    metadata = read_head_metadata(folder)
+    check_encoder(metadata, folder, engine)
+    ours, theirs = [label.value for label in head.metadata.labels], [label.value for label in metadata.labels]
+    if metadata.architecture != head.metadata.architecture or ours != theirs:
+        message = (f'Cannot start from the head in "{folder}": it has labels {theirs} and architecture'
+                   f" {metadata.architecture}, this run labels {ours} with {head.metadata.architecture}. Start"
+                   " without it, or train with that head's labels and base channels.")
+        raise ValueError(message)
+    weights = folder / HEAD_WEIGHTS
+    head.network.load_state_dict(read_weights(weights, head.network))
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def _dice_grid(refine: int) -> str:
@@ -290,10 +326,13 @@ def _train_epoch(run: _TrainingRun, loss_fn, device, seed: int) -> float:
     losses = []
     rng = np.random.default_rng(seed)
     for index in rng.permutation(len(run.train_paths)):
-        features, image, target = load_cached(run.train_paths[index], run.values, device)
+        path = run.train_paths[index]
+        features, image, target = load_cached(path, run.values, device, rare.confusers)
         if crop_patches is not None:
+            negatives = confuser_voxels(path, rare.confusers, device) if rare.confuser_crops else None
             features, image, target = random_patch_crop(features, image, target, crop_patches, rng,
-                                                        balanced_share=rare.balanced_crops, rarity=rare.rarity)
+                                                        balanced_share=rare.balanced_crops, rarity=rare.rarity,
+                                                        negatives=negatives, negative_share=rare.confuser_crops)
         loss = loss_fn(network(features[None], image[None]), target[None])
         run.optimizer.zero_grad()
         loss.backward()
@@ -302,8 +341,9 @@ def _train_epoch(run: _TrainingRun, loss_fn, device, seed: int) -> float:
     return float(np.mean(losses))
 
 
-def validation_dice(network, paths: list[Path], values, device) -> list[float | None]:
-    """Dice per foreground label over validation cases (model grid); None where absent."""
+def validation_dice(network, paths: list[Path], values, device, background: tuple[int, ...] = ()) -> list[float | None]:
+    """Dice per foreground label over validation cases (model grid); None where absent. ``background``:
+    label values scored as background (``RareClasses.confusers``)."""
     import torch
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
@@ -312,7 +352,7 @@ def validation_dice(network, paths: list[Path], values, device) -> list[float | 
     network.eval()
     with torch.no_grad():
         for path in paths:
-            features, image, target = load_cached(path, values, device)
+            features, image, target = load_cached(path, values, device, background)
             predicted = network(features[None], image[None]).argmax(dim=1, keepdim=True)
             metric(one_hot(predicted, len(values)), one_hot(target[None], len(values)))
     dice = metric.aggregate().cpu().numpy()

@@ -9,6 +9,7 @@ the head goes into ``<folder>/segmentation_head``, which ``analyze`` uses by def
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import warnings
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from COLIPRISlicerLib.io.atomic import write_text_atomically
 from COLIPRISlicerLib.model.folder import update_model_record
 from COLIPRISlicerLib.segmentation.recipe import RareClasses
 from COLIPRISlicerLib.types import TypePath, TypeStatusCallback
@@ -28,6 +30,10 @@ HEAD_LABELS = {1: "Lung nodule", 2: "Pleural effusion", 3: "Consolidation", 4: "
 #: most of the bundled head's false nodule voxels lie on them) the held-out nodule Dice rose from 0.08 to
 #: 0.15 and the effusion Dice fell from 0.86 to 0.74 (same 20 epochs, docs/teaching-model-history.md), so the bundled head has none.
 VESSEL_ANATOMY = {6: ("Pulmonary vessels", "lung vessel")}
+#: Look-alikes a head learns as background (``train_head_on_phantoms(hard_negatives=...)``): label value in the
+#: training label maps -> phantom tissue. 90 % of the bundled head's false nodule voxels on 8 held-out phantoms
+#: lie on lung vessels (docs/teaching-model-history.md).
+VESSEL_CONFUSERS = {6: "lung vessel"}
 #: Anatomy-prior exponents tried by ``calibrate_localization``, the module default (1) first.
 ANATOMY_WEIGHTS = (1.0, 0.5, 0.25, 0.0)
 
@@ -193,6 +199,10 @@ HEAD_OUTPUT_MM = 2.5
 #: class-balanced cross-entropy in every epoch, without which the nodule probability stayed below 0.005
 #: everywhere (held-out nodule Dice 0.00 -> 0.08, effusion 0.87 -> 0.86; docs/teaching-model-history.md has the other recipes).
 HEAD_RARE_CLASSES = RareClasses(balanced_crops=0.5, rarity=0.5, recall_epochs=20, recall_weight=0.1)
+#: The head's second pass (``pipeline.build_head``): from the first pass's weights, 15 epochs at lr 1e-3 with a
+#: third of the crops centred on lung vessels learned as background and no class-balanced term. On v7's head:
+#: held-out nodule Dice 0.07 -> 0.12, effusion 0.83 -> 0.90 (docs/teaching-model-history.md).
+HEAD_FINE_TUNING = {"epochs": 15, "hard_negatives": 0.33, "learning_rate": 1e-3, "recall_epochs": 0}
 #: How often the head's validation Dice is measured (8 s a phantom on the 160^3 refined grid).
 HEAD_VALIDATE_EVERY = 5
 #: Head phantoms: seeds HEAD_SEED_BASE + i, the first of the encoder's own training phantoms, so the
@@ -200,6 +210,70 @@ HEAD_VALIDATE_EVERY = 5
 #: seeds 30000000 + i, with class-balanced crop centres in the same run, gave a held-out effusion
 #: Dice of 0.53 instead of 0.76, both with MONAI's default Dice smoothing.)
 HEAD_SEED_BASE = 100_000
+
+
+#: Calibration phantoms the head's nodule shape rule is chosen on (about half hold a nodule).
+HEAD_RULE_PHANTOMS = 40
+#: The round finding whose elongated components the head's shape rule removes (vessels are tubes).
+ROUND_FINDING = "Lung nodule"
+
+
+def choose_head_rules(folder: TypePath, *, n: int = HEAD_RULE_PHANTOMS, seed_base: int | None = None,
+                      device: str = "cpu", workers: int = 1) -> dict:
+    """Choose the head's shape rule for :data:`ROUND_FINDING` on calibration phantoms (seeds
+    ``CALIBRATION_SEED_BASE + i``, never evaluated) and store it in ``<folder>/segmentation_head/head.json``.
+
+    The rule (``segmentation.postprocessing``) is the largest elongation threshold with the best mean
+    Dice on the input grid over the phantoms holding the finding; none is stored when keeping every
+    component is best. Returns ``{"max_elongation": x or None, "dice_without": d0, "dice_with": d1,
+    "phantoms": k}``.
+    """
+    import json
+
+    from COLIPRISlicerLib.encoding.engine import Engine
+    from COLIPRISlicerLib.segmentation.files import HEAD_METADATA
+    from COLIPRISlicerLib.segmentation.head import load_head, predict
+    from COLIPRISlicerLib.segmentation.postprocessing import choose_max_elongation
+    from COLIPRISlicerLib.teaching.stream import phantom_stream
+
+    head_dir = Path(folder) / "segmentation_head"
+    engine = Engine(str(folder), device=device, precision="fp32")
+    head = load_head(head_dir, engine)
+    head.metadata.postprocessing.clear()  # choose on the head's own labels
+    value = next(label.value for label in head.labels if label.name == ROUND_FINDING)
+    seeds = [_seed_base(seed_base) + index for index in range(n)]
+    cases = []
+    for volume, truth in phantom_stream(seeds, workers=workers):
+        if ROUND_FINDING in truth["mask_arrays"]:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                labelmap = predict(head, engine.encode(volume), volume, engine.loaded.image_transform).labelmap
+            cases.append((labelmap == value, truth["mask_arrays"][ROUND_FINDING], volume.ijk_to_ras))
+    threshold, dice = choose_max_elongation(cases)
+    document = json.loads((head_dir / HEAD_METADATA).read_text())
+    rule = {"max_elongation": threshold, "label": ROUND_FINDING,
+            "chosen_on": f"{len(cases)} calibration phantoms with the finding (seeds {seeds[0]} + i, i < {n})",
+            "dice_without": round(dice[float("inf")], 4), "dice_with": round(dice[threshold], 4)}
+    document["postprocessing"] = {str(value): rule} if np.isfinite(threshold) else {}
+    write_text_atomically(head_dir / HEAD_METADATA, json.dumps(document, indent=2))
+    return {"max_elongation": threshold if np.isfinite(threshold) else None, "dice_without": rule["dice_without"],
+            "dice_with": rule["dice_with"], "phantoms": len(cases)}
+
+
+def _head_rare_classes(hard_negatives: float, recall_epochs: int | None) -> RareClasses:
+    """:data:`HEAD_RARE_CLASSES` with lung vessels as hard negatives in a ``hard_negatives`` share of the crops."""
+    changes = {"recall_epochs": recall_epochs} if recall_epochs is not None else {}
+    if hard_negatives:
+        changes.update(confusers=tuple(VESSEL_CONFUSERS), confuser_crops=hard_negatives)
+    return dataclasses.replace(HEAD_RARE_CLASSES, **changes)
+
+
+def _own_head(folder: Path) -> Path:
+    """The model folder's segmentation head, to fine-tune (a FileNotFoundError that says what to do)."""
+    head = folder / "segmentation_head"
+    if not (head / "head.json").is_file():
+        raise FileNotFoundError(f'"{folder}" has no segmentation head to fine-tune; train one first (stage head).')
+    return head
 
 
 def head_labelmap(truth: dict, anatomy: dict | None = None) -> np.ndarray:
@@ -245,7 +319,8 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
                            epochs: int = HEAD_EPOCHS, crop_patches: int | None = None,
                            base_channels: int = HEAD_BASE_CHANNELS, refine: int | None = None,
                            max_minutes: float | None = None, anatomy: dict | None = None, device: str = "cpu",
-                           workers: int = 1) -> dict:
+                           workers: int = 1, hard_negatives: float = 0.0, fine_tune: bool = False,
+                           learning_rate: float | None = None, recall_epochs: int | None = None) -> dict:
     """Train the segmentation head on phantoms and install it as ``<folder>/segmentation_head``.
 
     The phantoms have the training set's coarse geometry (2.5-3 mm in-plane; the model
@@ -254,6 +329,10 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
     :data:`HEAD_CONTEXT_MM` worth of the model's patches, :func:`head_crop_patches`).
     ``anatomy`` (e.g. ``VESSEL_ANATOMY``; default none) adds tissue labels, which findings overwrite.
     ``refine`` None: the head decodes onto a grid of :data:`HEAD_OUTPUT_MM` (:func:`head_refine`).
+    ``hard_negatives``: share of the crops centred on lung vessels, learned as background
+    (:data:`VESSEL_CONFUSERS`); ``fine_tune``: start from the folder's own head (same labels and width)
+    instead of random weights; ``learning_rate`` and ``recall_epochs`` (class-balanced cross-entropy
+    epochs) default to the head recipe's and :data:`HEAD_RARE_CLASSES`'.
     """
     from COLIPRISlicerLib.encoding.engine import Engine
     from COLIPRISlicerLib.export.outputs import write_volume
@@ -263,6 +342,9 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
     folder = Path(folder)
     anatomy = anatomy or {}
     names = {**HEAD_LABELS, **{value: name for value, (name, _) in anatomy.items()}}
+    rare_classes = _head_rare_classes(hard_negatives, recall_epochs)
+    start_from = _own_head(folder) if fine_tune else None
+    tissues = {**anatomy, **{value: ("", tissue) for value, tissue in VESSEL_CONFUSERS.items() if hard_negatives}}
     with tempfile.TemporaryDirectory(prefix="phantom-seg-") as work:
         images, labels = Path(work) / "images", Path(work) / "labels"
         images.mkdir()
@@ -270,7 +352,7 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
         seeds = list(range(seed_base, seed_base + n))
         for seed, (volume, truth) in zip(seeds, phantom_stream(seeds, workers=workers, coarse=True)):
             write_volume(volume.array, volume.ijk_to_ras, images / f"phantom_{seed}.nii.gz")
-            write_volume(head_labelmap(truth, anatomy), volume.ijk_to_ras, labels / f"phantom_{seed}.nii.gz")
+            write_volume(head_labelmap(truth, tissues), volume.ijk_to_ras, labels / f"phantom_{seed}.nii.gz")
         engine = Engine(str(folder), device=device, precision="fp32")
         refine = refine or head_refine(_model_spacing_mm(folder))
         crop_patches = crop_patches or head_crop_patches(_model_spacing_mm(folder), engine.loaded.patch_size[0])
@@ -280,8 +362,9 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
             summary = train_segmentation_head(images, labels, engine, staging, epochs=epochs, max_minutes=max_minutes,
                                               progress=False, label_names=names, crop_patches=crop_patches,
                                               base_channels=base_channels, refine=refine,
-                                              rare_classes=HEAD_RARE_CLASSES,
-                                              validate_every=HEAD_VALIDATE_EVERY)
+                                              rare_classes=rare_classes, validate_every=HEAD_VALIDATE_EVERY,
+                                              start_from=start_from,
+                                              **({"learning_rate": learning_rate} if learning_rate else {}))
         for leftover in ("feature_cache", "checkpoint.pt"):
             path = staging / leftover
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)

@@ -14,7 +14,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from COLIPRISlicerLib.io.atomic import write_text_atomically
-from COLIPRISlicerLib.teaching.bundle import calibrate, completed_stages, train_head_on_phantoms
+from COLIPRISlicerLib.teaching.bundle import (
+    HEAD_FINE_TUNING,
+    calibrate,
+    choose_head_rules,
+    completed_stages,
+    train_head_on_phantoms,
+)
 from COLIPRISlicerLib.teaching.evaluation import evaluate_on_phantoms, format_summary
 from COLIPRISlicerLib.teaching.training import RECIPES, TrainingConfig, train_phantom_model
 from COLIPRISlicerLib.types import TypeStatusCallback
@@ -69,14 +75,34 @@ def run_stages(out: Path, vocab: Path, config: TrainingConfig, chosen: set[str],
         record = train_phantom_model(out, vocab, config, workers=workers, device=device, status_callback=status)
         status(f"Trained in {record['train_minutes']} min")
     if "head" not in done:
-        status("Training the segmentation head")
-        train_head_on_phantoms(out, device=device, workers=workers, **(head or {}))
+        build_head(out, head or {}, device=device, workers=workers, status=status)
     if "calibrate" not in done:
         status("Calibrating thresholds and snippet localisation")
         calibrate(out, device=device, workers=workers, status_callback=status)
     if "evaluate" not in done:
         evaluate_phantom_model(str(out), n_val, out / "validation_metrics.json", device=device, workers=workers,
                                status=status, echo=echo)
+
+
+def build_head(out: Path, overrides: dict, *, device: str, workers: int, status: TypeStatusCallback) -> None:
+    """The head stage: train the head, fine-tune it with lung vessels as hard negatives
+    (:data:`.bundle.HEAD_FINE_TUNING`), choose its nodule shape rule on calibration phantoms.
+
+    ``overrides`` (keyword arguments of :func:`.bundle.train_head_on_phantoms`) apply to the first
+    pass; with ``fine_tune`` the folder's head is only fine-tuned, with them over ``HEAD_FINE_TUNING``.
+    """
+    tuning = {**HEAD_FINE_TUNING, **{key: overrides[key] for key in ("n", "crop_patches") if key in overrides}}
+    if overrides.get("fine_tune"):
+        tuning.update(overrides)
+    else:
+        status("Training the segmentation head")
+        train_head_on_phantoms(out, device=device, workers=workers, **overrides)
+    status(f"Fine-tuning the head: {tuning['hard_negatives']:.0%} of its crops on lung vessels, learned as background")
+    train_head_on_phantoms(out, device=device, workers=workers, **{**tuning, "fine_tune": True})
+    status("Choosing the head's nodule shape rule on calibration phantoms")
+    rule = choose_head_rules(out, device=device, workers=workers)
+    status(f"Nodule components with elongation > {rule['max_elongation']} removed: calibration Dice"
+           f" {rule['dice_without']} -> {rule['dice_with']} on {rule['phantoms']} phantoms")
 
 
 def evaluate_phantom_model(model: str, n_val: int, json_out: Path | None, *, device: str = "cpu", workers: int = 1,
