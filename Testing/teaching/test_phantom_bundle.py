@@ -149,6 +149,8 @@ def test_a_head_fine_tuned_with_vessel_hard_negatives_keeps_its_labels_and_recor
 
     with pytest.raises(FileNotFoundError, match="has no segmentation head to fine-tune"):
         train_head_on_phantoms(model_copy, n=2, seed_base=100_500, epochs=1, fine_tune=True)
+    with pytest.raises(ValueError, match="both a class of the head .* and its hard negatives"):
+        train_head_on_phantoms(model_copy, n=2, seed_base=100_500, epochs=1, anatomy=VESSEL_ANATOMY, hard_negatives=0.5)
     train_head_on_phantoms(model_copy, n=3, seed_base=100_500, epochs=1)
     first = json.loads((model_copy / "segmentation_head" / "head.json").read_text())
     train_head_on_phantoms(model_copy, n=3, seed_base=100_500, epochs=1, fine_tune=True, hard_negatives=0.5,

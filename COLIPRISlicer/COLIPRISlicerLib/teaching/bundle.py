@@ -31,8 +31,8 @@ HEAD_LABELS = {1: "Lung nodule", 2: "Pleural effusion", 3: "Consolidation", 4: "
 #: 0.15 and the effusion Dice fell from 0.86 to 0.74 (same 20 epochs, docs/teaching-model-history.md), so the bundled head has none.
 VESSEL_ANATOMY = {6: ("Pulmonary vessels", "lung vessel")}
 #: Look-alikes a head learns as background (``train_head_on_phantoms(hard_negatives=...)``): label value in the
-#: training label maps -> phantom tissue. 90 % of the bundled head's false nodule voxels on 8 held-out phantoms
-#: lie on lung vessels (docs/teaching-model-history.md).
+#: training label maps -> phantom tissue. 92 % of v7's first 8-patch head's false nodule voxels on 8 held-out
+#: phantoms lay on lung vessels (bench/results_head_confusion_v7_bundled.json).
 VESSEL_CONFUSERS = {6: "lung vessel"}
 #: Anatomy-prior exponents tried by ``calibrate_localization``, the module default (1) first.
 ANATOMY_WEIGHTS = (1.0, 0.5, 0.25, 0.0)
@@ -342,6 +342,9 @@ def train_head_on_phantoms(folder: TypePath, *, n: int = HEAD_PHANTOMS, seed_bas
     folder = Path(folder)
     anatomy = anatomy or {}
     names = {**HEAD_LABELS, **{value: name for value, (name, _) in anatomy.items()}}
+    if hard_negatives and set(anatomy) & set(VESSEL_CONFUSERS):
+        raise ValueError("Lung vessels cannot be both a class of the head (anatomy) and its hard negatives;"
+                         " choose one of the two.")
     rare_classes = _head_rare_classes(hard_negatives, recall_epochs)
     start_from = _own_head(folder) if fine_tune else None
     tissues = {**anatomy, **{value: ("", tissue) for value, tissue in VESSEL_CONFUSERS.items() if hard_negatives}}
