@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from COLIPRISlicerLib.segmentation.postprocessing import (
+    MIN_DICE_GAIN,
     choose_max_elongation,
     component_elongations,
     drop_elongated,
@@ -71,8 +72,12 @@ def test_the_chosen_threshold_keeps_the_balls_drops_the_tubes_and_ties_keep_the_
     tube_elongation = component_elongations(predicted, np.eye(4))[1].max()
     assert threshold == max(t for t in dice if t < tube_elongation)  # the largest that drops the tube
     assert dice[threshold] == pytest.approx(1.0) and dice[float("inf")] < 0.5
-    with pytest.raises(ValueError, match="No case holds the label"):
+    with pytest.raises(ValueError, match="No case holds the label.*Use more cases"):
         choose_max_elongation([empty_truth])
+    speck = truth.copy()
+    speck[0, 0, 79] = True  # one false voxel: dropping it gains less than MIN_DICE_GAIN, so no rule
+    threshold, dice = choose_max_elongation([(speck, truth, np.eye(4))])
+    assert threshold == float("inf") and max(dice.values()) - dice[threshold] < MIN_DICE_GAIN
 
 
 def test_head_json_keeps_the_rules_and_heads_from_before_them_have_none(tmp_path):
@@ -82,5 +87,10 @@ def test_head_json_keeps_the_rules_and_heads_from_before_them_have_none(tmp_path
                             postprocessing={"1": {"max_elongation": 2.5}})
     reread = HeadMetadata.from_dict(metadata.as_dict(), tmp_path / "head.json")
     assert reread.postprocessing == {"1": {"max_elongation": 2.5}}
-    assert HeadMetadata.from_dict({k: v for k, v in metadata.as_dict().items() if k != "postprocessing"},
-                                  tmp_path / "head.json").postprocessing == {}  # heads from before the rules
+    assert metadata.as_dict()["format_version"] == 2  # an older reader refuses it instead of skipping the rule
+    older = {k: v for k, v in metadata.as_dict().items() if k != "postprocessing"}
+    assert HeadMetadata.from_dict(older, tmp_path / "head.json").postprocessing == {}  # heads from before the rules
+    assert HeadMetadata.from_dict(older, tmp_path / "head.json").as_dict()["format_version"] == 1
+    for bad in ({"2": {"max_elongation": 2.5}}, {"1": {"max": 2.5}}):
+        with pytest.raises(RuntimeError, match="Invalid postprocessing rule .* fix or remove it"):
+            HeadMetadata.from_dict({**older, "postprocessing": bad}, tmp_path / "head.json")

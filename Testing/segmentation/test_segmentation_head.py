@@ -833,7 +833,15 @@ def test_confusers_are_background_for_the_loss_and_the_dice_and_no_class_of_the_
     voxels = confuser_voxels(cached, (2,), "cpu")
     assert len(voxels) > 0 and int(target[tuple(voxels.T)].max()) == 0  # look-alike voxels: background
     assert torch.equal(target > 0, load_cached(cached, torch.tensor([0, 1, 2], dtype=torch.int32), "cpu")[2][0] == 1)
-    with pytest.raises(ValueError, match="needs the confusers' label values"):
+    with pytest.raises(ValueError, match=r"Confuser label\(s\) \[3\] are in no label map \(found values \[0, 1, 2\]\)"):
+        train_segmentation_head(confuser_dataset / "images", confuser_dataset / "labels", small_training["engine"],
+                                tmp_path / "other", epochs=1, rare_classes=RareClasses(confusers=(3,)),
+                                **TRAINING_OPTIONS)
+    with pytest.raises(ValueError, match=r"Label\(s\) \[1\] are both named classes and confusers"):
+        train_segmentation_head(confuser_dataset / "images", confuser_dataset / "labels", small_training["engine"],
+                                tmp_path / "other", epochs=1, rare_classes=RareClasses(confusers=(1,)),
+                                **TRAINING_OPTIONS)
+    with pytest.raises(ValueError, match="needs the confusers' label values; got none. Pass them"):
         RareClasses(confuser_crops=0.3)
     with pytest.raises(ValueError, match="Label 0 is the background already"):
         RareClasses(confusers=(0,))
@@ -884,5 +892,5 @@ def test_predict_applies_the_heads_shape_rule_and_says_so(random_head, tiny_engi
     finally:
         random_head.metadata.postprocessing.clear()
     assert not ruled.labelmap.any()
-    assert ruled.metadata["postprocessing"]["voxels_removed"] == {1: int((plain.labelmap == 1).sum())}
+    assert ruled.metadata["postprocessing"]["voxels_removed"] == {"1": int((plain.labelmap == 1).sum())}
     assert ruled.description.endswith("components of label 1 with elongation > 0.5 removed")

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from COLIPRISlicerLib.analysis import Analyzer
+from COLIPRISlicerLib.model.folder import update_model_record
 from COLIPRISlicerLib.encoding.engine import Engine
 from COLIPRISlicerLib.teaching.phantom import generate_phantom
 from COLIPRISlicerLib.teaching.bundle import (
@@ -163,19 +164,34 @@ def test_a_head_fine_tuned_with_vessel_hard_negatives_keeps_its_labels_and_recor
     assert tuned["training"]["optimizer"] == "AdamW(lr=0.001)" and "class-balanced" not in tuned["training"]["loss"]
 
 
-def test_the_nodule_shape_rule_is_chosen_on_calibration_phantoms_and_stored_only_when_it_helps(model_copy):
+def test_the_nodule_shape_rule_is_chosen_on_calibration_phantoms_and_ends_the_head_stage(model_copy, monkeypatch):
+    """A head that finds every nodule and one long tube gets the rule that drops the tube; the record of the
+    choice is what tells a resumed run that the head stage finished."""
     import json
 
-    from COLIPRISlicerLib.teaching.bundle import choose_head_rules
+    from COLIPRISlicerLib.segmentation import head as segmentation_head
+    from COLIPRISlicerLib.segmentation.files import SegmentationResult
+    from COLIPRISlicerLib.teaching.bundle import choose_head_rules, completed_stages
     from COLIPRISlicerLib.teaching.phantom import generate_phantom as phantom
     from COLIPRISlicerLib.teaching.training import CALIBRATION_SEED_BASE
 
     train_head_on_phantoms(model_copy, n=3, seed_base=100_500, epochs=1)
+    update_model_record(model_copy, training={"n_train": 4})
+    assert "head" not in completed_stages(model_copy)  # installed, but its stage has not chosen a rule yet
+
+    def nodules_and_a_tube(head, encoding, volume, transform=None):
+        truth = phantom(int(volume.name.split("_")[1]))[1]["mask_arrays"]
+        labelmap = np.zeros(volume.shape, np.int16)
+        labelmap[5:-5, 2, 2] = 1  # a one-voxel line across the volume: a vessel-like false positive
+        labelmap[truth.get("Lung nodule", np.zeros(volume.shape, bool))] = 1
+        return SegmentationResult(labelmap, volume.ijk_to_ras, list(head.labels), "head", "stub")
+
+    monkeypatch.setattr(segmentation_head, "predict", nodules_and_a_tube)
     rule = choose_head_rules(model_copy, n=4)
     with_nodule = sum("Lung nodule" in phantom(CALIBRATION_SEED_BASE + i)[1]["mask_arrays"] for i in range(4))
     assert rule["phantoms"] == with_nodule > 0
-    stored = json.loads((model_copy / "segmentation_head" / "head.json").read_text())["postprocessing"]
-    if rule["max_elongation"] is None:  # keeping every component was best: no rule
-        assert stored == {} and rule["dice_with"] == rule["dice_without"]
-    else:
-        assert stored["1"]["max_elongation"] == rule["max_elongation"] and rule["dice_with"] > rule["dice_without"]
+    assert rule["max_elongation"] == 4.0 and rule["dice_with"] == pytest.approx(1.0)
+    assert rule["dice_without"] < 1.0  # the tube's voxels counted against every phantom's Dice
+    stored = json.loads((model_copy / "segmentation_head" / "head.json").read_text())
+    assert stored["postprocessing"]["1"]["max_elongation"] == 4.0 and stored["format_version"] == 2
+    assert stored["training"]["shape_rule"] == rule and "head" in completed_stages(model_copy)

@@ -83,7 +83,7 @@ def train_phantom(
     head_epochs: Annotated[Optional[int], typer.Option(min=1, help="Head training epochs (default: the bundle's).")] = None,
     head_phantoms: Annotated[Optional[int], typer.Option(min=2, help="Head training phantoms (default: the bundle's).")] = None,
     redo: Annotated[str, typer.Option(help="With --resume: comma-separated stages to run again although --out holds them (e.g. head,evaluate).")] = "",
-    head_hard_negatives: Annotated[float, typer.Option(min=0.0, max=1.0, help="Head training: share of crops centred on lung vessels, learned as background (nodule look-alikes).")] = 0.0,
+    head_hard_negatives: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Head training: share of crops centred on lung vessels, learned as background (default: the bundle's fine-tuning pass).")] = None,
     head_fine_tune: Annotated[bool, typer.Option(help="Head training: start from the head already in --out (with --resume --redo head).")] = False,
     head_learning_rate: Annotated[Optional[float], typer.Option(min=1e-6, help="Head training: AdamW learning rate (default: the recipe's).")] = None,
     head_recall_epochs: Annotated[Optional[int], typer.Option(min=0, help="Head training: epochs with the class-balanced cross-entropy (default: the bundle's).")] = None,
@@ -99,7 +99,7 @@ def train_phantom(
     chosen = parse_stages(stages)
     again = parse_stages(redo, "--redo") if redo else set()
     head = {key: value for key, value in {"crop_patches": head_crop_patches, "epochs": head_epochs,
-                                          "n": head_phantoms, "hard_negatives": head_hard_negatives or None,
+                                          "n": head_phantoms, "hard_negatives": head_hard_negatives,
                                           "fine_tune": head_fine_tune or None, "learning_rate": head_learning_rate,
                                           "recall_epochs": head_recall_epochs}.items() if value is not None}
     run_stages(out, vocab or default_vocabulary(), config, chosen, n_val=n_val, device=device,

@@ -39,7 +39,8 @@ HEAD_WEIGHTS = "head.safetensors"
 HEAD_METADATA = "head.json"
 SEGMENTATION_IMAGE = "segmentation.nii.gz"
 SEGMENTATION_JSON = "segmentation.json"
-FORMAT_VERSION = 1
+#: head.json's format: 2 adds ``postprocessing`` (shape rules an older reader would skip); heads without rules write 1.
+FORMAT_VERSION = 2
 
 #: Slicer's default segment terminology (category and type "Tissue").
 TISSUE = {"scheme": "SCT", "code": "85756007", "meaning": "Tissue"}
@@ -135,12 +136,13 @@ class HeadMetadata:
     architecture: dict  # HeadConfig.as_dict()
     training: dict = field(default_factory=dict)
     validation_dice: dict = field(default_factory=dict)  # label name -> Dice or None
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
     postprocessing: dict = field(default_factory=dict)  # label value (str) -> {"max_elongation": x, ...}
 
     def as_dict(self) -> dict:
         data = asdict(self)
         data["labels"] = [label.as_dict() for label in self.labels]
+        data["format_version"] = FORMAT_VERSION if self.postprocessing else 1  # older readers refuse the rules
         return data
 
     @classmethod
@@ -165,9 +167,16 @@ class HeadMetadata:
             labels = [LabelInfo.from_dict(label) for label in data["labels"]]
         except (KeyError, TypeError, ValueError) as error:
             raise RuntimeError(f'Invalid label in "{source}": {error}') from error
+        rules = data.get("postprocessing", {})
+        values = {str(label.value) for label in labels}
+        for value, rule in rules.items():
+            if value not in values or not isinstance(rule, dict) or not isinstance(rule.get("max_elongation"),
+                                                                                  (int, float)):
+                message = (f'Invalid postprocessing rule for label {value!r} in "{source}": {rule!r}. A rule names one'
+                           ' of the head\'s label values and a number "max_elongation"; fix or remove it.')
+                raise RuntimeError(message)
         return cls(labels, data["encoder"], data["preprocessing"], data["architecture"], data.get("training", {}),
-                   data.get("validation_dice", {}), int(data.get("format_version", FORMAT_VERSION)),
-                   data.get("postprocessing", {}))
+                   data.get("validation_dice", {}), int(data.get("format_version", 1)), rules)
 
 
 class TypeSavableHead(Protocol):

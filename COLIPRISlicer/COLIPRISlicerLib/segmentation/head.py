@@ -17,6 +17,7 @@ per-patch heatmap logit is highest above a threshold, at patch resolution.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -30,7 +31,6 @@ from torch import nn
 
 from COLIPRISlicerLib.geometry import PatchGrid, resample_to_volume, spacing_of
 from COLIPRISlicerLib.preprocessing import head_input
-from COLIPRISlicerLib.segmentation.postprocessing import apply_rules
 from COLIPRISlicerLib.segmentation.files import (
     HEAD_WEIGHTS,
     MORPHOLOGICALLY_ALTERED_STRUCTURE,
@@ -43,6 +43,7 @@ from COLIPRISlicerLib.segmentation.files import (
     read_head_metadata,
     read_weights,
 )
+from COLIPRISlicerLib.segmentation.postprocessing import apply_rules
 from COLIPRISlicerLib.types import TypePath
 
 if TYPE_CHECKING:
@@ -277,7 +278,8 @@ def predict(head: SegmentationHead, encoding: ImageEncoding, volume: Volume, ima
     metadata = {"encoder": head.metadata.encoder, "validation_dice": head.metadata.validation_dice}
     description = f"segmentation head, {spacing} mm grid"
     if rules:
-        metadata["postprocessing"] = {"rules": rules, "voxels_removed": removed}
+        metadata["postprocessing"] = {"rules": json.loads(json.dumps(rules)),  # a copy: the head's stays as it is
+                                      "voxels_removed": {str(value): count for value, count in removed.items()}}
         description += ", " + "; ".join(f"components of label {value} with elongation > {rule['max_elongation']:g}"
                                         " removed" for value, rule in rules.items())
     return SegmentationResult(labelmap, np.array(volume.ijk_to_ras), list(head.labels), "head", description, metadata)

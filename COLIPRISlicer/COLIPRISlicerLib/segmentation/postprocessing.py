@@ -15,6 +15,8 @@ import numpy as np
 
 #: Elongation thresholds :func:`choose_max_elongation` tries (inf: keep every component).
 ELONGATION_CANDIDATES = (*np.round(np.arange(1.5, 4.01, 0.1), 2).tolist(), float("inf"))
+#: Mean Dice a rule must gain over keeping every component to be chosen.
+MIN_DICE_GAIN = 0.005
 
 
 def component_elongations(mask: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,8 +79,8 @@ def choose_max_elongation(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
             the others, as in eval-phantom (Dice is averaged over cases holding the finding).
 
     Returns:
-        ``(threshold, {threshold: mean Dice})`` over :data:`ELONGATION_CANDIDATES`; ties keep the
-        largest threshold (the fewest removals).
+        ``(threshold, {threshold: mean Dice})`` over :data:`ELONGATION_CANDIDATES`: inf (no rule) unless a
+        threshold gains at least :data:`MIN_DICE_GAIN`; ties keep the largest threshold (the fewest removals).
     """
     scored = []
     for predicted, truth, ijk_to_ras in cases:
@@ -90,7 +92,8 @@ def choose_max_elongation(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
         hits = np.bincount(numbers, truth[predicted], minlength=len(elongation))
         scored.append((elongation, sizes, hits, int(truth.sum())))
     if not scored:
-        raise ValueError("No case holds the label: nothing to choose the elongation threshold on.")
+        raise ValueError("No case holds the label: nothing to choose the elongation threshold on. Use more cases"
+                         " (e.g. more calibration phantoms) so that some hold it.")
     dice = {}
     for threshold in ELONGATION_CANDIDATES:
         values = []
@@ -99,4 +102,6 @@ def choose_max_elongation(cases: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
             values.append(2 * hits[kept].sum() / (sizes[kept].sum() + truth_voxels))
         dice[threshold] = float(np.mean(values))
     best = max(dice.values())
+    if best < dice[float("inf")] + MIN_DICE_GAIN:
+        return float("inf"), dice
     return max(t for t, d in dice.items() if d >= best - 1e-12), dice

@@ -45,7 +45,8 @@ class RareClasses:
                        f" recall_weight >= 0; got {self}.")
             raise ValueError(message)
         if self.confuser_crops and not self.confusers:
-            raise ValueError(f"confuser_crops {self.confuser_crops:g} needs the confusers' label values; got none.")
+            raise ValueError(f"confuser_crops {self.confuser_crops:g} needs the confusers' label values; got none."
+                             " Pass them (train-seg-head --confuser VALUE, or confusers=(6,)).")
         if 0 in self.confusers:
             raise ValueError("Label 0 is the background already; confusers are other label values, e.g. (6,).")
 

@@ -7,8 +7,9 @@ on whole grids or random crops (``sampling``), a checkpoint after each (``checkp
 call with the same data and :class:`~.recipe.HeadRecipe` resumes from it) -> ``head.safetensors``
 + ``head.json`` in ``out_dir`` with the validation Dice per label (``monai.metrics.DiceMetric``,
 head grid). A run may start from a trained head's weights (``start_from``: fine-tuning), and learn
-look-alikes of a small class as background with crops centred on them (``RareClasses.confusers``). Torch, MONAI and the head network load inside functions: the engine imports them on
-first use, so the command line's ``--help`` stays instant.
+look-alikes of a small class as background with crops centred on them (``RareClasses.confusers``).
+Torch, MONAI and the head network load inside functions: the engine imports them on first use, so
+the command line's ``--help`` stays instant.
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ class _TrainingRun:
         from COLIPRISlicerLib.segmentation.head import create_head
 
         confusers = recipe.rare_classes.confusers
+        _check_confusers(confusers, facts, names)
         values = label_values(list(facts.values()), names, confusers)
         values_tensor = torch.tensor(values, dtype=torch.int32)
         features_shape = load_cached(paths[train[0]], values_tensor, "cpu", confusers)[0].shape
@@ -264,6 +266,19 @@ class _TrainingRun:
         save_head(self.head, out_dir)
 
 
+def _check_confusers(confusers: tuple[int, ...], facts: dict, names: dict[int, str]) -> None:
+    """ValueError for a confuser that no label map holds (its crops would never be drawn) or that is also
+    a named class."""
+    found = sorted({int(v) for fact in facts.values() for v in fact["values"]})
+    missing = [value for value in confusers if value not in found]
+    if missing:
+        raise ValueError(f"Confuser label(s) {missing} are in no label map (found values {found}); pass one of those.")
+    named = [value for value in confusers if value in names]
+    if named:
+        raise ValueError(f"Label(s) {named} are both named classes and confusers; a confuser is learned as background,"
+                         " so drop it from the names or from the confusers.")
+
+
 def _load_start_weights(head, folder: Path, engine) -> str:
     """Copy the weights of the trained head in ``folder`` into ``head``; return the weights file's sha256.
 
@@ -341,7 +356,8 @@ def _train_epoch(run: _TrainingRun, loss_fn, device, seed: int) -> float:
     return float(np.mean(losses))
 
 
-def validation_dice(network, paths: list[Path], values, device, background: tuple[int, ...] = ()) -> list[float | None]:
+def validation_dice(network, paths: list[Path], values, device,
+                    background: tuple[int, ...] = ()) -> list[float | None]:
     """Dice per foreground label over validation cases (model grid); None where absent. ``background``:
     label values scored as background (``RareClasses.confusers``)."""
     import torch

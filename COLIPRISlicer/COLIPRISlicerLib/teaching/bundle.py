@@ -151,13 +151,24 @@ def completed_stages(folder: TypePath) -> set[str]:
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return set()
     done = {"train"} if (folder / WEIGHTS_FILENAME).is_file() and "training" in record else set()
-    if (folder / "segmentation_head" / "head.json").is_file():
+    if _head_stage_finished(folder / "segmentation_head" / "head.json"):
         done.add("head")
     if {"thresholds", "localization", "not_learned"} <= set(record):
         done.add("calibrate")
     if (folder / "validation_metrics.json").is_file():
         done.add("evaluate")
     return done if "train" in done else set()
+
+
+def _head_stage_finished(head_json: Path) -> bool:
+    """True when the head stage ran to its end (its shape rule chosen, :func:`choose_head_rules`); a head
+    installed by the first pass of an interrupted stage is not finished."""
+    import json
+
+    try:
+        return SHAPE_RULE_RECORD in json.loads(head_json.read_text()).get("training", {})
+    except (OSError, ValueError):
+        return False
 
 
 def _seed_base(seed_base: int | None) -> int:
@@ -216,6 +227,8 @@ HEAD_SEED_BASE = 100_000
 HEAD_RULE_PHANTOMS = 40
 #: The round finding whose elongated components the head's shape rule removes (vessels are tubes).
 ROUND_FINDING = "Lung nodule"
+#: ``head.json`` ``training`` key :func:`choose_head_rules` writes: the last step of the head stage.
+SHAPE_RULE_RECORD = "shape_rule"
 
 
 def choose_head_rules(folder: TypePath, *, n: int = HEAD_RULE_PHANTOMS, seed_base: int | None = None,
@@ -231,7 +244,7 @@ def choose_head_rules(folder: TypePath, *, n: int = HEAD_RULE_PHANTOMS, seed_bas
     import json
 
     from COLIPRISlicerLib.encoding.engine import Engine
-    from COLIPRISlicerLib.segmentation.files import HEAD_METADATA
+    from COLIPRISlicerLib.segmentation.files import FORMAT_VERSION, HEAD_METADATA
     from COLIPRISlicerLib.segmentation.head import load_head, predict
     from COLIPRISlicerLib.segmentation.postprocessing import choose_max_elongation
     from COLIPRISlicerLib.teaching.stream import phantom_stream
@@ -240,7 +253,10 @@ def choose_head_rules(folder: TypePath, *, n: int = HEAD_RULE_PHANTOMS, seed_bas
     engine = Engine(str(folder), device=device, precision="fp32")
     head = load_head(head_dir, engine)
     head.metadata.postprocessing.clear()  # choose on the head's own labels
-    value = next(label.value for label in head.labels if label.name == ROUND_FINDING)
+    value = next((label.value for label in head.labels if label.name == ROUND_FINDING), None)
+    if value is None:
+        raise ValueError(f'The head in "{head_dir}" has no "{ROUND_FINDING}" label to choose a shape rule for;'
+                         f" train it with the phantom labels ({', '.join(HEAD_LABELS.values())}).")
     seeds = [_seed_base(seed_base) + index for index in range(n)]
     cases = []
     for volume, truth in phantom_stream(seeds, workers=workers):
@@ -254,10 +270,13 @@ def choose_head_rules(folder: TypePath, *, n: int = HEAD_RULE_PHANTOMS, seed_bas
     rule = {"max_elongation": threshold, "label": ROUND_FINDING,
             "chosen_on": f"{len(cases)} calibration phantoms with the finding (seeds {seeds[0]} + i, i < {n})",
             "dice_without": round(dice[float("inf")], 4), "dice_with": round(dice[threshold], 4)}
+    summary = {"max_elongation": threshold if np.isfinite(threshold) else None, "dice_without": rule["dice_without"],
+               "dice_with": rule["dice_with"], "phantoms": len(cases), "chosen_on": rule["chosen_on"]}
     document["postprocessing"] = {str(value): rule} if np.isfinite(threshold) else {}
+    document["format_version"] = FORMAT_VERSION if np.isfinite(threshold) else document.get("format_version", 1)
+    document.setdefault("training", {})[SHAPE_RULE_RECORD] = summary  # the head stage is complete
     write_text_atomically(head_dir / HEAD_METADATA, json.dumps(document, indent=2))
-    return {"max_elongation": threshold if np.isfinite(threshold) else None, "dice_without": rule["dice_without"],
-            "dice_with": rule["dice_with"], "phantoms": len(cases)}
+    return summary
 
 
 def _head_rare_classes(hard_negatives: float, recall_epochs: int | None) -> RareClasses:

@@ -101,8 +101,12 @@ def build_head(out: Path, overrides: dict, *, device: str, workers: int, status:
     train_head_on_phantoms(out, device=device, workers=workers, **{**tuning, "fine_tune": True})
     status("Choosing the head's nodule shape rule on calibration phantoms")
     rule = choose_head_rules(out, device=device, workers=workers)
-    status(f"Nodule components with elongation > {rule['max_elongation']} removed: calibration Dice"
-           f" {rule['dice_without']} -> {rule['dice_with']} on {rule['phantoms']} phantoms")
+    if rule["max_elongation"] is None:
+        status(f"No nodule shape rule: keeping every component is best (calibration Dice {rule['dice_without']}"
+               f" on {rule['phantoms']} phantoms)")
+    else:
+        status(f"Nodule components with elongation > {rule['max_elongation']} removed: calibration Dice"
+               f" {rule['dice_without']} -> {rule['dice_with']} on {rule['phantoms']} phantoms")
 
 
 def evaluate_phantom_model(model: str, n_val: int, json_out: Path | None, *, device: str = "cpu", workers: int = 1,
