@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from COLIPRISlicerLib.io.atomic import write_text_atomically
 from COLIPRISlicerLib.types import TypeAffine, TypePath
 
 if TYPE_CHECKING:
@@ -195,8 +196,13 @@ def save_head(head: TypeSavableHead, folder: TypePath) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in head.network.state_dict().items()}
     save_file(state, str(folder / HEAD_WEIGHTS))
-    (folder / HEAD_METADATA).write_text(json.dumps(head.metadata.as_dict(), indent=2))
+    write_head_metadata(head.metadata, folder)
     return folder
+
+
+def write_head_metadata(metadata: HeadMetadata, folder: Path) -> None:
+    """Write ``head.json`` whole (atomically), e.g. after its rules were chosen."""
+    write_text_atomically(Path(folder) / HEAD_METADATA, json.dumps(metadata.as_dict(), indent=2))
 
 
 def read_head_metadata(folder: Path) -> HeadMetadata:

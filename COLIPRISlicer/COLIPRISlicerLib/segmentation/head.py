@@ -17,7 +17,7 @@ per-patch heatmap logit is highest above a threshold, at patch resolution.
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -278,7 +278,7 @@ def predict(head: SegmentationHead, encoding: ImageEncoding, volume: Volume, ima
     metadata = {"encoder": head.metadata.encoder, "validation_dice": head.metadata.validation_dice}
     description = f"segmentation head, {spacing} mm grid"
     if rules:
-        metadata["postprocessing"] = {"rules": json.loads(json.dumps(rules)),  # a copy: the head's stays as it is
+        metadata["postprocessing"] = {"rules": copy.deepcopy(rules),  # the head's own stay as they are
                                       "voxels_removed": {str(value): count for value, count in removed.items()}}
         description += ", " + "; ".join(f"components of label {value} with elongation > {rule['max_elongation']:g}"
                                         " removed" for value, rule in rules.items())

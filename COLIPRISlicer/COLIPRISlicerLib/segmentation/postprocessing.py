@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from COLIPRISlicerLib.segmentation.files import labelled_box
+
 #: Elongation thresholds :func:`choose_max_elongation` tries (inf: keep every component).
 ELONGATION_CANDIDATES = (*np.round(np.arange(1.5, 4.01, 0.1), 2).tolist(), float("inf"))
 #: Mean Dice a rule must gain over keeping every component to be chosen.
@@ -50,8 +52,6 @@ def component_elongations(mask: np.ndarray, ijk_to_ras: np.ndarray) -> tuple[np.
 def drop_elongated(labelmap: np.ndarray, value: int, max_elongation: float, ijk_to_ras: np.ndarray) -> int:
     """Set to 0, in place, the components of label ``value`` more elongated than ``max_elongation``;
     return the number of voxels removed. Only the label's bounding box is labelled."""
-    from COLIPRISlicerLib.segmentation.files import labelled_box
-
     box = labelled_box(labelmap == value)
     if box is None or not np.isfinite(max_elongation):
         return 0

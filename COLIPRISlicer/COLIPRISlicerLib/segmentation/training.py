@@ -33,7 +33,7 @@ from COLIPRISlicerLib.segmentation.data import (
     load_cached,
     split_cases,
 )
-from COLIPRISlicerLib.segmentation.files import HEAD_WEIGHTS, check_encoder, read_head_metadata, read_weights, save_head
+from COLIPRISlicerLib.segmentation.files import HEAD_WEIGHTS, save_head
 from COLIPRISlicerLib.segmentation.losses import (
     HEAD_LOSS,
     RARE_CLASS_PRIOR,
@@ -174,6 +174,7 @@ class _TrainingRun:
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
     seconds_before: float = 0.0
+    negatives: dict = field(default_factory=dict)  # cache path -> (n, 3) confuser voxels, read once per run
 
     @classmethod
     def create(cls, engine, paths: dict, facts: dict, train: list[str], val: list[str], names: dict[int, str],
@@ -289,17 +290,17 @@ def _load_start_weights(head, folder: Path, engine) -> str:
     """
     import hashlib
 
-    metadata = read_head_metadata(folder)
-    check_encoder(metadata, folder, engine)
-    ours, theirs = [label.value for label in head.metadata.labels], [label.value for label in metadata.labels]
-    if metadata.architecture != head.metadata.architecture or ours != theirs:
+    from COLIPRISlicerLib.segmentation.head import load_head
+
+    trained = load_head(folder, engine)
+    ours, theirs = [label.value for label in head.metadata.labels], [label.value for label in trained.labels]
+    if trained.metadata.architecture != head.metadata.architecture or ours != theirs:
         message = (f'Cannot start from the head in "{folder}": it has labels {theirs} and architecture'
-                   f" {metadata.architecture}, this run labels {ours} with {head.metadata.architecture}. Start"
-                   " without it, or train with that head's labels and base channels.")
+                   f" {trained.metadata.architecture}, this run labels {ours} with {head.metadata.architecture}."
+                   " Start without it, or train with that head's labels and base channels.")
         raise ValueError(message)
-    weights = folder / HEAD_WEIGHTS
-    head.network.load_state_dict(read_weights(weights, head.network))
-    return hashlib.sha256(weights.read_bytes()).hexdigest()
+    head.network.load_state_dict(trained.network.state_dict())
+    return hashlib.sha256((folder / HEAD_WEIGHTS).read_bytes()).hexdigest()
 
 
 def _dice_grid(refine: int) -> str:
@@ -344,7 +345,11 @@ def _train_epoch(run: _TrainingRun, loss_fn, device, seed: int) -> float:
         path = run.train_paths[index]
         features, image, target = load_cached(path, run.values, device, rare.confusers)
         if crop_patches is not None:
-            negatives = confuser_voxels(path, rare.confusers, device) if rare.confuser_crops else None
+            negatives = None
+            if rare.confuser_crops:
+                if path not in run.negatives:
+                    run.negatives[path] = confuser_voxels(path, rare.confusers, device)
+                negatives = run.negatives[path]
             features, image, target = random_patch_crop(features, image, target, crop_patches, rng,
                                                         balanced_share=rare.balanced_crops, rarity=rare.rarity,
                                                         negatives=negatives, negative_share=rare.confuser_crops)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from COLIPRISlicerLib.io.atomic import write_text_atomically
 from COLIPRISlicerLib.model.folder import update_model_record
 from COLIPRISlicerLib.segmentation.recipe import RareClasses
 from COLIPRISlicerLib.types import TypePath, TypeStatusCallback
@@ -151,7 +150,7 @@ def completed_stages(folder: TypePath) -> set[str]:
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return set()
     done = {"train"} if (folder / WEIGHTS_FILENAME).is_file() and "training" in record else set()
-    if _head_stage_finished(folder / "segmentation_head" / "head.json"):
+    if _head_stage_finished(folder / "segmentation_head"):
         done.add("head")
     if {"thresholds", "localization", "not_learned"} <= set(record):
         done.add("calibrate")
@@ -160,14 +159,14 @@ def completed_stages(folder: TypePath) -> set[str]:
     return done if "train" in done else set()
 
 
-def _head_stage_finished(head_json: Path) -> bool:
+def _head_stage_finished(head_folder: Path) -> bool:
     """True when the head stage ran to its end (its shape rule chosen, :func:`choose_head_rules`); a head
     installed by the first pass of an interrupted stage is not finished."""
-    import json
+    from COLIPRISlicerLib.segmentation.files import read_head_metadata
 
     try:
-        return SHAPE_RULE_RECORD in json.loads(head_json.read_text()).get("training", {})
-    except (OSError, ValueError):
+        return SHAPE_RULE_RECORD in read_head_metadata(head_folder).training
+    except (OSError, RuntimeError):  # no head, or an unreadable one: the stage runs again
         return False
 
 
@@ -241,10 +240,8 @@ def choose_head_rules(folder: TypePath, *, n: int = HEAD_RULE_PHANTOMS, seed_bas
     component is best. Returns ``{"max_elongation": x or None, "dice_without": d0, "dice_with": d1,
     "phantoms": k}``.
     """
-    import json
-
     from COLIPRISlicerLib.encoding.engine import Engine
-    from COLIPRISlicerLib.segmentation.files import FORMAT_VERSION, HEAD_METADATA
+    from COLIPRISlicerLib.segmentation.files import write_head_metadata
     from COLIPRISlicerLib.segmentation.head import load_head, predict
     from COLIPRISlicerLib.segmentation.postprocessing import choose_max_elongation
     from COLIPRISlicerLib.teaching.stream import phantom_stream
@@ -266,16 +263,15 @@ def choose_head_rules(folder: TypePath, *, n: int = HEAD_RULE_PHANTOMS, seed_bas
                 labelmap = predict(head, engine.encode(volume), volume, engine.loaded.image_transform).labelmap
             cases.append((labelmap == value, truth["mask_arrays"][ROUND_FINDING], volume.ijk_to_ras))
     threshold, dice = choose_max_elongation(cases)
-    document = json.loads((head_dir / HEAD_METADATA).read_text())
     rule = {"max_elongation": threshold, "label": ROUND_FINDING,
             "chosen_on": f"{len(cases)} calibration phantoms with the finding (seeds {seeds[0]} + i, i < {n})",
             "dice_without": round(dice[float("inf")], 4), "dice_with": round(dice[threshold], 4)}
     summary = {"max_elongation": threshold if np.isfinite(threshold) else None, "dice_without": rule["dice_without"],
                "dice_with": rule["dice_with"], "phantoms": len(cases), "chosen_on": rule["chosen_on"]}
-    document["postprocessing"] = {str(value): rule} if np.isfinite(threshold) else {}
-    document["format_version"] = FORMAT_VERSION if np.isfinite(threshold) else document.get("format_version", 1)
-    document.setdefault("training", {})[SHAPE_RULE_RECORD] = summary  # the head stage is complete
-    write_text_atomically(head_dir / HEAD_METADATA, json.dumps(document, indent=2))
+    if np.isfinite(threshold):
+        head.metadata.postprocessing[str(value)] = rule
+    head.metadata.training[SHAPE_RULE_RECORD] = summary  # the head stage is complete
+    write_head_metadata(head.metadata, head_dir)
     return summary
 
 
